@@ -1,0 +1,146 @@
+"""Attention over a flat batch of tokens with a paged KV cache.
+
+The batch holds the new tokens of several sequences back to back (no padding). Sequence i
+owns tokens ``query_start_loc[i]:query_start_loc[i+1]``; after this step it has
+``seq_lens[i]`` tokens in total, the new ones being the last. With a KV cache, the new
+K/V are written at ``slot_mapping`` (block * block_size + offset) and each sequence reads
+its whole context through its row of ``block_tables``. Without a cache (a one-shot
+forward), every sequence is entirely new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B+1] int32, cumulative new-token counts
+    seq_lens: torch.Tensor  # [B] int32, context length after this step (cached + new)
+    query_lens_cpu: list[int]  # host copies for the reference backend's per-sequence loop
+    seq_lens_cpu: list[int]
+    slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot of each new token
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @classmethod
+    def for_prefill(cls, lens: list[int], device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Metadata for whole sequences run once with no KV cache."""
+        qsl = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        qsl[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+        return cls(
+            query_start_loc=qsl.to(device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            query_lens_cpu=list(lens),
+            seq_lens_cpu=list(lens),
+        )
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Store the new K/V rows at their slots (slots < 0 are skipped)."""
+    k_cache, v_cache = kv_cache
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_flat.index_copy_(0, slot_mapping, k.to(k_flat.dtype))
+    v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
+
+
+class TorchAttentionBackend:
+    """Reference backend: plain torch, one SDPA call per sequence. Correct, not fast."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache | None,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        num_heads, num_kv_heads = q.shape[1], k.shape[1]
+        if kv_cache is not None and meta.slot_mapping is not None:
+            write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        start = 0
+        for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            end = start + n
+            if n == 0:
+                continue
+            if kv_cache is None:
+                assert n == total, "without a KV cache every token of a sequence must be new"
+                kk, vv = k[start:end], v[start:end]
+            else:
+                assert meta.block_tables is not None
+                kk, vv = gather_context(kv_cache, meta.block_tables[i], total)
+            qi = q[start:end].transpose(0, 1)  # [H, n, D]
+            ki = kk.transpose(0, 1).to(q.dtype)  # [Hkv, total, D]
+            vi = vv.transpose(0, 1).to(q.dtype)
+            if num_kv_heads != num_heads:
+                rep = num_heads // num_kv_heads
+                ki = ki.repeat_interleave(rep, dim=0)
+                vi = vi.repeat_interleave(rep, dim=0)
+            if n == 1:
+                o = F.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+            elif n == total:
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+            else:
+                # query j sits at absolute position total - n + j and sees keys 0..that position
+                qpos = torch.arange(total - n, total, device=q.device).unsqueeze(1)
+                kpos = torch.arange(total, device=q.device).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=kpos <= qpos, scale=scale)
+            out[start:end] = o.transpose(0, 1)
+            start = end
+        return out
+
+
+def gather_context(kv_cache: KVCache, block_table: torch.Tensor, length: int) -> KVCache:
+    """The first `length` K/V rows of one sequence, read through its block table."""
+    k_cache, v_cache = kv_cache
+    block_size = k_cache.shape[1]
+    nblocks = (length + block_size - 1) // block_size
+    blocks = block_table[:nblocks].long()
+    kk = k_cache[blocks].flatten(0, 1)[:length]
+    vv = v_cache[blocks].flatten(0, 1)[:length]
+    return kk, vv
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention of one layer; the math lives in a backend."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.backend = TorchAttentionBackend()
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: [T, H*D], k/v: [T, Hkv*D] -> [T, H*D]."""
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        o = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return o.reshape(T, self.num_heads * self.head_dim)

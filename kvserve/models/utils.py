@@ -1,0 +1,64 @@
+"""Shared weight-loading helper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kvserve.errors import ModelLoadError
+
+
+def load_named_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked_params: tuple[tuple[str, str, object], ...] = (),
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Put checkpoint tensors into a model built on the meta device; every parameter must be covered.
+
+    A whole tensor becomes the parameter itself (no copy); a shard of a fused parameter is
+    copied into its slice by the owning module's `weight_loader(param, tensor, shard_id)`.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        shard_id = None
+        for ckpt_frag, fused_frag, sid in stacked_params:
+            if ckpt_frag in name:
+                name, shard_id = name.replace(ckpt_frag, fused_frag), sid
+                break
+        if name not in params:
+            if tied and name == "lm_head.weight":
+                continue  # some tied checkpoints still carry a copy
+            raise ModelLoadError(name, "unexpected tensor in checkpoint")
+        mod_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(mod_name)
+        param = getattr(owner, attr)
+        target_dtype = dtype or tensor.dtype
+        if shard_id is None:
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    name, f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}"
+                )
+            setattr(owner, attr, nn.Parameter(tensor.to(target_dtype).contiguous(), requires_grad=False))
+            continue
+        if param.is_meta:
+            param = nn.Parameter(torch.empty(param.shape, dtype=target_dtype), requires_grad=False)
+            param.loaded_shards = set()
+            setattr(owner, attr, param)
+        owner.weight_loader(param, tensor.to(target_dtype), shard_id)
+        param.loaded_shards.add(shard_id)
+    if tied:
+        model.tie_weights()
+    for name, param in model.named_parameters():
+        mod_name, _, attr = name.rpartition(".")
+        shards = getattr(model.get_submodule(mod_name), "shard_offsets", None)
+        if param.is_meta:
+            raise ModelLoadError(name, "checkpoint lacks this tensor")
+        loaded = getattr(param, "loaded_shards", None)
+        if loaded is not None and shards is not None and set(shards) - loaded:
+            raise ModelLoadError(name, f"checkpoint lacks shard(s) {sorted(map(str, set(shards) - loaded))}")

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def default_path():
+    from kvserve.loader import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(default_path):
+    """kvserve's float32 load of the embedded default model."""
+    from kvserve.loader import load_model
+
+    return load_model(default_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(default_path):
+    """transformers' own load of the same GGUF: the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        default_path.parent, gguf_file=default_path.name, dtype=torch.float32
+    ).eval()

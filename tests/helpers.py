@@ -1,0 +1,164 @@
+"""Test helpers: tiny random-weight Hugging Face checkpoints and GGUF files, written to temp dirs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvserve.layers.attention import AttentionMetadata
+
+TINY_VOCAB = 320
+
+
+def tiny_tokenizer_json(path: Path) -> tuple[int, int]:
+    """A byte-level BPE tokenizer (256 byte symbols + a few merges + 2 specials) as tokenizer.json."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tk.save(str(path / "tokenizer.json"))
+    bos, eos = tk.token_to_id("<s>"), tk.token_to_id("</s>")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                    "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"})
+    )
+    return bos, eos
+
+
+def make_tiny_hf(path: Path, arch: str, seed: int = 0, **overrides: object) -> Path:
+    """Save a tiny random model of `arch` (llama, mistral, qwen2, qwen3, gpt2) as a HF directory."""
+    import transformers as tf
+
+    path.mkdir(parents=True, exist_ok=True)
+    bos, eos = tiny_tokenizer_json(path)
+    common = dict(vocab_size=TINY_VOCAB, bos_token_id=bos, eos_token_id=eos)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+    else:
+        llama_like = dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, **common,
+        )
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[arch]
+        if arch == "qwen3":
+            llama_like["head_dim"] = 32
+        cfg = cls(**{**llama_like, **overrides})
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # random weights at init scale are tiny; widen them so logits differ clearly
+        for p in model.parameters():
+            if p.dim() >= 1 and p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_prefill(model: torch.nn.Module, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Logits of every position of each sequence, all in one flat batch without a KV cache."""
+    ids = torch.tensor([t for s in seqs for t in s])
+    pos = torch.tensor([p for s in seqs for p in range(len(s))])
+    with torch.inference_mode():
+        logits = model.compute_logits(model(ids, pos, AttentionMetadata.for_prefill([len(s) for s in seqs])))
+    return list(logits.split([len(s) for s in seqs]))
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to Llama q/k rows (the inverse of kvserve's unpermute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str = "F32", arch: str = "llama",
+                          extra_tensors: dict | None = None) -> Path:
+    """Convert a tiny HF Llama directory to GGUF the way llama.cpp's converter lays it out."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_path / "config.json").read_text())
+    tok = json.loads((hf_path / "tokenizer.json").read_text())
+    t = load_file(str(hf_path / "model.safetensors"))
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    vocab = tok["model"]["vocab"]
+    tokens = [None] * TINY_VOCAB
+    for s, i in vocab.items():
+        tokens[i] = s
+    types = [1] * TINY_VOCAB
+    for a in tok["added_tokens"]:
+        tokens[a["id"]], types[a["id"]] = a["content"], 3
+    for i in range(TINY_VOCAB):
+        if tokens[i] is None:
+            tokens[i], types[i] = f"[PAD{i}]", 5
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    w.add_bos_token_id(vocab.get("<s>", tokens.index("<s>")))
+    w.add_eos_token_id(tokens.index("</s>"))
+    w.add_add_bos_token(True)
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def add(name: str, arr: np.ndarray) -> None:
+        if name in (extra_tensors or {}):
+            return  # replaced below
+        arr = np.ascontiguousarray(arr.astype(np.float32))
+        if arr.ndim == 2 and qtype != "F32":
+            q = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
+        else:
+            w.add_tensor(name, arr)
+
+    add("token_embd.weight", t["model.embed_tokens.weight"])
+    add("output_norm.weight", t["model.norm.weight"])
+    if "lm_head.weight" in t and not cfg.get("tie_word_embeddings", False):
+        add("output.weight", t["lm_head.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        for hf_name, g_name in _GGUF_LAYER_NAMES.items():
+            arr = t[f"model.layers.{i}.{hf_name}"]
+            if arch == "llama" and g_name.startswith("attn_q."):
+                arr = permute_qk(arr, nh)
+            if arch == "llama" and g_name.startswith("attn_k."):
+                arr = permute_qk(arr, nkv)
+            add(f"blk.{i}.{g_name}", arr)
+    for name, (arr, raw_dtype) in (extra_tensors or {}).items():
+        w.add_tensor(name, arr, raw_shape=None, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
