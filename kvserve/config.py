@@ -36,3 +36,36 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+@dataclass
+class EngineConfig:
+    """Engine arguments, named as vLLM names them."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's own limit
+    kv_cache_memory: int | str | None = None  # bytes or "2GiB"; default: a fraction of free memory
+    cpu_memory_utilization: float = 0.25  # share of available RAM for the KV cache (CPU)
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    seed: int = 0
+
+
+def parse_bytes(value: int | str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    if isinstance(value, int):
+        return value
+    s = str(value).strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    low = s.lower()
+    for u in sorted(units, key=len, reverse=True):
+        if low.endswith(u):
+            return int(float(low[: -len(u)]) * units[u])
+    return int(float(low))

@@ -1,0 +1,209 @@
+"""Paged KV cache bookkeeping: a block pool with reference counts and prefix hashes.
+
+The tensors live in the model runner ([num_blocks, block_size, kv_heads, head_dim] per layer
+for K and V); this module only decides which block ids each request owns.
+
+Invariants (checked by `check_invariants`, exercised by property tests):
+  * every block is in exactly one state: free (ref 0, not cached), cached (ref 0, holds the
+    K/V of a known full block, evictable) or used (ref > 0);
+  * free + cached + used == total;
+  * a block with ref > 0 is never on the evictable list, so it is never handed out twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from kvserve.engine.request import Request
+
+
+class KVCacheBlock:
+    __slots__ = ("block_id", "ref_cnt", "block_hash")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: bytes | None = None  # set once the block is full and registered
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref={self.ref_cnt}, cached={self.block_hash is not None})"
+
+
+def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """Chained, collision-resistant identity of a full block: sha256(parent, tokens, extra)."""
+    h = hashlib.sha256(parent or b"\0" * 32)
+    h.update(array("q", token_ids).tobytes())
+    h.update(extra)
+    return h.digest()
+
+
+class BlockPool:
+    """Hands out block ids. Blocks whose ref count drops to 0 go to the back of an LRU queue;
+    allocation takes from the front, evicting a cached block's hash if it had one."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self.evictable: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[bytes, KVCacheBlock] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be allocated now (free or cached-and-evictable)."""
+        return len(self.evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return sum(1 for i in self.evictable if self.blocks[i].block_hash is not None)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.evictable)
+
+    def allocate(self, n: int) -> list[KVCacheBlock]:
+        if n > len(self.evictable):
+            raise RuntimeError(f"asked for {n} blocks, {len(self.evictable)} free")  # callers check first
+        out = []
+        for _ in range(n):
+            bid, _ = self.evictable.popitem(last=False)
+            block = self.blocks[bid]
+            if block.block_hash is not None:
+                del self.cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def lookup(self, block_hash: bytes) -> KVCacheBlock | None:
+        return self.cached.get(block_hash) if self.enable_caching else None
+
+    def touch(self, blocks: list[KVCacheBlock]) -> None:
+        """Take a reference on cached blocks (a prefix hit)."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                del self.evictable[b.block_id]
+            b.ref_cnt += 1
+
+    def free(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop one reference each; pass blocks tail first so a sequence's last blocks are evicted first."""
+        for b in blocks:
+            assert b.ref_cnt > 0, f"double free of {b}"
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                if b.block_hash is None:
+                    self.evictable[b.block_id] = None
+                    self.evictable.move_to_end(b.block_id, last=False)  # plain free blocks go first
+                else:
+                    self.evictable[b.block_id] = None  # cached blocks: most recently used at the back
+
+    def register(self, block: KVCacheBlock, block_hash: bytes) -> None:
+        """Mark a full block as holding the K/V identified by `block_hash`."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash in self.cached:
+            return  # an identical block exists already; this one stays private
+        block.block_hash = block_hash
+        self.cached[block_hash] = block
+
+    def check_invariants(self) -> None:
+        used = [b for b in self.blocks if b.ref_cnt > 0]
+        assert all(b.ref_cnt >= 0 for b in self.blocks)
+        assert all(self.blocks[i].ref_cnt == 0 for i in self.evictable)
+        assert len(used) + len(self.evictable) == self.num_blocks
+        assert all(self.cached[b.block_hash] is b for b in self.blocks if b.block_hash is not None)
+        assert len(self.cached) == sum(1 for b in self.blocks if b.block_hash is not None)
+
+
+class KVCacheManager:
+    """Block tables of requests; prefix lookup; slot allocation for the tokens of one step."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_hashes: dict[str, list[bytes]] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found cached
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def usage(self) -> float:
+        return self.pool.num_used_blocks / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+
+    def _hashes(self, req: Request, upto_tokens: int) -> list[bytes]:
+        """Chained hashes of the request's full blocks covering its first `upto_tokens` tokens."""
+        hashes = self.req_hashes.setdefault(req.request_id, [])
+        bs = self.block_size
+        for i in range(len(hashes), upto_tokens // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, req.all_token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of a new request, leaving at least one token to compute for logits."""
+        if not self.pool.enable_caching:
+            return [], 0
+        hashes = self._hashes(req, req.num_tokens - 1)
+        hits = []
+        for h in hashes:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVCacheBlock] | None = None
+    ) -> bool:
+        """Make room for `num_new_tokens` more tokens of `req` (after its computed ones); False if full."""
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        computed_blocks = computed_blocks or []
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        need = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(computed_blocks)
+        # touching evictable cached blocks removes them from the free list: count them too
+        reclaim = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if need + reclaim > self.pool.num_free_blocks:
+            if not blocks:
+                del self.req_blocks[req.request_id]
+            return False
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+        if need > 0:
+            blocks.extend(self.pool.allocate(need))
+        if self.pool.enable_caching:
+            # Blocks that are full once this step's tokens are written carry the hash of their tokens.
+            hashes = self._hashes(req, num_computed + num_new_tokens)
+            for i, h in enumerate(hashes):
+                self.pool.register(blocks[i], h)
+        return True
+
+    def free(self, req: Request) -> None:
+        blocks = self.req_blocks.pop(req.request_id, [])
+        self.pool.free(list(reversed(blocks)))
+        self.req_hashes.pop(req.request_id, None)
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        refs: dict[int, int] = {}
+        for blocks in self.req_blocks.values():
+            for b in blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+        for b in self.pool.blocks:
+            assert refs.get(b.block_id, 0) == b.ref_cnt, f"{b} owned {refs.get(b.block_id, 0)} times"

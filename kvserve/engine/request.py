@@ -1,0 +1,103 @@
+"""Request: one sequence being generated, and its place in the scheduler's life cycle."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+class Request:
+    """Token ids (prompt + generated), how many have K/V in the cache, and bookkeeping.
+
+    The scheduler's one rule: catch `num_computed_tokens` up with `num_tokens`. A prefill, a
+    chunk of one, a decode and a recompute after preemption are all the same thing.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: list[int],
+        max_model_len: int,
+        arrival_time: float | None = None,
+        group_id: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.group_id = group_id or request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = set() if params.ignore_eos else set(eos_token_ids)
+        self.stop_token_ids = set(params.stop_token_ids)
+        total = max_model_len if params.max_tokens is None else len(prompt_token_ids) + params.max_tokens
+        self.max_total_tokens = min(total, max_model_len)
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        # A sibling of an n>1 group waits until its first sibling's prompt is cached, then shares it.
+        self.wait_for: Request | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob | None] = []
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self) -> str | None:
+        """Finish reason after the last appended token, token-level rules only (stop strings are textual)."""
+        n_out = len(self.output_token_ids)
+        if n_out == 0:
+            return None
+        last = self.output_token_ids[-1]
+        if n_out >= self.params.min_tokens:
+            if last in self.eos_token_ids:
+                return "stop"
+            if last in self.stop_token_ids:
+                self.stop_reason = last
+                return "stop"
+        if self.num_tokens >= self.max_total_tokens:
+            return "length"
+        return None

@@ -1,0 +1,110 @@
+"""Model runner: SchedulerOutput -> one flat token batch -> model -> sampled tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kvserve.engine.request import Logprob
+from kvserve.engine.scheduler import SchedulerOutput
+from kvserve.executor.reference import allocate_kv_caches
+from kvserve.layers.attention import AttentionMetadata
+from kvserve.layers.sampler import Sampler
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token
+    logprobs: dict[str, Logprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)  # this step's chunk
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    last_index: torch.Tensor  # [B] index of each sequence's last token in the flat batch
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, self.device)
+        self.sampler = Sampler()
+
+    def prepare(self, so: SchedulerOutput) -> ForwardBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        qlens: list[int] = []
+        slens: list[int] = []
+        for s in so.scheduled:
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            ids.extend(r.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            qlens.append(s.num_new_tokens)
+            slens.append(end)
+        width = max(len(s.block_ids) for s in so.scheduled)
+        table = [s.block_ids + [0] * (width - len(s.block_ids)) for s in so.scheduled]
+        dev = self.device
+        block_tables = torch.tensor(table, dtype=torch.int32)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        q = torch.tensor(qlens, dtype=torch.int64)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(qlens)), q)
+        slots = block_tables[seq_of_token, pos // self.block_size].long() * self.block_size + pos % self.block_size
+        qsl = torch.zeros(len(qlens) + 1, dtype=torch.int32)
+        qsl[1:] = q.cumsum(0)
+        meta = AttentionMetadata(
+            query_start_loc=qsl.to(dev),
+            seq_lens=torch.tensor(slens, dtype=torch.int32, device=dev),
+            query_lens_cpu=qlens,
+            seq_lens_cpu=slens,
+            slot_mapping=slots.to(dev),
+            block_tables=block_tables.to(dev),
+        )
+        return ForwardBatch(torch.tensor(ids, device=dev), pos.to(dev), meta, (qsl[1:] - 1).long().to(dev))
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        batch = self.prepare(so)
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        out = RunnerOutput()
+        rows = [i for i, s in enumerate(so.scheduled) if s.samples]
+        if rows:
+            reqs = [so.scheduled[i].request for i in rows]
+            logits = self.model.compute_logits(hidden[batch.last_index[rows]])
+            res = self.sampler(logits, reqs)
+            for r, tok, lp in zip(reqs, res.token_ids, res.logprobs):
+                out.sampled[r.request_id] = tok
+                if lp is not None:
+                    out.logprobs[r.request_id] = Logprob(tok, lp[0], lp[1])
+        start = 0
+        for s in so.scheduled:
+            r = s.request
+            if r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens - 1:
+                out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden[start : start + s.num_new_tokens], s)
+            start += s.num_new_tokens
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, s) -> list[Logprob]:
+        """Logprob of each next prompt token, from the logits at this chunk's positions."""
+        r = s.request
+        first = r.num_computed_tokens
+        n = min(s.num_new_tokens, r.num_prompt_tokens - 1 - first)
+        lp = torch.log_softmax(self.model.compute_logits(hidden[:n]).float(), dim=-1)
+        k = r.params.prompt_logprobs
+        res = []
+        for j in range(n):
+            tok = r.prompt_token_ids[first + j + 1]
+            top = []
+            if k:
+                v, ix = lp[j].topk(k)
+                top = list(zip(ix.tolist(), v.tolist()))
+            res.append(Logprob(tok, float(lp[j, tok]), top))
+        return res

@@ -1,0 +1,111 @@
+"""Sampling, vectorised over the batch with per-request parameters.
+
+Order of logit processing: logit bias, min_tokens (EOS masked), repetition / presence /
+frequency penalties; logprobs are reported from this processed distribution; then
+temperature, top-k, top-p, min-p, and a draw. Greedy rows take the argmax. A row with a seed
+draws with its own generator, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.engine.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top-k) per row
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
+    rows = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0
+            or r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+    if not rows:
+        return
+    V = logits.shape[1]
+    for i in rows:  # one row at a time: counts are sparse, and penalties are rare
+        p = reqs[i].params
+        out_ids = torch.tensor(reqs[i].output_token_ids, dtype=torch.long, device=logits.device)
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(reqs[i].all_token_ids)), dtype=torch.long, device=logits.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if out_ids.numel() and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+            counts = torch.bincount(out_ids, minlength=V).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what each row's top-k / top-p / min-p excludes. k <= 0 means off."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    V = logits.shape[1]
+    ranks = torch.arange(V, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, V).unsqueeze(1)
+    mask = ranks >= k
+    probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the token crossing the line stays)
+    cum_before = probs.cumsum(dim=-1) - probs
+    mask |= cum_before >= top_p.unsqueeze(1)
+    mask |= probs < (min_p.unsqueeze(1) * probs[:, :1])
+    mask[:, 0] = False  # the best token always survives
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        """logits: [N, V] float32, one row per request that needs a token."""
+        logits = logits.float()
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            if len(r.output_token_ids) < p.min_tokens:
+                stop = sorted(r.eos_token_ids | r.stop_token_ids)
+                if stop:
+                    logits[i, stop] = float("-inf")
+        _apply_penalties(logits, reqs)
+
+        want_lp = [r.params.logprobs is not None for r in reqs]
+        logprobs_all = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
+        chosen = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in reqs],
+                                device=logits.device)
+            scaled = logits / temp.unsqueeze(1)
+            top_k = torch.tensor([r.params.top_k for r in reqs], device=logits.device)
+            top_p = torch.tensor([r.params.top_p for r in reqs], device=logits.device)
+            min_p = torch.tensor([r.params.min_p for r in reqs], device=logits.device)
+            if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
+                scaled = _top_k_top_p_min_p(scaled, top_k, top_p, min_p)
+            probs = scaled.softmax(dim=-1)
+            # Draw by the exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p.
+            noise = torch.empty_like(probs).exponential_()
+            for i, r in enumerate(reqs):
+                if r.generator is not None and not r.params.greedy:
+                    noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(probs.device)
+            sampled = (probs / noise).argmax(dim=-1)
+            chosen = torch.where(greedy, chosen, sampled)
+
+        token_ids = chosen.tolist()
+        lps: list[tuple[float, list[tuple[int, float]]] | None] = []
+        for i, r in enumerate(reqs):
+            if not want_lp[i]:
+                lps.append(None)
+                continue
+            row = logprobs_all[i]
+            k = r.params.logprobs
+            top = []
+            if k:
+                v, ix = row.topk(k)
+                top = list(zip(ix.tolist(), v.tolist()))
+            lps.append((float(row[token_ids[i]]), top))
+        return SamplerOutput(token_ids, lps)

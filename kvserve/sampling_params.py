@@ -1,0 +1,108 @@
+"""SamplingParams: per-request generation settings, validated on construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvserve.errors import InvalidRequestError
+
+_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "logit_bias", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
+    "ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output",
+)
+
+
+class SamplingParams:
+    """Familiar vLLM/OpenAI names. temperature 0 means greedy; top_k -1 (or 0) means off."""
+
+    def __init__(
+        self,
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = 16,
+        min_tokens: int = 0,
+        stop: str | list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        self.n = n
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k) if top_k is not None else -1
+        self.min_p = float(min_p)
+        self.repetition_penalty = float(repetition_penalty)
+        self.presence_penalty = float(presence_penalty)
+        self.frequency_penalty = float(frequency_penalty)
+        self.logit_bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.min_tokens = int(min_tokens)
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        self.stop_token_ids = [int(t) for t in (stop_token_ids or [])]
+        self.ignore_eos = bool(ignore_eos)
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidRequestError(msg)
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            bad(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0 or v > 20):
+                bad(f"{name} must be an integer in [0, 20], got {v}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop must be a non-empty string or a list of them")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def clone(self, **changes: Any) -> "SamplingParams":
+        values = {f: getattr(self, f) for f in _FIELDS}
+        values.update(changes)
+        return SamplingParams(**values)
+
+    def __repr__(self) -> str:
+        return "SamplingParams(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in _FIELDS) + ")"
