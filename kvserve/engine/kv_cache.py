@@ -129,6 +129,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}
+        self.req_registered: dict[str, int] = {}  # how many leading blocks already carry their hash
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found cached
 
@@ -189,15 +190,20 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(need))
         if self.pool.enable_caching:
             # Blocks that are full once this step's tokens are written carry the hash of their tokens.
-            hashes = self._hashes(req, num_computed + num_new_tokens)
-            for i, h in enumerate(hashes):
-                self.pool.register(blocks[i], h)
+            num_full = (num_computed + num_new_tokens) // self.block_size
+            done = self.req_registered.get(req.request_id, 0)
+            if num_full > done:
+                hashes = self._hashes(req, num_full * self.block_size)
+                for i in range(done, num_full):
+                    self.pool.register(blocks[i], hashes[i])
+                self.req_registered[req.request_id] = num_full
         return True
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.req_hashes.pop(req.request_id, None)
+        self.req_registered.pop(req.request_id, None)
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()

@@ -233,7 +233,8 @@ class LLMEngine:
             self.scheduler.finish(r, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request runs, waits, or has a final output (e.g. after abort) not yet returned."""
+        return self.scheduler.has_unfinished() or bool(self.groups)
 
     # -- the step -----------------------------------------------------------------------
 

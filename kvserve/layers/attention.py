@@ -27,6 +27,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot of each new token
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    _decode_plan: "DecodePlan | None" = None  # built once per step, shared by all layers
 
     @property
     def num_seqs(self) -> int:
@@ -43,6 +44,40 @@ class AttentionMetadata:
             query_lens_cpu=list(lens),
             seq_lens_cpu=list(lens),
         )
+
+
+@dataclass
+class DecodePlan:
+    """The single-token sequences of a batch, attended together as one padded batch."""
+
+    token_index: torch.Tensor  # [Bd] rows of q/out (one token each)
+    seq_index: list[int]  # which sequences they are
+    block_tables: torch.Tensor  # [Bd, nblocks] blocks covering the longest of them
+    mask: torch.Tensor  # [Bd, 1, 1, L] True where a key position is inside the sequence
+    length: int  # L = nblocks * block_size
+
+
+def decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
+    if meta._decode_plan is not None:
+        return meta._decode_plan
+    seqs = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+    if len(seqs) < 2 or meta.block_tables is None:
+        return None
+    starts = meta.query_start_loc.tolist()
+    device = meta.block_tables.device
+    longest = max(meta.seq_lens_cpu[i] for i in seqs)
+    nblocks = -(-longest // block_size)
+    length = nblocks * block_size
+    lens = torch.tensor([meta.seq_lens_cpu[i] for i in seqs], device=device)
+    mask = (torch.arange(length, device=device).unsqueeze(0) < lens.unsqueeze(1)).view(len(seqs), 1, 1, length)
+    meta._decode_plan = DecodePlan(
+        token_index=torch.tensor([starts[i] for i in seqs], device=device),
+        seq_index=seqs,
+        block_tables=meta.block_tables[seqs, :nblocks].long(),
+        mask=mask,
+        length=length,
+    )
+    return meta._decode_plan
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
@@ -75,10 +110,17 @@ class TorchAttentionBackend:
         if kv_cache is not None and meta.slot_mapping is not None:
             write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
+        done: set[int] = set()
+        if kv_cache is not None:
+            plan = decode_plan(meta, kv_cache[0].shape[1])
+            if plan is not None:
+                out[plan.token_index] = self._batched_decode(q, kv_cache, plan, scale)
+                done = set(plan.seq_index)
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             end = start + n
-            if n == 0:
+            if n == 0 or i in done:
+                start = end
                 continue
             if kv_cache is None:
                 assert n == total, "without a KV cache every token of a sequence must be new"
@@ -105,6 +147,21 @@ class TorchAttentionBackend:
             out[start:end] = o.transpose(0, 1)
             start = end
         return out
+
+    @staticmethod
+    def _batched_decode(q: torch.Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> torch.Tensor:
+        """All one-token queries at once: gather their blocks into a padded [Bd, L] context, mask the tail."""
+        k_cache, v_cache = kv_cache
+        bd = len(plan.seq_index)
+        num_heads, num_kv_heads, d = q.shape[1], k_cache.shape[2], q.shape[2]
+        kk = k_cache[plan.block_tables].view(bd, plan.length, num_kv_heads, d).transpose(1, 2).to(q.dtype)
+        vv = v_cache[plan.block_tables].view(bd, plan.length, num_kv_heads, d).transpose(1, 2).to(q.dtype)
+        if num_kv_heads != num_heads:
+            kk = kk.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            vv = vv.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        qd = q[plan.token_index].unsqueeze(2)  # [Bd, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=plan.mask, scale=scale)
+        return o.squeeze(2)
 
 
 def gather_context(kv_cache: KVCache, block_table: torch.Tensor, length: int) -> KVCache:

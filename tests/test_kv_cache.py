@@ -1,0 +1,120 @@
+"""Block pool and scheduler invariants under random workloads (hypothesis), without running a model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import make_tiny_hf
+from kvserve import SamplingParams
+from kvserve.engine.kv_cache import BlockPool, hash_block
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.errors import InvalidRequestError
+from kvserve.executor.model_runner import RunnerOutput
+from kvserve.loader import load_model
+
+
+class FakeRunner:
+    """Samples token (position * 7) % 50 for every row that needs one; checks the batch contract."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+
+    def execute(self, so):
+        out = RunnerOutput()
+        cfg = self.engine.scheduler.config
+        assert 0 < so.total_num_tokens <= cfg.max_num_batched_tokens
+        assert len(so.scheduled) <= cfg.max_num_seqs
+        ids = [s.request.request_id for s in so.scheduled]
+        assert len(ids) == len(set(ids))
+        for s in so.scheduled:
+            r = s.request
+            end = r.num_computed_tokens + s.num_new_tokens
+            assert s.num_new_tokens > 0 and end <= r.num_tokens
+            assert len(s.block_ids) * self.engine.kv.block_size >= end  # room for every token written
+            if s.samples:
+                out.sampled[r.request_id] = (r.num_tokens * 7) % 50
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_model(make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama"))
+
+
+op = st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 60), st.integers(1, 40), st.integers(1, 3), st.integers(0, 3)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op, min_size=1, max_size=40), num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 16]),
+       budget=st.sampled_from([1, 3, 16, 64]), max_seqs=st.sampled_from([1, 2, 8]), caching=st.booleans())
+def test_random_workloads_keep_block_invariants(tiny, ops, num_blocks, block_size, budget, max_seqs, caching):
+    m = tiny.config
+    per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * block_size
+    eng = LLMEngine(loaded=tiny, kv_cache_memory=num_blocks * per_block, block_size=block_size,
+                    max_num_batched_tokens=budget, max_num_seqs=max_seqs, enable_prefix_caching=caching)
+    eng.runner = FakeRunner(eng)
+    ids: list[str] = []
+    finished: set[str] = set()
+    for o in ops:
+        if o[0] == "add":
+            _, plen, max_tokens, n, prefix = o
+            prompt = [prefix] * (plen // 2) + list(range(plen - plen // 2))  # shared prefixes across requests
+            rid = f"q{len(ids)}"
+            try:
+                eng.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, n=n, ignore_eos=True))
+                ids.append(rid)
+            except InvalidRequestError as e:
+                assert "KV cache" in str(e) or "max_model_len" in str(e)
+        elif o[0] == "abort" and ids:
+            eng.abort_request(ids[o[1] % len(ids)])
+        else:
+            for _ in range(o[1]):
+                for out in eng.step():
+                    if out.finished:
+                        finished.add(out.request_id)
+                eng.kv.check_invariants()
+        eng.kv.check_invariants()
+    for _ in range(10_000):
+        if not eng.has_unfinished_requests():
+            break
+        for out in eng.step():
+            if out.finished:
+                finished.add(out.request_id)
+        eng.kv.check_invariants()
+    assert not eng.has_unfinished_requests(), "a request was never finished (livelock)"
+    assert finished == set(ids)  # nothing lost
+    assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.req_blocks
+    pool = eng.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_pool_lru_eviction_and_reuse():
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    h0, h1 = hash_block(None, [1, 2]), hash_block(hash_block(None, [1, 2]), [3, 4])
+    pool.register(a[0], h0)
+    pool.register(a[1], h1)
+    pool.free(list(reversed(a)))
+    assert pool.num_cached_blocks == 2 and pool.num_free_blocks == 4
+    b = pool.allocate(2)  # uncached blocks go first
+    assert {x.block_id for x in b}.isdisjoint({x.block_id for x in a})
+    assert pool.lookup(h0) is a[0]
+    pool.touch([a[0]])
+    assert pool.num_free_blocks == 1
+    c = pool.allocate(1)  # evicts the only evictable block: the cached h1
+    assert c[0] is a[1] and pool.lookup(h1) is None and pool.num_evictions == 1
+    with pytest.raises(RuntimeError):
+        pool.allocate(1)
+    pool.check_invariants()
+
+
+def test_hash_is_chained_and_content_addressed():
+    assert hash_block(None, [1, 2, 3]) == hash_block(None, [1, 2, 3])
+    assert hash_block(None, [1, 2, 3]) != hash_block(None, [1, 2, 4])
+    assert hash_block(hash_block(None, [9]), [1]) != hash_block(hash_block(None, [8]), [1])
