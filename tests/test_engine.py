@@ -265,3 +265,28 @@ def test_chunked_prefill_does_not_stall_decodes(tiny_loaded):
         steps += 1
         assert len(eng.scheduler.requests["short"].output_token_ids) == so_before + 1  # one decode every step
     assert steps >= 200 // 16
+
+
+def test_memory_plan_is_measured_and_reported(tiny_loaded):
+    from kvserve.engine.llm_engine import LLMEngine as Engine
+
+    eng = Engine(loaded=tiny_loaded, max_num_seqs=4, cpu_memory_utilization=0.01)
+    b = eng.budget
+    assert b.activations is not None and b.activations >= 0  # profiled, not given
+    # capped at every seat filled to max_model_len
+    assert b.kv_tokens <= 4 * eng.max_model_len and b.num_blocks == eng.kv.num_blocks
+    text = b.describe()
+    assert "weights" in text and "activations" in text and f"{b.kv_tokens} tokens" in text
+    assert f"max concurrency at max_model_len={eng.max_model_len}" in text
+    k, v = eng.runner.kv_caches[0]
+    assert tuple(k.shape) == (b.num_blocks, 16, tiny_loaded.config.num_kv_heads, tiny_loaded.config.head_dim)
+
+
+def test_kv_cache_memory_strings(tiny_loaded):
+    from kvserve.config import parse_bytes
+
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1.5MB") == 1_500_000 and parse_bytes(4096) == 4096
+    with pytest.raises(InvalidRequestError, match="cannot parse"):
+        LLMEngine(loaded=tiny_loaded, kv_cache_memory="lots")
+    with pytest.raises(InvalidRequestError, match="holds no block"):
+        LLMEngine(loaded=tiny_loaded, kv_cache_memory=10)

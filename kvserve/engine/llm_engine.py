@@ -18,6 +18,7 @@ from kvserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutp
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
+from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
 from kvserve.layers.attention import AttentionMetadata
 from kvserve.loader import LoadedModel, load_model
@@ -99,6 +100,8 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            tune_allocator()
         self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device)
         self.tokenizer = self.lm.tokenizer
         mcfg = self.lm.config

@@ -8,59 +8,151 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvserve.errors import KVServeError
+from kvserve.errors import InvalidRequestError, KVServeError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, spelled as vLLM spells them."""
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: share of free memory)")
+    p.add_argument("--cpu-memory-utilization", type=float, default=0.25)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--num-threads", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+        cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args: argparse.Namespace):
+    from kvserve.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="kvserve: LLM inference and serving")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the memory plan and engine details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="greedy continuation of a prompt")
-    _add_model_args(g)
+    g = sub.add_parser("generate", help="complete a prompt (streams tokens as they come)")
+    add_engine_args(g)
+    add_sampling_args(g, max_tokens=64)
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal")
+    add_engine_args(c)
+    add_sampling_args(c, max_tokens=512)
+    c.add_argument("--system", default=None, help="system prompt")
 
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
-    _add_model_args(ppl)
+    ppl.add_argument("--model", default=None)
+    ppl.add_argument("--dtype", default="float32")
     ppl.add_argument("--file", required=True, help="text file")
     ppl.add_argument("--ctx", type=int, default=512)
     return parser
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from kvserve.errors import InvalidRequestError
-    from kvserve.executor.reference import greedy_generate
-    from kvserve.loader import load_model
+def _stream(engine, request_id: str, prompt, params) -> str:
+    """Run one request, printing text deltas as steps produce them; returns the full text."""
+    engine.add_request(request_id, prompt, params)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id:
+                    delta = out.outputs[0].delta_text
+                    text += delta
+                    print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+    print(flush=True)
+    return text
 
-    if args.max_tokens < 1:
-        raise InvalidRequestError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    lm = load_model(args.model, dtype=args.dtype)
-    print(lm.describe(), file=sys.stderr)
-    tok = lm.tokenizer
-    if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
-    else:
-        ids = tok.encode(args.prompt)
-    if not ids:
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import LLMEngine
+
+    params = sampling_params(args)
+    if not args.prompt:
         raise InvalidRequestError("the prompt is empty")
-    out = greedy_generate(lm.model, [ids], args.max_tokens, stop_ids=set(tok.eos_token_ids))[0]
-    if out and out[-1] in tok.eos_token_ids:
-        out = out[:-1]
-    print((args.prompt if not args.chat else "") + tok.decode(out))
+    engine = LLMEngine(**engine_kwargs(args))
+    print(engine.lm.describe(), file=sys.stderr)
+    print(engine.budget.describe(), file=sys.stderr)
+    tok = engine.tokenizer
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
+    else:
+        prompt = args.prompt
+        print(args.prompt, end="")
+    _stream(engine, "cli", prompt, params)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import LLMEngine
+
+    params = sampling_params(args)
+    engine = LLMEngine(**engine_kwargs(args))
+    print(engine.lm.describe(), file=sys.stderr)
+    print("Type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=True)
+        try:
+            reply = _stream(engine, f"chat-{turn}", prompt, params)
+        except InvalidRequestError as e:  # e.g. the conversation outgrew max_model_len
+            print(f"kvserve: error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1
     return 0
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:
-    from kvserve.errors import InvalidRequestError
     from kvserve.eval.perplexity import perplexity
     from kvserve.loader import load_model
 
@@ -81,18 +173,18 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    commands = {"generate": _cmd_generate, "chat": _cmd_chat}
     try:
-        if args.command == "generate":
-            return _cmd_generate(args)
         if args.command == "eval" and args.eval_command == "ppl":
             return _cmd_ppl(args)
+        return commands[args.command](args)
     except KVServeError as e:
         print(f"kvserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 2
 
 
 if __name__ == "__main__":

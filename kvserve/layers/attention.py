@@ -48,7 +48,11 @@ class AttentionMetadata:
 
 @dataclass
 class DecodePlan:
-    """The single-token sequences of a batch, attended together as one padded batch."""
+    """The single-token sequences of a batch (decodes), attended together as one padded batch.
+
+    Every decode takes this path, alone or batched, so a sequence's numbers do not depend on
+    which path its batch happened to take.
+    """
 
     token_index: torch.Tensor  # [Bd] rows of q/out (one token each)
     seq_index: list[int]  # which sequences they are
@@ -61,7 +65,7 @@ def decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
     if meta._decode_plan is not None:
         return meta._decode_plan
     seqs = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
-    if len(seqs) < 2 or meta.block_tables is None:
+    if not seqs or meta.block_tables is None:
         return None
     starts = meta.query_start_loc.tolist()
     device = meta.block_tables.device
@@ -150,18 +154,21 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _batched_decode(q: torch.Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> torch.Tensor:
-        """All one-token queries at once: gather their blocks into a padded [Bd, L] context, mask the tail."""
+        """All one-token queries at once over a padded [Bd, L] context gathered from their blocks.
+
+        One SDPA call with the padding masked; GQA is handled by SDPA without repeating K/V.
+        (Measured on 2 Zen 4 cores, 64 x 320 tokens: 9 ms per layer, against 10-14 ms for
+        hand-written grouped or block-diagonal batched GEMMs.)
+        """
         k_cache, v_cache = kv_cache
-        bd = len(plan.seq_index)
+        bd, length = len(plan.seq_index), plan.length
         num_heads, num_kv_heads, d = q.shape[1], k_cache.shape[2], q.shape[2]
-        kk = k_cache[plan.block_tables].view(bd, plan.length, num_kv_heads, d).transpose(1, 2).to(q.dtype)
-        vv = v_cache[plan.block_tables].view(bd, plan.length, num_kv_heads, d).transpose(1, 2).to(q.dtype)
-        if num_kv_heads != num_heads:
-            kk = kk.repeat_interleave(num_heads // num_kv_heads, dim=1)
-            vv = vv.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        kk = k_cache[plan.block_tables].view(bd, length, num_kv_heads, d).transpose(1, 2).to(q.dtype)
+        vv = v_cache[plan.block_tables].view(bd, length, num_kv_heads, d).transpose(1, 2).to(q.dtype)
         qd = q[plan.token_index].unsqueeze(2)  # [Bd, H, 1, D]
-        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=plan.mask, scale=scale)
-        return o.squeeze(2)
+        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=plan.mask, scale=scale,
+                                           enable_gqa=num_kv_heads != num_heads)
+        return o.view(bd, num_heads, d)
 
 
 def gather_context(kv_cache: KVCache, block_table: torch.Tensor, length: int) -> KVCache:

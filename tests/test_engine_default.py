@@ -1,0 +1,73 @@
+"""The engine on the real default model: 64 mixed prompts batched == alone == transformers (greedy, float32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvserve import SamplingParams
+from kvserve.engine.llm_engine import LLMEngine
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 12
+
+WORDS = ("the cat sat on a mat while rain fell over old town streets and children laughed at "
+         "a small dog chasing leaves in the cold autumn wind near river banks").split()
+
+
+def _prompts(tok) -> list[list[int]]:
+    rng = np.random.default_rng(42)
+    out = []
+    for i in range(64):
+        n = int(rng.integers(1, 48))
+        text = " ".join(rng.choice(WORDS, size=n)).capitalize()
+        ids = tok.encode(text)
+        out.append(ids if i % 4 else tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True))
+    return out
+
+
+def _run(engine: LLMEngine, prompts, params) -> list[list[int]]:
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def workload(smollm, hf_smollm):
+    prompts = _prompts(smollm.tokenizer)
+    refs = []
+    for p in prompts:
+        with torch.no_grad():
+            out = hf_smollm.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                     pad_token_id=0)
+        refs.append(out[0, len(p):].tolist())
+    return prompts, refs
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def test_64_prompts_batched_equal_transformers(smollm, workload):
+    prompts, refs = workload
+    eng = LLMEngine(loaded=smollm, kv_cache_memory="512MiB")
+    assert _run(eng, prompts, GREEDY) == refs
+    alone = [_run(eng, [p], GREEDY)[0] for p in prompts[:6]]
+    assert alone == refs[:6]
+
+
+def test_64_prompts_chunked_and_preempted(smollm, workload):
+    prompts, refs = workload
+    m = smollm.config
+    per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
+    eng = LLMEngine(loaded=smollm, kv_cache_memory=60 * per_block, block_size=4, max_num_batched_tokens=16)
+    assert _run(eng, prompts, GREEDY) == refs
+    print(f"preemptions: {eng.scheduler.num_preemptions}")
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.kv.pool.num_used_blocks == 0
