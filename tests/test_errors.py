@@ -77,7 +77,7 @@ def test_corrupt_safetensors(tmp_path):
 
 def test_bad_dtype_and_max_tokens(capsys):
     assert "unknown dtype" in _cli_error(capsys, ["generate", "hi", "--dtype", "float8"])
-    assert "--max-tokens must be >= 1" in _cli_error(capsys, ["generate", "hi", "--max-tokens", "0"])
+    assert "max_tokens must be >= 1, got 0" in _cli_error(capsys, ["generate", "hi", "--max-tokens", "0"])
 
 
 def test_cli_process_exit_code(tmp_path):

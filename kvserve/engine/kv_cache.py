@@ -156,8 +156,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of a new request, leaving at least one token to compute for logits."""
-        if not self.pool.enable_caching:
-            return [], 0
+        if not self.pool.enable_caching or req.params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need the logits of every prompt position
         hashes = self._hashes(req, req.num_tokens - 1)
         hits = []
         for h in hashes:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kvserve.engine.request import Logprob
-from kvserve.engine.scheduler import SchedulerOutput
+from kvserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvserve.executor.reference import allocate_kv_caches
 from kvserve.layers.attention import AttentionMetadata
 from kvserve.layers.sampler import Sampler
@@ -92,19 +92,24 @@ class ModelRunner:
             start += s.num_new_tokens
         return out
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, s) -> list[Logprob]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, s: ScheduledRequest) -> list[Logprob]:
         """Logprob of each next prompt token, from the logits at this chunk's positions."""
         r = s.request
         first = r.num_computed_tokens
         n = min(s.num_new_tokens, r.num_prompt_tokens - 1 - first)
-        lp = torch.log_softmax(self.model.compute_logits(hidden[:n]).float(), dim=-1)
+        # after a preemption the prompt is recomputed: positions already reported are skipped
+        skip = max(0, len(r.prompt_logprobs) - 1 - first)
+        if skip >= n:
+            return []
+        lp = torch.log_softmax(self.model.compute_logits(hidden[skip:n]).float(), dim=-1)
         k = r.params.prompt_logprobs
         res = []
-        for j in range(n):
+        for j in range(skip, n):
             tok = r.prompt_token_ids[first + j + 1]
+            row = lp[j - skip]
             top = []
             if k:
-                v, ix = lp[j].topk(k)
+                v, ix = row.topk(k)
                 top = list(zip(ix.tolist(), v.tolist()))
-            res.append(Logprob(tok, float(lp[j, tok]), top))
+            res.append(Logprob(tok, float(row[tok]), top))
         return res
