@@ -204,8 +204,11 @@ class LLMEngine:
             )
         if n_prompt >= self.max_model_len:
             raise InvalidRequestError(f"prompt ({n_prompt} tokens) leaves no room under max_model_len ({self.max_model_len})")
-        total = n_prompt + params.max_tokens if params.max_tokens is not None else self.max_model_len
-        if self.kv.blocks_needed(total) > self.kv.num_blocks:
+        capacity = self.kv.num_blocks * self.kv.block_size
+        # no max_tokens: generate up to the context limit, or what the whole cache can hold
+        limit = self.max_model_len if params.max_tokens is not None else min(self.max_model_len, capacity)
+        total = n_prompt + params.max_tokens if params.max_tokens is not None else limit
+        if self.kv.blocks_needed(total) > self.kv.num_blocks or n_prompt >= limit:
             raise InvalidRequestError(
                 f"request needs up to {total} tokens of KV cache but the whole cache holds "
                 f"{self.kv.num_blocks * self.kv.block_size}; lower max_tokens or raise kv_cache_memory"
@@ -215,7 +218,7 @@ class LLMEngine:
         for i in range(params.n):
             p = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            r = Request(child_id, ids, p, eos, self.max_model_len, arrival_time, group_id=request_id)
+            r = Request(child_id, ids, p, eos, limit, arrival_time, group_id=request_id)
             if i > 0:
                 r.wait_for = children[0]
             children.append(r)

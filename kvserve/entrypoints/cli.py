@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(c, max_tokens=512)
     c.add_argument("--system", default=None, help="system prompt")
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or set KVSERVE_API_KEY)")
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
+    sv.add_argument("--uvicorn-log-level", default="warning")
+
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
@@ -152,6 +161,32 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvserve.engine.async_engine import AsyncLLMEngine
+    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.entrypoints.openai.metrics import Metrics
+    from kvserve.entrypoints.openai.server import build_app, default_api_key
+
+    engine = LLMEngine(**engine_kwargs(args))
+    name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
+    async_engine = AsyncLLMEngine(engine, max_waiting_requests=args.max_waiting_requests)
+    app = build_app(async_engine, name, default_api_key(args.api_key), Metrics())
+    print(f"model: {engine.lm.describe()}", file=sys.stderr)
+    print(engine.budget.describe(), file=sys.stderr)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    try:
+        server.run()  # handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish
+    finally:
+        app.state.ready = False
+        async_engine.shutdown()
+    return 0
+
+
 def _cmd_ppl(args: argparse.Namespace) -> int:
     from kvserve.eval.perplexity import perplexity
     from kvserve.loader import load_model
@@ -175,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": _cmd_generate, "chat": _cmd_chat}
+    commands = {"generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve}
     try:
         if args.command == "eval" and args.eval_command == "ppl":
             return _cmd_ppl(args)

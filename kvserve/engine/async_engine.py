@@ -1,0 +1,144 @@
+"""AsyncLLMEngine: the engine's step loop on its own thread, an asyncio front for the server.
+
+The engine is not thread-safe, so every mutation (add, abort, step) happens on the engine
+thread; the event loop sends commands through a queue and receives outputs through per-request
+asyncio queues. PyTorch releases the GIL inside its kernels, so HTTP handling keeps running
+while a step computes, and a step never waits for a slow client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.engine.outputs import RequestOutput
+from kvserve.errors import KVServeError
+from kvserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(KVServeError):
+    """The engine loop stopped (crash or shutdown); maps to HTTP 503."""
+
+
+class QueueFullError(KVServeError):
+    """Too many requests waiting; maps to HTTP 429."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 on_step: Any = None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_step = on_step  # called on the engine thread after each step with its outputs
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and not self._stop.is_set()
+
+    # -- engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    self._apply(cmd)
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+                    if self.on_step is not None:
+                        self.on_step(self.engine, outputs)
+        except BaseException as e:  # the engine died: fail everyone, never hang a client
+            logger.exception("engine loop crashed")
+            self.error = e
+        finally:
+            with self._lock:
+                streams = list(self._streams)
+            for rid in streams:
+                self._deliver(rid, EngineDeadError(f"engine stopped: {self.error or 'shutdown'}"))
+
+    def _apply(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params, fut = cmd
+            try:
+                self.engine.add_request(rid, prompt, params)
+                fut.set_result(None)
+            except BaseException as e:
+                with self._lock:
+                    self._streams.pop(rid, None)
+                fut.set_exception(e)
+        elif kind == "abort":
+            self.engine.abort_request(cmd[1])
+
+    def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            entry = self._streams.get(rid)
+            if entry is None:
+                return
+            if isinstance(item, BaseException) or item.finished:
+                self._streams.pop(rid, None)
+        loop, q = entry
+        loop.call_soon_threadsafe(q.put_nowait, item)
+
+    # -- asyncio side -------------------------------------------------------------------
+
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; aborts it if the consumer goes away."""
+        if not self.alive:
+            raise EngineDeadError("engine is not running")
+        if self.max_waiting_requests is not None and self.num_waiting() >= self.max_waiting_requests:
+            raise QueueFullError(f"too many waiting requests ({self.max_waiting_requests}); retry later")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (loop, q)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", request_id, prompt, params, fut))
+        await asyncio.wrap_future(fut)  # validation errors raise here
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # client gone or cancelled: free its blocks within a step
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)

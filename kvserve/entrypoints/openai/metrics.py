@@ -1,0 +1,59 @@
+"""Prometheus metrics under `kvserve:`, named after vLLM's."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvserve.engine.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("kvserve:num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("kvserve:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("kvserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", registry=r)
+        self.preemptions = Gauge("kvserve:num_preemptions", "Preemptions since start", registry=r)
+        self.prefix_queries = Gauge("kvserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Gauge("kvserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self.prompt_tokens = Counter("kvserve:prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("kvserve:generation_tokens", "Generated tokens of finished requests", registry=r)
+        self.requests = Counter("kvserve:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.ttft = Histogram("kvserve:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvserve:inter_token_latency_seconds", "Mean time between output tokens per request",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kvserve:e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("kvserve:request_queue_time_seconds", "Time from arrival to first scheduling",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+
+    def update_gauges(self, engine) -> None:  # engine: LLMEngine (read-only snapshot)
+        st = engine.stats()
+        self.running.set(st["num_requests_running"])
+        self.waiting.set(st["num_requests_waiting"])
+        self.kv_usage.set(st["kv_cache_usage_perc"])
+        self.preemptions.set(st["num_preemptions"])
+        self.prefix_queries.set(st["prefix_cache_queries"])
+        self.prefix_hits.set(st["prefix_cache_hits"])
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        n_out = sum(len(c.token_ids) for c in out.outputs)
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(n_out)
+        for c in out.outputs:
+            self.requests.labels(finished_reason=c.finish_reason or "unknown").inc()
+        if m.ttft is not None:
+            self.ttft.observe(m.ttft)
+        if m.e2e is not None:
+            self.e2e.observe(m.e2e)
+            if m.ttft is not None and n_out > 1:
+                self.itl.observe((m.e2e - m.ttft) / (n_out - 1))
+        if m.first_scheduled_time is not None:
+            self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
