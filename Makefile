@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch lies on this machine's disk; installing it first keeps pip from
 # pulling a multi-GB CUDA build for anything that depends on torch.
 TORCH_SPEC ?= torch==2.13.0
+PORT       ?= 8000
 
 .PHONY: serve test install install-dev clean
 
@@ -25,7 +26,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 serve: install
-	$(VENV)/bin/kvserve generate --chat "Say hello and introduce yourself in one sentence." --max-tokens 48
+	$(VENV)/bin/kvserve serve --host 127.0.0.1 --port $(PORT)
 
 test: install-dev
 	$(VENV)/bin/pytest -q

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,6 +164,41 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+class _GracefulServerBase:
+    """Mixin for uvicorn.Server: on SIGINT/SIGTERM report not-ready, drain, and exit 0.
+
+    (uvicorn re-raises the signal after a graceful shutdown, which would end the process with
+    status -15 instead of a clean exit.)
+    """
+
+    def __init__(self, config, app) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config)  # type: ignore[call-arg]
+        self._app = app
+
+    def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
+        self._app.state.ready = False  # /health answers 503 while draining
+        super().handle_exit(sig, frame)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def _graceful_server_class():  # uvicorn is imported only when serving
+    import uvicorn
+
+    return type("_GracefulServer", (_GracefulServerBase, uvicorn.Server), {})
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -169,6 +207,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.entrypoints.openai.metrics import Metrics
     from kvserve.entrypoints.openai.server import build_app, default_api_key
 
+    _GracefulServer = _graceful_server_class()
     engine = LLMEngine(**engine_kwargs(args))
     name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
     async_engine = AsyncLLMEngine(engine, max_waiting_requests=args.max_waiting_requests)
@@ -178,9 +217,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    server = _GracefulServer(config, app)
     try:
-        server.run()  # handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish
+        server.run()  # SIGINT/SIGTERM: stop accepting, let in-flight requests finish, exit 0
     finally:
         app.state.ready = False
         async_engine.shutdown()
