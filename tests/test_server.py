@@ -256,3 +256,32 @@ def test_api_key_and_queue_limit():
     finally:
         rc, out = s.stop()
     assert rc == 0, out
+
+
+def test_health_503_while_loading_then_200():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port),
+                             "--kv-cache-memory", "64MiB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and 200 not in seen:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                seen.add(r.status_code)
+                if r.status_code == 503:
+                    assert r.json()["error"]["code"] == 503
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert seen == {503, 200}, out
+    assert proc.returncode == 0, out
+
+
+def test_serve_bad_model_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(_free_port()),
+                        "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "missing.gguf: no such file" in r.stderr and "Traceback" not in r.stderr

@@ -171,12 +171,11 @@ class _GracefulServerBase:
     status -15 instead of a clean exit.)
     """
 
-    def __init__(self, config, app) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(config)  # type: ignore[call-arg]
-        self._app = app
+    app_state = None  # the FastAPI app's state, once the engine is loaded
 
     def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
-        self._app.state.ready = False  # /health answers 503 while draining
+        if self.app_state is not None:
+            self.app_state.ready = False  # /health answers 503 while draining
         super().handle_exit(sig, frame)  # type: ignore[misc]
 
     @contextlib.contextmanager
@@ -199,6 +198,29 @@ def _graceful_server_class():  # uvicorn is imported only when serving
     return type("_GracefulServer", (_GracefulServerBase, uvicorn.Server), {})
 
 
+class _LoadingApp:
+    """ASGI front that answers 503 (OpenAI envelope) until the engine is loaded, then delegates."""
+
+    def __init__(self) -> None:
+        self.app = None
+        self.error: str | None = None
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if self.app is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        import json as _json
+
+        msg = f"model failed to load: {self.error}" if self.error else "model is loading"
+        body = _json.dumps({"error": {"message": msg, "type": "service_unavailable", "param": None,
+                                      "code": 503}}).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -207,23 +229,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.entrypoints.openai.metrics import Metrics
     from kvserve.entrypoints.openai.server import build_app, default_api_key
 
-    _GracefulServer = _graceful_server_class()
-    engine = LLMEngine(**engine_kwargs(args))
-    name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
-    async_engine = AsyncLLMEngine(engine, max_waiting_requests=args.max_waiting_requests)
-    app = build_app(async_engine, name, default_api_key(args.api_key), Metrics())
-    print(f"model: {engine.lm.describe()}", file=sys.stderr)
-    print(engine.budget.describe(), file=sys.stderr)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_graceful_shutdown=10)
-    server = _GracefulServer(config, app)
+    front = _LoadingApp()
+    engines: list[AsyncLLMEngine] = []
+
+    def load() -> None:
+        try:
+            engine = LLMEngine(**engine_kwargs(args))
+        except KVServeError as e:
+            front.error = str(e)
+            print(f"kvserve: error: {e}", file=sys.stderr, flush=True)
+            server.should_exit = True
+            return
+        name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
+        async_engine = AsyncLLMEngine(engine, max_waiting_requests=args.max_waiting_requests)
+        engines.append(async_engine)
+        app = build_app(async_engine, name, default_api_key(args.api_key), Metrics())
+        server.app_state = app.state
+        print(f"model: {engine.lm.describe()}", file=sys.stderr)
+        print(engine.budget.describe(), file=sys.stderr)
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        front.app = app
+
+    config = uvicorn.Config(front, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            timeout_graceful_shutdown=10, lifespan="off")
+    server = _graceful_server_class()(config)
+    threading.Thread(target=load, name="kvserve-load", daemon=True).start()
     try:
         server.run()  # SIGINT/SIGTERM: stop accepting, let in-flight requests finish, exit 0
     finally:
-        app.state.ready = False
-        async_engine.shutdown()
-    return 0
+        for e in engines:
+            e.shutdown()
+    return 2 if front.error else 0
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:

@@ -1,0 +1,179 @@
+"""Serving load generator for any OpenAI-compatible server, plus kvserve's offline baseline.
+
+Sends `--num-requests` streaming /v1/completions requests with token-id prompts of exact
+length, `ignore_eos`, either at a fixed concurrency or with Poisson arrivals (`--request-rate`).
+Reports request and output-token throughput and TTFT / TPOT / ITL / end-to-end latency
+(mean, p50, p90, p99). With `--launch` it starts `kvserve serve` itself, and (unless
+`--no-offline`) runs the same workload through the offline `LLM.generate` afterwards, in the
+same run, for the server/offline ratio. Prints one JSON line last.
+
+    python benchmarks/serve.py --launch                       # kvserve server + offline baseline
+    python benchmarks/serve.py --base-url http://host:8080    # any other OpenAI-compatible server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    a = np.array(xs)
+    return {"mean": round(float(a.mean()), 4), "p50": round(float(np.percentile(a, 50)), 4),
+            "p90": round(float(np.percentile(a, 90)), 4), "p99": round(float(np.percentile(a, 99)), 4)}
+
+
+def workload(n: int, in_len: int, out_len: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(100, 49000, size=in_len).tolist(), out_len) for _ in range(n)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: list[int], max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if model:
+        body["model"] = model
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    n_out = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("choices") and d["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+            if d.get("usage"):
+                n_out = d["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    if not stamps:
+        return {"error": "no tokens"}
+    return {"ttft": stamps[0] - t0, "e2e": end - t0, "n_out": n_out or len(stamps),
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+
+async def run_load(url: str, model: str | None, reqs, concurrency: int, rate: float | None, seed: int) -> dict:
+    limits = httpx.Limits(max_connections=max(concurrency, 1) * 2)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        await one_request(client, url, model, reqs[0][0][:16], 4)  # warm-up
+        sem = asyncio.Semaphore(concurrency)
+        rnd = random.Random(seed)
+
+        async def guarded(p, n):
+            async with sem:
+                return await one_request(client, url, model, p, n)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for p, n in reqs:
+            tasks.append(asyncio.ensure_future(guarded(p, n)))
+            if rate:
+                await asyncio.sleep(rnd.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        dur = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    n_out = sum(r["n_out"] for r in ok)
+    return {
+        "duration_s": round(dur, 2), "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": [r["error"] for r in results if "error" in r][:3],
+        "request_throughput": round(len(ok) / dur, 3), "output_tok_s": round(n_out / dur, 2),
+        "ttft_s": percentiles([r["ttft"] for r in ok]),
+        "tpot_s": percentiles([(r["e2e"] - r["ttft"]) / (r["n_out"] - 1) for r in ok if r["n_out"] > 1]),
+        "itl_s": percentiles([x for r in ok for x in r["itl"]]),
+        "e2e_s": percentiles([r["e2e"] for r in ok]),
+    }
+
+
+def launch(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port), "--dtype", args.dtype,
+           "--kv-cache-memory", args.kv_cache_memory]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def offline(args, reqs) -> dict:
+    from kvserve import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.concurrency)
+    llm.generate([reqs[0][0][:16]], SamplingParams(max_tokens=4), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate([p for p, _ in reqs], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                                                for _, n in reqs], use_tqdm=False)
+    dur = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"duration_s": round(dur, 2), "output_tok_s": round(n_out / dur, 2),
+            "ttft_s": percentiles([o.metrics.ttft for o in outs])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", default=None)
+    ap.add_argument("--launch", action="store_true", help="start `kvserve serve` for the run")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--served-model", default=None, help="model name to send (default: none)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kv-cache-memory", default="1GiB")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-offline", action="store_true")
+    args = ap.parse_args()
+    reqs = workload(args.num_requests, args.input_len, args.output_len, args.seed)
+    result: dict = {"workload": f"{args.num_requests} req x ({args.input_len} in + {args.output_len} out), "
+                                f"concurrency {args.concurrency}, rate {args.request_rate or 'max'}, {args.dtype}"}
+    proc = None
+    if args.launch:
+        proc, url = launch(args)
+    elif args.base_url:
+        url = args.base_url.rstrip("/")
+    else:
+        raise SystemExit("give --launch or --base-url")
+    try:
+        result["server"] = asyncio.run(run_load(url, args.served_model, reqs, args.concurrency, args.request_rate,
+                                                args.seed))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    print("server:", result["server"], flush=True)
+    if args.launch and not args.no_offline:
+        result["offline"] = offline(args, reqs)
+        print("offline:", result["offline"], flush=True)
+        result["server_vs_offline"] = round(result["server"]["output_tok_s"] / result["offline"]["output_tok_s"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
