@@ -37,6 +37,25 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status)
 
 
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list, include_usage: bool,
+                 usage: dict | None = None) -> str:
+    """One SSE event of a streamed response; `usage` is null except in the final usage chunk."""
+    d: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        d["usage"] = usage
+    return sse(d)
+
+
+def error_event(e: BaseException) -> str:
+    """An error after the stream started: sent as an event, followed by [DONE]."""
+    return sse({"error": {"message": str(e) or "stream ended", "type": "internal_server_error", "param": None,
+                          "code": _status_of(e)}})
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -203,11 +222,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             raise
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
-            d: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                 "choices": choices}
-            if include_usage:
-                d["usage"] = usage_
-            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+            return stream_chunk(rid, "chat.completion.chunk", created, model, choices, include_usage, usage_)
 
         async def stream() -> AsyncIterator[str]:
             sent_lp = [0] * params.n
@@ -231,9 +246,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                 if include_usage:
                     yield chunk([], usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)))
             except (KVServeError, StopAsyncIteration) as e:
-                err = {"error": {"message": str(e) or "stream ended", "type": "internal_server_error",
-                                 "param": None, "code": _status_of(e)}}
-                yield f"data: {json.dumps(err)}\n\n"
+                yield error_event(e)
             finally:
                 await gen.aclose()
             yield "data: [DONE]\n\n"
@@ -302,11 +315,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             raise
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
-            d: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                                 "choices": choices}
-            if include_usage:
-                d["usage"] = usage_
-            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+            return stream_chunk(rid, "text_completion", created, model, choices, include_usage, usage_)
 
         async def stream() -> AsyncIterator[str]:
             queue: asyncio.Queue = asyncio.Queue()
@@ -349,9 +358,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                 if include_usage:
                     yield chunk([], usage(n_prompt, n_out))
             except KVServeError as e:
-                err = {"error": {"message": str(e), "type": "internal_server_error", "param": None,
-                                 "code": _status_of(e)}}
-                yield f"data: {json.dumps(err)}\n\n"
+                yield error_event(e)
             finally:
                 for t in tasks:
                     t.cancel()
