@@ -14,7 +14,6 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.outputs import RequestOutput
@@ -33,16 +32,16 @@ class QueueFullError(KVServeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
-                 on_step: Any = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
-        self.on_step = on_step  # called on the engine thread after each step with its outputs
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        # engine statistics, refreshed on the engine thread; readers never touch live engine state
+        self.stats: dict[str, float] = engine.stats()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
 
@@ -70,8 +69,7 @@ class AsyncLLMEngine:
                     outputs = self.engine.step()
                     for out in outputs:
                         self._deliver(out.request_id, out)
-                    if self.on_step is not None:
-                        self.on_step(self.engine, outputs)
+                self.stats = self.engine.stats()
         except BaseException as e:  # the engine died: fail everyone, never hang a client
             logger.exception("engine loop crashed")
             self.error = e

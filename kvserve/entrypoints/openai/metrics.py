@@ -30,8 +30,8 @@ class Metrics:
         self.queue = Histogram("kvserve:request_queue_time_seconds", "Time from arrival to first scheduling",
                                buckets=_LATENCY_BUCKETS, registry=r)
 
-    def update_gauges(self, engine) -> None:  # engine: LLMEngine (read-only snapshot)
-        st = engine.stats()
+    def update_gauges(self, st: dict[str, float]) -> None:
+        """Set the gauges from a stats snapshot (LLMEngine.stats() taken on the engine thread)."""
         self.running.set(st["num_requests_running"])
         self.waiting.set(st["num_requests_waiting"])
         self.kv_usage.set(st["kv_cache_usage_perc"])

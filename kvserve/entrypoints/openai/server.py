@@ -141,7 +141,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     @app.get("/metrics")
     async def prom() -> Any:
-        metrics.update_gauges(engine.engine)
+        metrics.update_gauges(engine.stats)
         body, ctype = metrics.render()
         return PlainTextResponse(body, media_type=ctype)
 
