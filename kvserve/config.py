@@ -53,6 +53,8 @@ class EngineConfig:
     cpu_memory_utilization: float = 0.25  # share of available RAM for the KV cache (CPU)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # recompute | swap | auto (swap long requests, recompute short)
+    swap_space: int | str = "1GiB"  # host pool for swap preemption
     num_threads: int | None = None
     seed: int = 0
 

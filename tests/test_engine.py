@@ -63,18 +63,43 @@ def test_heavy_chunking(tiny_loaded, prompts, reference):
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == reference
 
 
-def test_preemption_keeps_outputs(tiny_loaded, prompts, reference):
+@pytest.mark.parametrize("mode, caching", [("recompute", False), ("recompute", True), ("swap", False),
+                                           ("swap", True), ("auto", True)])
+def test_preemption_keeps_outputs(tiny_loaded, prompts, reference, mode, caching):
     # 40 blocks of 4 tokens: far fewer than 64 running sequences need
     m = tiny_loaded.config
     per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
-    llm = engine(tiny_loaded, kv_cache_memory=40 * per_block, block_size=4, enable_prefix_caching=False)
+    llm = engine(tiny_loaded, kv_cache_memory=40 * per_block, block_size=4, enable_prefix_caching=caching,
+                 preemption_mode=mode, swap_space=30 * per_block)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert _tokens(outs) == reference
-    preemptions = llm.engine.scheduler.num_preemptions
-    print(f"preemptions: {preemptions}")
-    assert preemptions > 0
-    assert sum(o.metrics.num_preemptions for o in outs) == preemptions
-    assert llm.engine.kv.pool.num_used_blocks == 0
+    sched = llm.engine.scheduler
+    print(f"{mode}: preemptions {sched.num_preemptions}, swaps {sched.num_swaps}")
+    assert sched.num_preemptions > 0
+    assert sum(o.metrics.num_preemptions for o in outs) == sched.num_preemptions
+    if mode == "swap":
+        assert sched.num_swaps > 0
+    if mode == "recompute":
+        assert sched.num_swaps == 0
+    kv = llm.engine.kv
+    kv.check_invariants()
+    assert kv.pool.num_used_blocks == 0 and not kv.swapped
+    assert kv.host_pool is None or kv.host_pool.num_used_blocks == 0
+
+
+def test_copy_blocks_between_pools(tiny_loaded):
+    import torch
+
+    from kvserve.executor.reference import allocate_kv_caches, copy_blocks
+
+    a = allocate_kv_caches(tiny_loaded.model, 6, 4, torch.float32)
+    b = allocate_kv_caches(tiny_loaded.model, 3, 4, torch.float32)
+    for k, v in a:
+        k.normal_()
+        v.normal_()
+    copy_blocks(a, b, [(5, 0), (2, 2)])
+    for (ak, av), (bk, bv) in zip(a, b):
+        assert torch.equal(bk[0], ak[5]) and torch.equal(bv[2], av[2]) and not bk[1].any()
 
 
 def test_prefix_cache_hits_do_not_change_outputs(tiny_loaded, prompts, reference):

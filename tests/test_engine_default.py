@@ -62,12 +62,15 @@ def test_64_prompts_batched_equal_transformers(smollm, workload):
     assert alone == refs[:6]
 
 
-def test_64_prompts_chunked_and_preempted(smollm, workload):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_64_prompts_chunked_and_preempted(smollm, workload, mode):
     prompts, refs = workload
     m = smollm.config
     per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
-    eng = LLMEngine(loaded=smollm, kv_cache_memory=60 * per_block, block_size=4, max_num_batched_tokens=16)
+    eng = LLMEngine(loaded=smollm, kv_cache_memory=60 * per_block, block_size=4, max_num_batched_tokens=16,
+                    preemption_mode=mode, swap_space=40 * per_block)
     assert _run(eng, prompts, GREEDY) == refs
-    print(f"preemptions: {eng.scheduler.num_preemptions}")
+    print(f"{mode}: preemptions {eng.scheduler.num_preemptions}, swaps {eng.scheduler.num_swaps}")
     assert eng.scheduler.num_preemptions > 0
+    assert (eng.scheduler.num_swaps > 0) == (mode == "swap")
     assert eng.kv.pool.num_used_blocks == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from helpers import make_tiny_hf
@@ -24,7 +24,10 @@ class FakeRunner:
     def execute(self, so):
         out = RunnerOutput()
         cfg = self.engine.scheduler.config
-        assert 0 < so.total_num_tokens <= cfg.max_num_batched_tokens
+        assert 0 <= so.total_num_tokens <= cfg.max_num_batched_tokens
+        assert so.scheduled or so.blocks_to_swap_out  # a step does something
+        # a block swapped out and one swapped in are whole requests' tables
+        assert len({d for d, _ in so.blocks_to_swap_out}) == len(so.blocks_to_swap_out)
         assert len(so.scheduled) <= cfg.max_num_seqs
         ids = [s.request.request_id for s in so.scheduled]
         assert len(ids) == len(set(ids))
@@ -44,20 +47,24 @@ def tiny(tmp_path_factory):
 
 
 op = st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 60), st.integers(1, 40), st.integers(1, 3), st.integers(0, 3)),
+    st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 30), st.integers(1, 3), st.integers(0, 3)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
-    st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(op, min_size=1, max_size=40), num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 2, 4, 16]),
-       budget=st.sampled_from([1, 3, 16, 64]), max_seqs=st.sampled_from([1, 2, 8]), caching=st.booleans())
-def test_random_workloads_keep_block_invariants(tiny, ops, num_blocks, block_size, budget, max_seqs, caching):
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op, min_size=1, max_size=60), num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 16]),
+       budget=st.sampled_from([1, 3, 16, 64]), max_seqs=st.sampled_from([1, 4, 16]), caching=st.booleans(),
+       mode=st.sampled_from(["recompute", "swap", "auto"]), host_blocks=st.integers(1, 20))
+def test_random_workloads_keep_block_invariants(tiny, ops, num_blocks, block_size, budget, max_seqs, caching, mode,
+                                                host_blocks):
     m = tiny.config
     per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * block_size
     eng = LLMEngine(loaded=tiny, kv_cache_memory=num_blocks * per_block, block_size=block_size,
-                    max_num_batched_tokens=budget, max_num_seqs=max_seqs, enable_prefix_caching=caching)
+                    max_num_batched_tokens=budget, max_num_seqs=max_seqs, enable_prefix_caching=caching,
+                    preemption_mode=mode, swap_space=host_blocks * per_block)
+    eng.scheduler.config.swap_min_tokens = 8  # let auto choose both ways on these short requests
     eng.runner = FakeRunner(eng)
     ids: list[str] = []
     finished: set[str] = set()
@@ -87,9 +94,11 @@ def test_random_workloads_keep_block_invariants(tiny, ops, num_blocks, block_siz
             if out.finished:
                 finished.add(out.request_id)
         eng.kv.check_invariants()
+    event(f"swapped: {eng.scheduler.num_swaps > 0}, preempted: {eng.scheduler.num_preemptions > 0}")
     assert not eng.has_unfinished_requests(), "a request was never finished (livelock)"
     assert finished == set(ids)  # nothing lost
-    assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.req_blocks
+    assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.req_blocks and not eng.kv.swapped
+    assert eng.kv.host_pool is None or eng.kv.host_pool.num_used_blocks == 0
     pool = eng.kv.pool
     assert pool.num_free_blocks == pool.num_blocks
 
@@ -118,3 +127,37 @@ def test_hash_is_chained_and_content_addressed():
     assert hash_block(None, [1, 2, 3]) == hash_block(None, [1, 2, 3])
     assert hash_block(None, [1, 2, 3]) != hash_block(None, [1, 2, 4])
     assert hash_block(hash_block(None, [9]), [1]) != hash_block(hash_block(None, [8]), [1])
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
+@pytest.mark.parametrize("caching", [False, True])
+def test_memory_pressure_with_aborts(tiny, mode, caching):
+    """A fixed workload that must preempt: invariants after every step, nothing lost, all freed."""
+    m = tiny.config
+    per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
+    eng = LLMEngine(loaded=tiny, kv_cache_memory=14 * per_block, block_size=4, max_num_seqs=8,
+                    max_num_batched_tokens=24, enable_prefix_caching=caching, preemption_mode=mode,
+                    swap_space=10 * per_block)
+    eng.scheduler.config.swap_min_tokens = 8
+    eng.runner = FakeRunner(eng)
+    ids = []
+    for i in range(12):
+        prompt = [7] * 8 + [i] * 12  # a shared 8-token prefix
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=20, ignore_eos=True, n=1 + i % 2))
+        ids.append(f"r{i}")
+    finished = set()
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finished.add(out.request_id)
+        eng.kv.check_invariants()
+        steps += 1
+        if steps == 15:
+            eng.abort_request("r3")
+            eng.abort_request("r10")
+        assert steps < 5000
+    assert finished == set(ids)
+    assert eng.scheduler.num_preemptions > 0
+    assert (eng.scheduler.num_swaps > 0) == (mode != "recompute")
+    assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.swapped

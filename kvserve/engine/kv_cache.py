@@ -124,9 +124,13 @@ class BlockPool:
 class KVCacheManager:
     """Block tables of requests; prefix lookup; slot allocation for the tokens of one step."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        # host-side pool for swap preemption (pinned CPU memory on GPU); same block size
+        self.host_pool = BlockPool(num_host_blocks, enable_caching=False) if num_host_blocks > 0 else None
+        self.swapped: dict[str, list[KVCacheBlock]] = {}
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}
         self.req_registered: dict[str, int] = {}  # how many leading blocks already carry their hash
@@ -199,7 +203,38 @@ class KVCacheManager:
                 self.req_registered[req.request_id] = num_full
         return True
 
+    def swap_out(self, req: Request) -> list[tuple[int, int]] | None:
+        """Move a request's blocks to the host pool; (device, host) id pairs to copy, or None if it is full."""
+        blocks = self.req_blocks.get(req.request_id, [])
+        if self.host_pool is None or not blocks or len(blocks) > self.host_pool.num_free_blocks:
+            return None
+        host = self.host_pool.allocate(len(blocks))
+        mapping = [(d.block_id, h.block_id) for d, h in zip(blocks, host)]
+        self.free(req)
+        self.swapped[req.request_id] = host
+        return mapping
+
+    def can_swap_in(self, req: Request, num_new_tokens: int) -> bool:
+        return self.blocks_needed(req.num_computed_tokens + num_new_tokens) <= self.pool.num_free_blocks
+
+    def swap_in(self, req: Request) -> list[tuple[int, int]]:
+        """Bring a swapped request's blocks back; (host, device) id pairs to copy. Check can_swap_in first."""
+        host = self.swapped.pop(req.request_id)
+        device = self.pool.allocate(len(host))
+        self.req_blocks[req.request_id] = device
+        self.host_pool.free(list(reversed(host)))  # type: ignore[union-attr]
+        if self.pool.enable_caching:  # the copied-back full blocks are valid cache entries again
+            num_full = min(req.num_computed_tokens // self.block_size, len(device))
+            hashes = self._hashes(req, num_full * self.block_size)
+            for i in range(num_full):
+                self.pool.register(device[i], hashes[i])
+            self.req_registered[req.request_id] = num_full
+        return [(h.block_id, d.block_id) for h, d in zip(host, device)]
+
     def free(self, req: Request) -> None:
+        host = self.swapped.pop(req.request_id, None)
+        if host is not None:
+            self.host_pool.free(list(reversed(host)))  # type: ignore[union-attr]
         blocks = self.req_blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.req_hashes.pop(req.request_id, None)
@@ -207,6 +242,11 @@ class KVCacheManager:
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
+        if self.host_pool is not None:
+            self.host_pool.check_invariants()
+            owned = [b.block_id for blocks in self.swapped.values() for b in blocks]
+            assert len(owned) == len(set(owned)) == self.host_pool.num_used_blocks
+        assert not (set(self.swapped) & set(self.req_blocks)), "a request is both swapped and resident"
         refs: dict[int, int] = {}
         for blocks in self.req_blocks.values():
             for b in blocks:

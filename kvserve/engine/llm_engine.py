@@ -110,11 +110,22 @@ class LLMEngine:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         self.budget = self._plan_memory()
         logger.info("%s", self.budget.describe())
-        self.kv = KVCacheManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching)
+        if config.preemption_mode not in ("recompute", "swap", "auto"):
+            raise InvalidRequestError(f"preemption_mode must be recompute, swap or auto, got {config.preemption_mode!r}")
+        num_host_blocks = 0
+        if config.preemption_mode != "recompute":
+            try:
+                num_host_blocks = parse_bytes(config.swap_space) // (self.budget.kv_bytes_per_token * config.block_size)
+            except ValueError:
+                raise InvalidRequestError(f"swap_space: cannot parse {config.swap_space!r}") from None
+        self.kv = KVCacheManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching,
+                                 num_host_blocks)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            config.preemption_mode), self.kv
         )
-        self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.lm.dtype, self.device)
+        self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.lm.dtype, self.device,
+                                  num_host_blocks)
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self._counter = 0
@@ -332,6 +343,7 @@ class LLMEngine:
             "num_requests_waiting": len(self.scheduler.waiting),
             "kv_cache_usage_perc": self.kv.usage(),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_swaps": self.scheduler.num_swaps,
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "blocks_free": pool.num_free_blocks - pool.num_cached_blocks,

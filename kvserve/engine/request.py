@@ -14,7 +14,8 @@ from kvserve.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"
+    PREEMPTED = "preempted"  # blocks freed; recomputed from scratch when resumed
+    SWAPPED = "swapped"  # blocks copied to the host pool; copied back when resumed
     FINISHED = "finished"
 
 
@@ -55,6 +56,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+        self.num_swaps = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         # A sibling of an n>1 group waits until its first sibling's prompt is cached, then shares it.

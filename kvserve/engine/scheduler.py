@@ -4,7 +4,8 @@ Every step, running requests (decodes and unfinished prefill chunks) are served 
 order, then waiting ones; each gets the tokens it needs to catch `num_computed_tokens` up
 with `num_tokens`, cut to the remaining budget (`max_num_batched_tokens`). A long prompt
 therefore runs in chunks beside everyone else's decodes. When blocks run out, the most
-recently admitted running request is preempted (its blocks freed, recomputed later).
+recently admitted running request is preempted: its blocks are freed and it is recomputed
+later, or (preemption_mode swap/auto) its blocks are copied to a host pool and back.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     total_num_tokens: int = 0
     preempted: list[str] = field(default_factory=list)
+    # Block copies to run before the forward, in this order: out first (the device blocks it
+    # reads may be handed to someone else in this very step), then in.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.blocks_to_swap_out and not self.blocks_to_swap_in
 
 
 @dataclass
@@ -51,6 +56,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
+    preemption_mode: str = "recompute"  # recompute | swap | auto
+    # auto: swap a victim with at least this many computed tokens, recompute shorter ones
+    swap_min_tokens: int = 256
 
 
 class Scheduler:
@@ -61,6 +69,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_swaps = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -83,12 +92,22 @@ class Scheduler:
         req.finish_time = time.time()
         self.requests.pop(req.request_id, None)
 
-    def _preempt(self, victim: Request) -> None:
-        self.kv.free(victim)
-        victim.status = RequestStatus.PREEMPTED
-        victim.num_computed_tokens = 0
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         victim.num_preemptions += 1
         self.num_preemptions += 1
+        mode = self.config.preemption_mode
+        if mode == "swap" or (mode == "auto" and victim.num_computed_tokens >= self.config.swap_min_tokens):
+            mapping = self.kv.swap_out(victim)
+            if mapping is not None:
+                out.blocks_to_swap_out.extend(mapping)
+                victim.status = RequestStatus.SWAPPED
+                victim.num_swaps += 1
+                self.num_swaps += 1
+                self.waiting.appendleft(victim)
+                return
+        self.kv.free(victim)  # recompute (also the fallback when the host pool is full)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
         self.waiting.appendleft(victim)
 
     def schedule(self) -> SchedulerOutput:
@@ -103,7 +122,7 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
-                self._preempt(victim)
+                self._preempt(victim, out)
                 out.preempted.append(victim.request_id)
                 if victim is req:
                     break
@@ -126,10 +145,19 @@ class Scheduler:
                         skipped.append(self.waiting.popleft())  # sibling: let the first sample fill the cache
                         continue
                     req.wait_for = None
-                computed, num_cached = self.kv.get_computed_blocks(req)
-                n = min(req.num_tokens - num_cached, budget)
-                if not self.kv.allocate_slots(req, n, computed):
-                    break
+                if req.status == RequestStatus.SWAPPED:
+                    n = min(req.num_tokens - req.num_computed_tokens, budget)
+                    if not self.kv.can_swap_in(req, n):
+                        break
+                    out.blocks_to_swap_in.extend(self.kv.swap_in(req))
+                    ok = self.kv.allocate_slots(req, n)
+                    assert ok, "can_swap_in promised room for this step's tokens"
+                    num_cached = req.num_computed_tokens
+                else:
+                    computed, num_cached = self.kv.get_computed_blocks(req)
+                    n = min(req.num_tokens - num_cached, budget)
+                    if not self.kv.allocate_slots(req, n, computed):
+                        break
                 self.waiting.popleft()
                 req.num_computed_tokens = num_cached
                 if req.status == RequestStatus.WAITING:

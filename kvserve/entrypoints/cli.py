@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-memory-utilization", type=float, default=0.25)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--preemption-mode", choices=("recompute", "swap", "auto"), default="recompute")
+    p.add_argument("--swap-space", default="1GiB", help="host memory for swapped-out KV blocks")
     p.add_argument("--num-threads", type=int, default=None)
 
 
@@ -37,6 +39,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
         cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
+        preemption_mode=args.preemption_mode, swap_space=args.swap_space,
     )
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from kvserve.engine.request import Logprob
 from kvserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from kvserve.executor.reference import allocate_kv_caches
+from kvserve.executor.reference import allocate_kv_caches, copy_blocks
 from kvserve.layers.attention import AttentionMetadata
 from kvserve.layers.sampler import Sampler
 
@@ -31,12 +31,21 @@ class ForwardBatch:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", num_host_blocks: int = 0) -> None:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, self.device)
+        self.host_caches = allocate_kv_caches(model, num_host_blocks, block_size, kv_dtype, "cpu",
+                                              pin_memory=self.device.type == "cuda") if num_host_blocks else []
         self.sampler = Sampler()
+
+    def swap(self, so: SchedulerOutput) -> None:
+        """Run the step's block copies: device -> host first, then host -> device."""
+        for pairs, src_caches, dst_caches in ((so.blocks_to_swap_out, self.kv_caches, self.host_caches),
+                                              (so.blocks_to_swap_in, self.host_caches, self.kv_caches)):
+            if pairs:
+                copy_blocks(src_caches, dst_caches, pairs)
 
     def prepare(self, so: SchedulerOutput) -> ForwardBatch:
         ids: list[int] = []
@@ -72,6 +81,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        self.swap(so)
+        if not so.scheduled:
+            return RunnerOutput()
         batch = self.prepare(so)
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         out = RunnerOutput()

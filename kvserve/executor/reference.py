@@ -13,14 +13,27 @@ from kvserve.layers.attention import AttentionMetadata, KVCache
 
 
 def allocate_kv_caches(
-    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+    pin_memory: bool = False,
 ) -> list[KVCache]:
     cfg = model.config
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(cfg.num_layers)
-    ]
+
+    def buf() -> torch.Tensor:
+        t = torch.zeros(shape, dtype=dtype, device=device)
+        return t.pin_memory() if pin_memory else t
+
+    return [(buf(), buf()) for _ in range(cfg.num_layers)]
+
+
+def copy_blocks(src: list[KVCache], dst: list[KVCache], pairs: list[tuple[int, int]]) -> None:
+    """Copy whole blocks between two pools (any devices): pairs of (source block, destination block)."""
+    src_ids = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+    dst_ids = torch.tensor([b for _, b in pairs], dtype=torch.long)
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        s_idx, d_idx = src_ids.to(sk.device), dst_ids.to(dk.device)
+        dk.index_copy_(0, d_idx, sk.index_select(0, s_idx).to(dk.device, non_blocking=True))
+        dv.index_copy_(0, d_idx, sv.index_select(0, s_idx).to(dv.device, non_blocking=True))
 
 
 @torch.inference_mode()
