@@ -161,3 +161,17 @@ def test_memory_pressure_with_aborts(tiny, mode, caching):
     assert eng.scheduler.num_preemptions > 0
     assert (eng.scheduler.num_swaps > 0) == (mode != "recompute")
     assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.swapped
+
+
+def test_internal_waste_counts_shared_blocks_once(tiny):
+    m = tiny.config
+    per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
+    eng = LLMEngine(loaded=tiny, kv_cache_memory=64 * per_block, block_size=4)
+    eng.runner = FakeRunner(eng)
+    eng.add_request("a", [1] * 10, SamplingParams(max_tokens=5, ignore_eos=True, n=2))
+    eng.step()  # first sample: 10 prompt tokens -> 3 blocks, 2 of them full
+    assert abs(eng.stats()["kv_internal_waste_perc"] - 2 / 12) < 1e-9
+    eng.step()  # sibling shares the 2 full blocks, recomputes its tail
+    st = eng.stats()
+    # blocks: 2 shared full (8 slots), a's tail holds 3 of 4 (11 tokens), b's tail holds 2 of 4
+    assert st["blocks_used"] == 4 and abs(st["kv_internal_waste_perc"] - (1 - 13 / 16)) < 1e-9

@@ -147,6 +147,18 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def internal_waste(self, num_cached_tokens: dict[str, int]) -> float:
+        """Fraction of the slots in used blocks that hold no token (given each request's tokens in cache)."""
+        filled: dict[int, int] = {}
+        for rid, blocks in self.req_blocks.items():
+            n = num_cached_tokens.get(rid, 0)
+            for i, b in enumerate(blocks):
+                f = min(max(n - i * self.block_size, 0), self.block_size)
+                if f > filled.get(b.block_id, -1):
+                    filled[b.block_id] = f
+        slots = len(filled) * self.block_size
+        return 1.0 - sum(filled.values()) / slots if slots else 0.0
+
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]
 

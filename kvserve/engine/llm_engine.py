@@ -349,4 +349,6 @@ class LLMEngine:
             "blocks_free": pool.num_free_blocks - pool.num_cached_blocks,
             "blocks_cached": pool.num_cached_blocks,
             "blocks_used": pool.num_used_blocks,
+            "kv_internal_waste_perc": self.kv.internal_waste(
+                {r.request_id: r.num_computed_tokens for r in self.scheduler.running}),
         }

@@ -17,6 +17,10 @@ class Metrics:
         self.waiting = Gauge("kvserve:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_usage = Gauge("kvserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", registry=r)
         self.preemptions = Gauge("kvserve:num_preemptions", "Preemptions since start", registry=r)
+        self.swaps = Gauge("kvserve:num_swaps", "Preemptions by swap since start", registry=r)
+        self.blocks = Gauge("kvserve:kv_cache_blocks", "KV blocks by state", ["state"], registry=r)
+        self.waste = Gauge("kvserve:kv_cache_internal_waste_perc",
+                           "Fraction of slots in used KV blocks that hold no token", registry=r)
         self.prefix_queries = Gauge("kvserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Gauge("kvserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
         self.prompt_tokens = Counter("kvserve:prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -36,6 +40,10 @@ class Metrics:
         self.waiting.set(st["num_requests_waiting"])
         self.kv_usage.set(st["kv_cache_usage_perc"])
         self.preemptions.set(st["num_preemptions"])
+        self.swaps.set(st["num_swaps"])
+        for state in ("free", "cached", "used"):
+            self.blocks.labels(state=state).set(st[f"blocks_{state}"])
+        self.waste.set(st["kv_internal_waste_perc"])
         self.prefix_queries.set(st["prefix_cache_queries"])
         self.prefix_hits.set(st["prefix_cache_hits"])
 
