@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from kvserve.engine.llm_engine import LLMEngine
@@ -21,6 +22,8 @@ from kvserve.errors import KVServeError
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 0.5
 
 
 class EngineDeadError(KVServeError):
@@ -52,6 +55,7 @@ class AsyncLLMEngine:
     # -- engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        last_stats = 0.0
         try:
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished_requests()
@@ -65,11 +69,14 @@ class AsyncLLMEngine:
                         cmd = self._commands.get_nowait()
                     except queue.Empty:
                         cmd = None
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    for out in outputs:
+                busy = self.engine.has_unfinished_requests()
+                if busy:
+                    for out in self.engine.step():
                         self._deliver(out.request_id, out)
-                self.stats = self.engine.stats()
+                # stats walk the block tables: refresh at most every STATS_PERIOD_S while busy
+                now = time.monotonic()
+                if not busy or now - last_stats >= STATS_PERIOD_S:
+                    self.stats, last_stats = self.engine.stats(), now
         except BaseException as e:  # the engine died: fail everyone, never hang a client
             logger.exception("engine loop crashed")
             self.error = e

@@ -128,6 +128,7 @@ class LLMEngine:
                                   num_host_blocks)
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
+        self._aborted: set[str] = set()
         self._counter = 0
 
     # -- memory -------------------------------------------------------------------------
@@ -248,6 +249,7 @@ class LLMEngine:
             return
         for r in group.children:
             self.scheduler.finish(r, "abort")
+        self._aborted.add(request_id)
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs, waits, or has a final output (e.g. after abort) not yet returned."""
@@ -288,9 +290,11 @@ class LLMEngine:
                         detok.flush()
                     self.scheduler.finish(r, reason)
         # groups finished by abort since the last step also report
-        for gid, group in list(self.groups.items()):
-            if group.finished:
+        for gid in self._aborted:
+            group = self.groups.get(gid)
+            if group is not None and group.finished:
                 touched[gid] = group
+        self._aborted.clear()
         outputs = [self._make_output(g) for g in touched.values()]
         for o in outputs:
             if o.finished:
