@@ -192,6 +192,16 @@ def test_oversized_body_and_bad_token_ids(server):
     assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"]
 
 
+def test_one_bad_prompt_in_a_batch_leaves_nothing_running(server):
+    # the valid prompt alone would run for minutes (3000 tokens): it must be aborted, not finished for nobody
+    r = _post(server, "/v1/completions", {"prompt": [[1, 2, 3], [1, 99999999]], "max_tokens": 3000, "ignore_eos": True})
+    assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"]
+    deadline = time.time() + 10
+    while time.time() < deadline and _metric(server, "kvserve:num_requests_running") > 0:
+        time.sleep(0.2)
+    assert _metric(server, "kvserve:num_requests_running") == 0
+
+
 def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=100000)

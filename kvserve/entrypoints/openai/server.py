@@ -287,7 +287,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         model = served_model_name
         k = body.logprobs or 0
         if not body.stream:
-            outs = await asyncio.gather(*(collect(request, f"{rid}-{i}", p, params) for i, p in enumerate(prompts)))
+            tasks = [asyncio.ensure_future(collect(request, f"{rid}-{i}", p, params)) for i, p in enumerate(prompts)]
+            try:
+                outs = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:  # one prompt failed: abort its siblings instead of finishing them for nobody
+                    t.cancel()
+                raise
             choices, n_prompt, n_out = [], 0, 0
             for i, out in enumerate(outs):
                 metrics.observe_finished(out)
