@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from kvserve.config import EngineConfig, parse_bytes
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from kvserve.engine.request import Request, RequestStatus
+from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
