@@ -25,7 +25,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32, context length after this step (cached + new)
     query_lens_cpu: list[int]  # host copies for the reference backend's per-sequence loop
     seq_lens_cpu: list[int]
-    slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot of each new token
+    slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot of each new token (>= 0)
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     _decode_plan: "DecodePlan | None" = None  # built once per step, shared by all layers
 
@@ -85,13 +85,10 @@ def decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor) -> None:
-    """Store the new K/V rows at their slots (slots < 0 are skipped)."""
+    """Store the new K/V rows at their slots (the flat batch has no padding, so every token has one)."""
     k_cache, v_cache = kv_cache
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     k_flat.index_copy_(0, slot_mapping, k.to(k_flat.dtype))
     v_flat.index_copy_(0, slot_mapping, v.to(v_flat.dtype))
 

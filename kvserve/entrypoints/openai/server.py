@@ -175,6 +175,19 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         assert last is not None
         return last
 
+    async def first_outputs(gens: list) -> list[RequestOutput]:
+        """Each stream's first output before the response starts, so that a rejected request is an
+        HTTP error (via the KVServeError handler) rather than a broken stream; closes all on failure."""
+        firsts = []
+        try:
+            for g in gens:
+                firsts.append(await g.__anext__())
+        except BaseException:
+            for g in gens:
+                await g.aclose()
+            raise
+        return firsts
+
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
@@ -213,13 +226,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = engine.generate(rid, prompt, params)
-        try:
-            first = await gen.__anext__()  # validation errors become a proper HTTP error, not a broken stream
-        except BaseException as e:
-            await gen.aclose()
-            if isinstance(e, KVServeError):
-                return error_response(_status_of(e), str(e))
-            raise
+        (first,) = await first_outputs([gen])
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
             return stream_chunk(rid, "chat.completion.chunk", created, model, choices, include_usage, usage_)
@@ -309,16 +316,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gens = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-        firsts = []
-        try:
-            for g in gens:
-                firsts.append(await g.__anext__())
-        except BaseException as e:
-            for g in gens:
-                await g.aclose()
-            if isinstance(e, KVServeError):
-                return error_response(_status_of(e), str(e))
-            raise
+        firsts = await first_outputs(gens)
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
             return stream_chunk(rid, "text_completion", created, model, choices, include_usage, usage_)
