@@ -52,6 +52,7 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None  # bytes or "2GiB"; default: a fraction of free memory
     cpu_memory_utilization: float = 0.25  # share of available RAM for the KV cache (CPU)
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # recompute | swap | auto (swap long requests, recompute short)
     swap_space: int | str = "1GiB"  # host pool for swap preemption

@@ -87,6 +87,51 @@ def test_preemption_keeps_outputs(tiny_loaded, prompts, reference, mode, caching
     assert kv.host_pool is None or kv.host_pool.num_used_blocks == 0
 
 
+@pytest.fixture(scope="module")
+def reference_int8(tiny_loaded, prompts):
+    import torch
+
+    return [greedy_generate(tiny_loaded.model, [p], 16, kv_dtype=torch.int8)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_int8_kv_cache(tiny_loaded, prompts, reference, reference_int8, mode):
+    """int8 KV: batched == alone through an int8 cache (also across swaps), close to the float cache,
+    and about 4x the tokens of float32 in the same memory."""
+    m = tiny_loaded.config
+    per_block = m.num_layers * 2 * m.num_kv_heads * (m.head_dim + 2) * 4  # int8 values + fp16 scale, 4 tokens
+    llm = engine(tiny_loaded, kv_cache_dtype="int8", kv_cache_memory=40 * per_block, block_size=4,
+                 preemption_mode=mode, swap_space=30 * per_block)
+    assert llm.engine.kv.num_blocks == 40 and llm.engine.runner.kv_caches[0].k.dtype.is_floating_point is False
+    assert "KV cache (int8)" in llm.engine.budget.describe()
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert _tokens(outs) == reference_int8
+    assert llm.engine.scheduler.num_preemptions > 0
+    if mode == "swap":
+        assert llm.engine.scheduler.num_swaps > 0
+    same = sum(a == b for a, b in zip(reference_int8, reference))
+    assert same >= 48, f"only {same}/64 int8 greedy continuations equal the float cache's"
+    f32 = LLMEngine(loaded=tiny_loaded, kv_cache_memory="1MiB").budget.kv_tokens
+    i8 = LLMEngine(loaded=tiny_loaded, kv_cache_memory="1MiB", kv_cache_dtype="int8").budget.kv_tokens
+    assert 3.5 < i8 / f32 <= 4
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype"):
+        LLMEngine(loaded=tiny_loaded, kv_cache_dtype="fp4")
+
+
+def test_int8_quantize_round_trip():
+    import torch
+
+    from kvserve.layers.attention import quantize_int8
+
+    x = torch.randn(50, 3, 64) * torch.logspace(-3, 2, 50).view(50, 1, 1)
+    q, s = quantize_int8(x)
+    assert q.dtype == torch.int8 and s.shape == (50, 3)
+    back = q.float() * s.float().unsqueeze(-1)
+    err = (back - x).abs().amax(-1) / x.abs().amax(-1)
+    assert float(err.max()) < 1 / 127 and q.abs().amax() == 127
+    assert not quantize_int8(torch.zeros(2, 4))[0].any()  # all-zero rows stay zero, no NaN
+
+
 def test_copy_blocks_between_pools(tiny_loaded):
     import torch
 
@@ -94,12 +139,22 @@ def test_copy_blocks_between_pools(tiny_loaded):
 
     a = allocate_kv_caches(tiny_loaded.model, 6, 4, torch.float32)
     b = allocate_kv_caches(tiny_loaded.model, 3, 4, torch.float32)
-    for k, v in a:
-        k.normal_()
-        v.normal_()
+    for c in a:
+        c.k.normal_()
+        c.v.normal_()
     copy_blocks(a, b, [(5, 0), (2, 2)])
-    for (ak, av), (bk, bv) in zip(a, b):
-        assert torch.equal(bk[0], ak[5]) and torch.equal(bv[2], av[2]) and not bk[1].any()
+    for x, y in zip(a, b):
+        assert torch.equal(y.k[0], x.k[5]) and torch.equal(y.v[2], x.v[2]) and not y.k[1].any()
+    # an int8 pool moves its scales with its values
+    a = allocate_kv_caches(tiny_loaded.model, 6, 4, torch.int8)
+    b = allocate_kv_caches(tiny_loaded.model, 3, 4, torch.int8)
+    for c in a:
+        for t in c.tensors():
+            t.copy_(torch.randint(-100, 100, t.shape))
+    copy_blocks(a, b, [(5, 0)])
+    for x, y in zip(a, b):
+        assert len(y.tensors()) == 4
+        assert all(torch.equal(ty[0], tx[5]) for tx, ty in zip(x.tensors(), y.tensors()))
 
 
 def test_prefix_cache_hits_do_not_change_outputs(tiny_loaded, prompts, reference):
@@ -303,7 +358,7 @@ def test_memory_plan_is_measured_and_reported(tiny_loaded):
     text = b.describe()
     assert "weights" in text and "activations" in text and f"{b.kv_tokens} tokens" in text
     assert f"max concurrency at max_model_len={eng.max_model_len}" in text
-    k, v = eng.runner.kv_caches[0]
+    k = eng.runner.kv_caches[0].k
     assert tuple(k.shape) == (b.num_blocks, 16, tiny_loaded.config.num_kv_heads, tiny_loaded.config.head_dim)
 
 

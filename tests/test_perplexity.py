@@ -60,3 +60,14 @@ def test_ppl_text_too_short(tmp_path, capsys):
     assert main(["eval", "ppl", "--file", str(f), "--ctx", str(CTX)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("kvserve: error: text has 3 tokens; need at least ctx=512")
+
+
+def test_ppl_through_paged_caches(smollm):
+    """The float cache changes nothing; an int8 cache stays within 1% of it."""
+    text = long_english_text()
+    fresh = perplexity(smollm, text, ctx=CTX)
+    paged = perplexity(smollm, text, ctx=CTX, kv_cache_dtype="auto")
+    int8 = perplexity(smollm, text, ctx=CTX, kv_cache_dtype="int8")
+    assert abs(paged.ppl - fresh.ppl) / fresh.ppl < 1e-5
+    assert int8.ppl != paged.ppl  # the int8 cache is really read
+    assert abs(int8.ppl - paged.ppl) / paged.ppl < 0.01

@@ -19,7 +19,7 @@ from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
-from kvserve.layers.attention import AttentionMetadata
+from kvserve.layers.attention import KV_CACHE_DTYPES, AttentionMetadata, KVCache
 from kvserve.loader import LoadedModel, load_model
 from kvserve.sampling_params import SamplingParams
 
@@ -35,6 +35,7 @@ class MemoryBudget:
     num_blocks: int
     block_size: int
     max_model_len: int
+    kv_dtype: str = "float32"
 
     @property
     def kv_tokens(self) -> int:
@@ -48,7 +49,8 @@ class MemoryBudget:
         mib = 2**20
         act = "not measured" if self.activations is None else f"{self.activations / mib:.0f} MiB"
         return (
-            f"memory: weights {self.weights / mib:.0f} MiB, activations {act}, KV cache {self.kv_cache / mib:.0f} MiB "
+            f"memory: weights {self.weights / mib:.0f} MiB, activations {act}, KV cache ({self.kv_dtype}) "
+            f"{self.kv_cache / mib:.0f} MiB "
             f"= {self.num_blocks} blocks x {self.block_size} tokens = {self.kv_tokens} tokens "
             f"({self.kv_bytes_per_token / 1024:.1f} KiB/token); max concurrency at max_model_len={self.max_model_len}: "
             f"{self.max_concurrency:.2f} sequences"
@@ -123,7 +125,8 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.preemption_mode), self.kv
         )
-        self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.lm.dtype, self.device,
+        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.lm.dtype
+        self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype, self.device,
                                   num_host_blocks)
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
@@ -134,7 +137,10 @@ class LLMEngine:
 
     def _plan_memory(self) -> MemoryBudget:
         c, m = self.config, self.lm.config
-        per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.empty((), dtype=self.lm.dtype).element_size()
+        if c.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {c.kv_cache_dtype!r}")
+        per_token = m.num_layers * KVCache.bytes_per_token(m.num_kv_heads, m.head_dim, self.lm.dtype,
+                                                           c.kv_cache_dtype == "int8")
         activations = None
         if c.kv_cache_memory is not None:
             try:
@@ -157,7 +163,8 @@ class LLMEngine:
                 f"({per_token * c.block_size} bytes); raise kv_cache_memory"
             )
         return MemoryBudget(self.lm.weight_bytes, activations, num_blocks * per_token * c.block_size, per_token,
-                            num_blocks, c.block_size, self.max_model_len)
+                            num_blocks, c.block_size, self.max_model_len,
+                            "int8" if c.kv_cache_dtype == "int8" else str(self.lm.dtype).removeprefix("torch."))
 
     @torch.inference_mode()
     def _profile_activations(self) -> int:

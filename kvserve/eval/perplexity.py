@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.errors import InvalidRequestError
-from kvserve.layers.attention import AttentionMetadata
+from kvserve.executor.reference import allocate_kv_caches
+from kvserve.layers.attention import KV_CACHE_DTYPES, AttentionMetadata
 from kvserve.loader import LoadedModel
 
 
@@ -33,15 +34,39 @@ def prepare_text(text: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def _paged_metadata(n_chunks: int, ctx: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """Each chunk written to its own run of cache blocks and attended through them."""
+    per_seq = -(-ctx // block_size)
+    tables = torch.arange(n_chunks * per_seq, dtype=torch.int32).view(n_chunks, per_seq)
+    pos = torch.arange(ctx)
+    slots = (tables[:, pos // block_size].long() * block_size + pos % block_size).flatten()
+    meta = AttentionMetadata.for_prefill([ctx] * n_chunks, device)
+    meta.slot_mapping = slots.to(device)
+    meta.block_tables = tables.to(device)
+    return meta
+
+
 @torch.inference_mode()
-def chunk_nlls(lm: LoadedModel, tokens: list[int], ctx: int, batch_chunks: int = 4) -> torch.Tensor:
-    """Negative log-likelihoods (float64) of every scored token, chunk after chunk."""
+def chunk_nlls(
+    lm: LoadedModel, tokens: list[int], ctx: int, batch_chunks: int = 4, kv_cache_dtype: str = "none"
+) -> torch.Tensor:
+    """Negative log-likelihoods (float64) of every scored token, chunk after chunk.
+
+    kv_cache_dtype "none" attends over the fresh K/V; "auto" or "int8" writes them to a paged
+    cache of that kind first and attends through it, so the cache's precision is what is scored.
+    """
     n_chunks = len(tokens) // ctx
     if n_chunks < 1 or ctx < 4:
         raise InvalidRequestError(f"text has {len(tokens)} tokens; need at least ctx={ctx} (and ctx >= 4)")
     first = ctx // 2
     bos = lm.tokenizer.bos_token_id if lm.tokenizer.add_bos else None
     device = next(lm.model.parameters()).device
+    caches = None
+    if kv_cache_dtype != "none":
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be none, {' or '.join(KV_CACHE_DTYPES)}")
+        kv_dtype = torch.int8 if kv_cache_dtype == "int8" else lm.dtype
+        caches = allocate_kv_caches(lm.model, batch_chunks * -(-ctx // 16), 16, kv_dtype, device)
     out = []
     for c0 in range(0, n_chunks, batch_chunks):
         chunks = []
@@ -52,7 +77,10 @@ def chunk_nlls(lm: LoadedModel, tokens: list[int], ctx: int, batch_chunks: int =
             chunks.append(chunk)
         ids = torch.tensor([t for ch in chunks for t in ch], device=device)
         pos = torch.arange(ctx, device=device).repeat(len(chunks))
-        hidden = lm.model(ids, pos, AttentionMetadata.for_prefill([ctx] * len(chunks)))
+        if caches is None:
+            hidden = lm.model(ids, pos, AttentionMetadata.for_prefill([ctx] * len(chunks), device))
+        else:
+            hidden = lm.model(ids, pos, _paged_metadata(len(chunks), ctx, 16, device), caches)
         hidden = hidden.view(len(chunks), ctx, -1)[:, first : ctx - 1]
         logits = lm.model.compute_logits(hidden).float()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -61,9 +89,11 @@ def chunk_nlls(lm: LoadedModel, tokens: list[int], ctx: int, batch_chunks: int =
     return torch.cat(out)
 
 
-def perplexity(lm: LoadedModel, text: str, ctx: int = 512, batch_chunks: int = 4) -> PerplexityResult:
+def perplexity(
+    lm: LoadedModel, text: str, ctx: int = 512, batch_chunks: int = 4, kv_cache_dtype: str = "none"
+) -> PerplexityResult:
     tokens = lm.tokenizer.encode(prepare_text(text), add_special_tokens=True)
-    nll = chunk_nlls(lm, tokens, ctx, batch_chunks)
+    nll = chunk_nlls(lm, tokens, ctx, batch_chunks, kv_cache_dtype)
     mean = float(nll.mean())
     ppl = math.exp(mean)
     var = float((nll**2).mean()) - mean * mean

@@ -9,31 +9,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvserve.layers.attention import AttentionMetadata, KVCache
+from kvserve.layers.attention import KV_SCALE_DTYPE, AttentionMetadata, KVCache
 
 
 def allocate_kv_caches(
     model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
     pin_memory: bool = False,
 ) -> list[KVCache]:
+    """One KVCache per layer; `dtype` torch.int8 makes a quantized cache with per-token, per-head scales."""
     cfg = model.config
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
 
-    def buf() -> torch.Tensor:
+    def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype, device=device)
         return t.pin_memory() if pin_memory else t
 
-    return [(buf(), buf()) for _ in range(cfg.num_layers)]
+    if dtype == torch.int8:
+        return [KVCache(buf(shape, dtype), buf(shape, dtype), buf(shape[:3], KV_SCALE_DTYPE), buf(shape[:3], KV_SCALE_DTYPE))
+                for _ in range(cfg.num_layers)]
+    return [KVCache(buf(shape, dtype), buf(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
 def copy_blocks(src: list[KVCache], dst: list[KVCache], pairs: list[tuple[int, int]]) -> None:
     """Copy whole blocks between two pools (any devices): pairs of (source block, destination block)."""
     src_ids = torch.tensor([a for a, _ in pairs], dtype=torch.long)
     dst_ids = torch.tensor([b for _, b in pairs], dtype=torch.long)
-    for (sk, sv), (dk, dv) in zip(src, dst):
-        s_idx, d_idx = src_ids.to(sk.device), dst_ids.to(dk.device)
-        dk.index_copy_(0, d_idx, sk.index_select(0, s_idx).to(dk.device, non_blocking=True))
-        dv.index_copy_(0, d_idx, sv.index_select(0, s_idx).to(dv.device, non_blocking=True))
+    for s_cache, d_cache in zip(src, dst):
+        for s, d in zip(s_cache.tensors(), d_cache.tensors(), strict=True):
+            s_idx, d_idx = src_ids.to(s.device), dst_ids.to(d.device)
+            d.index_copy_(0, d_idx, s.index_select(0, s_idx).to(d.device, non_blocking=True))
 
 
 @torch.inference_mode()
@@ -43,10 +47,11 @@ def greedy_generate(
     max_new_tokens: int,
     block_size: int = 16,
     stop_ids: set[int] | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt (new tokens only), all sequences batched together."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = kv_dtype or next(model.parameters()).dtype
     max_len = max(len(p) for p in prompts) + max_new_tokens
     blocks_per_seq = (max_len + block_size - 1) // block_size
     caches = allocate_kv_caches(model, blocks_per_seq * len(prompts), block_size, dtype, device)
