@@ -45,6 +45,7 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    quantization: str = "auto"  # auto (int8 for an already-quantized GGUF on CPU) | none | int8
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

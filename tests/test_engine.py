@@ -370,3 +370,17 @@ def test_kv_cache_memory_strings(tiny_loaded):
         LLMEngine(loaded=tiny_loaded, kv_cache_memory="lots")
     with pytest.raises(InvalidRequestError, match="holds no block"):
         LLMEngine(loaded=tiny_loaded, kv_cache_memory=10)
+
+
+def test_int8_weights_batch_invariance(tiny_path, prompts):
+    """W8A8 weights (quantization="int8"): 64 prompts batched == each alone through the reference loop."""
+    lm = load_model(tiny_path, quantization="int8")
+    assert lm.quantization == "int8" and "int8 weights" in lm.describe()
+    assert all(m.qweight is not None for m in lm.model.modules() if hasattr(m, "qweight"))
+    ref = [greedy_generate(lm.model, [p], 16)[0] for p in prompts]
+    llm = engine(lm)
+    assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == ref
+    with pytest.raises(Exception, match="unknown method"):
+        load_model(tiny_path, quantization="fp4")
+    # auto leaves a float checkpoint alone
+    assert load_model(tiny_path, quantization="auto").quantization == "none"

@@ -103,7 +103,8 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             tune_allocator()
-        self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device)
+        self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device,
+                                        quantization=config.quantization)
         self.tokenizer = self.lm.tokenizer
         mcfg = self.lm.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)

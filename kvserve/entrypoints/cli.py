@@ -19,6 +19,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="auto",
+                   help="weights: auto = int8 (W8A8 VNNI kernel) for a quantized GGUF on CPU, else as stored")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -36,7 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
         cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
     ppl.add_argument("--model", default=None)
     ppl.add_argument("--dtype", default="float32")
+    ppl.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="none",
+                     help="weights as the engine would run them (default none: the float reference)")
     ppl.add_argument("--file", required=True, help="text file")
     ppl.add_argument("--ctx", type=int, default=512)
     ppl.add_argument("--kv-cache-dtype", choices=("none", "auto", "int8"), default="none",
@@ -280,7 +284,7 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError(f"{path}: not UTF-8 text") from None
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, quantization=args.quantization)
     print(lm.describe(), file=sys.stderr)
     r = perplexity(lm, text, ctx=args.ctx, kv_cache_dtype=args.kv_cache_dtype)
     print(f"chunks {r.num_chunks} x ctx {r.ctx}, scored tokens {r.num_scored}")

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.layers.linear import Linear
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int) -> None:
@@ -16,12 +18,9 @@ class VocabEmbedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
-class LMHead(nn.Module):
-    """Projects hidden states to vocabulary logits; may share its weight with the embedding."""
+class LMHead(Linear):
+    """Projects hidden states to vocabulary logits; may share its weight with the embedding
+    (quantizing it then leaves the embedding's float weight alone)."""
 
     def __init__(self, vocab_size: int, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        super().__init__(dim, vocab_size)

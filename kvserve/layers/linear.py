@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvserve.errors import ModelLoadError
+from kvserve.quant.int8 import Int8Weight
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -22,7 +23,10 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Weight layout [out_features, in_features]."""
+    """y = x W^T (+ b). Weight layout [out_features, in_features].
+
+    After loading, `quantize("int8")` swaps the float weight for an int8 one (kvserve.quant).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -30,8 +34,18 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.qweight: Int8Weight | None = None
+
+    def quantize(self, method: str) -> None:
+        if method != "int8":
+            raise ValueError(f"unknown quantization method {method!r}")
+        self.qweight = Int8Weight(self.weight)
+        del self.weight
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.matmul(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

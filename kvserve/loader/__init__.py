@@ -65,26 +65,52 @@ class LoadedModel:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    quantization: str = "none"
+
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return params + sum(m.qweight.nbytes for m in self.model.modules() if getattr(m, "qweight", None) is not None)
 
     def describe(self) -> str:
         return (
             f"{self.config.name or self.path.name}: {self.config.architecture}, "
             f"{self.num_params / 1e6:.1f}M params, {str(self.dtype).removeprefix('torch.')}, "
+            f"{'' if self.quantization == 'none' else self.quantization + ' weights, '}"
             f"{self.weight_bytes / 2**20:.0f} MiB weights, loaded in {self.load_seconds:.2f}s"
         )
+
+
+def resolve_quantization(quantization: str | None, src: object, device: torch.device) -> str:
+    from kvserve.kernels import cpu as native
+    from kvserve.quant.int8 import QUANTIZATION_METHODS
+
+    q = quantization or "none"
+    if q not in QUANTIZATION_METHODS:
+        raise ModelLoadError("quantization", f"unknown method {q!r} (choose from {', '.join(QUANTIZATION_METHODS)})")
+    if q == "int8" and device.type != "cpu":
+        raise ModelLoadError("quantization", "int8 runs on the CPU only so far")
+    if q == "auto":
+        quantized_file = bool(getattr(src, "has_quantized_weights", lambda: False)())
+        q = "int8" if quantized_file and device.type == "cpu" and native.available() else "none"
+    return q
 
 
 def load_model(
     model: str | os.PathLike[str] | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Load a GGUF file or a Hugging Face directory (None: the embedded default model)."""
+    """Load a GGUF file or a Hugging Face directory (None: the embedded default model).
+
+    quantization: None/"none" keeps float weights; "int8" quantizes every linear layer and the
+    LM head (W8A8, CPU); "auto" does so for a GGUF whose weights are already quantized when the
+    model runs on a CPU with the native int8 kernel.
+    """
     from kvserve.loader.gguf import GGUFFile
     from kvserve.loader.hf import HFModelDir
+    from kvserve.layers.linear import Linear
     from kvserve.models.registry import build_model
 
     t0 = time.perf_counter()
@@ -109,6 +135,11 @@ def load_model(
         if hasattr(m, "set_freq_factors"):
             m.set_freq_factors(freq_factors)
     net = net.to(device).eval()
-    loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0)
+    method = resolve_quantization(quantization, src, torch.device(device))
+    if method != "none":
+        for m in net.modules():
+            if isinstance(m, Linear):
+                m.quantize(method)
+    loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0, method)
     logger.info("%s", loaded.describe())
     return loaded

@@ -152,6 +152,11 @@ class GGUFFile:
     def tensor_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
+    def has_quantized_weights(self) -> bool:
+        """True if any 2-D weight is stored in a quantized block format (not F32/F16/BF16)."""
+        return any(len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16", "BF16", "F64")
+                   for t in self.tensors.values())
+
     def raw_tensor(self, name: str) -> tuple[str, np.ndarray]:
         """The stored bytes (or floats) of a tensor and its type name, for native quantized kernels."""
         t = self.tensors[name]

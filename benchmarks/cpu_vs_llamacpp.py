@@ -1,0 +1,254 @@
+"""kvserve against llama.cpp on the same GGUF, the same token ids and the same thread count.
+
+Each repetition runs one fresh process per engine, alternating (kvserve, llama.cpp, kvserve, ...),
+and every process runs the three workloads after a warm-up:
+  1. decode tok/s at batch 1: a 128-token prompt, then 128 new tokens (greedy, EOS ignored);
+  2. prompt tok/s: one 512-token prompt, one forward;
+  3. 64 sequences x (128 prompt + 128 new): total and generated tok/s;
+and reports its peak RSS. Medians and kvserve/llama.cpp ratios are printed, plus a roofline line
+(weight bytes streamed per token at batch 1 against the measured memory bandwidth).
+
+The llama.cpp side is llama-cpp-python (`pip install -e .[bench]`; it compiles llama.cpp, ~6 min),
+driven through its low-level batch API so both engines do the same work.
+
+    python benchmarks/cpu_vs_llamacpp.py            # default model, 2 threads, 3 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT1, NEW1 = 128, 128
+PROMPT_LONG = 512
+NSEQ, PROMPT_B, NEW_B = 64, 128, 128
+
+
+def token_pool(n: int) -> list[int]:
+    """Real English token ids (the Python reference manual's prose), as many as asked."""
+    from pydoc_data.topics import topics
+
+    from kvserve.loader import default_model_path
+    from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(GGUFFile(default_model_path()))
+    ids = tok.encode("\n\n".join(topics.values()))
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def prompts_for(pool: list[int]) -> dict[str, list]:
+    return {
+        "one": pool[:PROMPT1],
+        "long": pool[1000 : 1000 + PROMPT_LONG],
+        "batch": [pool[5000 + i * 97 : 5000 + i * 97 + PROMPT_B] for i in range(NSEQ)],
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- kvserve ---------------------------------------------------------------------------------
+
+
+def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization: str) -> dict:
+    import torch
+
+    from kvserve import SamplingParams
+    from kvserve.engine.llm_engine import LLMEngine
+
+    torch.set_num_threads(threads)
+    eng = LLMEngine(model=model, num_threads=threads, quantization=quantization, kv_cache_memory="1GiB",
+                    max_num_seqs=NSEQ, max_num_batched_tokens=2048, enable_prefix_caching=False)
+
+    def run(batch: list[list[int]], new: int) -> tuple[float, float]:
+        """Wall time to the first token of the last sequence and to the end."""
+        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+        t0 = time.perf_counter()
+        for i, p in enumerate(batch):
+            eng.add_request(f"r{time.perf_counter_ns()}-{i}", p, params)
+        first = None
+        while eng.has_unfinished_requests():
+            eng.step()
+            if first is None:
+                first = time.perf_counter()
+        return first - t0, time.perf_counter() - t0
+
+    run([prompts["one"][:32]], 8)  # warm-up
+    first, total = run([prompts["one"]], NEW1)
+    decode = (NEW1 - 1) / (total - first)
+    t_prompt, _ = run([prompts["long"]], 1)
+    _, t_batch = run(prompts["batch"], NEW_B)
+    return {"decode_tok_s": decode, "prompt_tok_s": PROMPT_LONG / t_prompt,
+            "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch, "batch_gen_tok_s": NSEQ * NEW_B / t_batch,
+            "peak_rss_mib": peak_rss_mib(), "weight_bytes": streamed_bytes(eng.lm.model),
+            "weights": eng.lm.describe()}
+
+
+def streamed_bytes(model) -> int:
+    """Weight bytes read per decoded token: every linear layer and the LM head (not the embedding
+    table, of which one row is read)."""
+    from kvserve.layers.linear import Linear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            total += m.qweight.nbytes if m.qweight is not None else m.weight.numel() * m.weight.element_size()
+    return total
+
+
+# -- llama.cpp -------------------------------------------------------------------------------
+
+
+def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    lc.llama_backend_init()
+    mparams = lc.llama_model_default_params()
+    lm = lc.llama_model_load_from_file(model.encode(), mparams)
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx = NSEQ * (PROMPT_B + NEW_B) + 256
+    cparams.n_batch = 2048
+    cparams.n_ubatch = 512
+    cparams.n_seq_max = NSEQ
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    ctx = lc.llama_init_from_model(lm, cparams)
+    vocab = lc.llama_n_vocab(lc.llama_model_get_vocab(lm))
+    mem = lc.llama_get_memory(ctx)
+    batch = lc.llama_batch_init(2048, 0, 1)
+
+    def decode(items: list[tuple[int, int, int, bool]]) -> dict[int, int]:
+        """items: (token, position, sequence, wants logits), split into n_batch-sized calls;
+        returns the greedy next token of every sequence that asked for logits."""
+        nxt = {}
+        for s in range(0, len(items), 2048):
+            chunk = items[s : s + 2048]
+            batch.n_tokens = len(chunk)
+            for i, (tok, pos, seq, logits) in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = logits
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            for i, (_, _, seq, logits) in enumerate(chunk):
+                if logits:
+                    nxt[seq] = greedy(i)
+        return nxt
+
+    def greedy(i: int) -> int:
+        ptr = lc.llama_get_logits_ith(ctx, i)
+        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,)).argmax())
+
+    def run(seqs: list[list[int]], new: int) -> tuple[float, float]:
+        lc.llama_memory_clear(mem, True)
+        t0 = time.perf_counter()
+        nxt = decode([(t, p, s, p == len(ids) - 1) for s, ids in enumerate(seqs) for p, t in enumerate(ids)])
+        first = time.perf_counter()
+        lens = [len(s) for s in seqs]
+        for step in range(new - 1):
+            nxt = decode([(nxt[s], lens[s] + step, s, True) for s in range(len(seqs))])
+        return first - t0, time.perf_counter() - t0
+
+    run([prompts["one"][:32]], 8)  # warm-up
+    first, total = run([prompts["one"]], NEW1)
+    decode_rate = (NEW1 - 1) / (total - first)
+    t_prompt, _ = run([prompts["long"]], 1)
+    _, t_batch = run(prompts["batch"], NEW_B)
+    return {"decode_tok_s": decode_rate, "prompt_tok_s": PROMPT_LONG / t_prompt,
+            "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch, "batch_gen_tok_s": NSEQ * NEW_B / t_batch,
+            "peak_rss_mib": peak_rss_mib(), "version": lc.__version__}
+
+
+def memory_bandwidth_gb_s() -> float:
+    """Read bandwidth: sum over a 1 GiB buffer (best of 5), all threads."""
+    import torch
+
+    x = torch.ones(2**28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    prompts = prompts_for(token_pool(5000 + NSEQ * 97 + PROMPT_B))
+    if args.worker == "kvserve":
+        res = run_kvserve(args.model, args.threads, prompts, args.quantization)
+    elif args.worker == "llamacpp":
+        res = run_llamacpp(args.model, args.threads, prompts)
+    else:
+        res = {"bandwidth_gb_s": memory_bandwidth_gb_s()}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def spawn(kind: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads),
+           "--quantization", args.quantization]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M Q4_1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quantization", default="auto", help="kvserve --quantization")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.model is None:
+        from kvserve.loader import default_model_path
+
+        args.model = str(default_model_path())
+    if args.worker:
+        worker(args)
+        return
+    runs: dict[str, list[dict]] = {"kvserve": [], "llamacpp": []}
+    for rep in range(args.reps):
+        for kind in ("kvserve", "llamacpp") if rep % 2 == 0 else ("llamacpp", "kvserve"):
+            r = spawn(kind, args)
+            runs[kind].append(r)
+            print(f"rep {rep} {kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if isinstance(v, float)),
+                  flush=True)
+    bw = spawn("bandwidth", args)["bandwidth_gb_s"]
+    keys = ("decode_tok_s", "prompt_tok_s", "batch_total_tok_s", "batch_gen_tok_s", "peak_rss_mib")
+    med = {k: {kind: statistics.median(r[k] for r in runs[kind]) for kind in runs} for k in keys}
+    print(f"\nkvserve: {runs['kvserve'][0]['weights']}; llama-cpp-python {runs['llamacpp'][0]['version']}; "
+          f"{args.threads} threads, {args.reps} repetitions (medians)")
+    print(f"{'':28s}{'kvserve':>10s}{'llama.cpp':>11s}{'ratio':>8s}")
+    for k in keys:
+        a, b = med[k]["kvserve"], med[k]["llamacpp"]
+        print(f"{k:28s}{a:10.1f}{b:11.1f}{a / b:8.2f}x")
+    streamed = runs["kvserve"][0]["weight_bytes"] * med["decode_tok_s"]["kvserve"] / 1e9
+    print(f"roofline: batch-1 decode streams {streamed:.1f} GB/s of weights "
+          f"({runs['kvserve'][0]['weight_bytes'] / 2**20:.0f} MiB per token) against {bw:.1f} GB/s measured read "
+          f"bandwidth ({streamed / bw:.0%})")
+    summary = {k: {**med[k], "ratio": med[k]["kvserve"] / med[k]["llamacpp"]} for k in keys}
+    print(json.dumps({"threads": args.threads, "reps": args.reps, "bandwidth_gb_s": bw, **summary}))
+
+
+if __name__ == "__main__":
+    main()

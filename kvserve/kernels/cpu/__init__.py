@@ -1,0 +1,137 @@
+"""Native CPU kernels, compiled once with the system C compiler and called through ctypes.
+
+No torch headers are involved, so a build takes about a second; the shared object is cached
+under ``$KVSERVE_CACHE_DIR`` (default ``~/.cache/kvserve``) by a hash of source and flags.
+Where there is no compiler or the CPU lacks AVX-512 VNNI, `available()` is False and callers
+use their torch reference path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("qgemm.c")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma",
+          "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+
+
+def _cpu_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return all(f in flags for f in _CPU_FLAGS)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
+
+
+def build(force: bool = False) -> Path:
+    """Compile qgemm.c (if not cached) and return the shared object's path."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"kvserve_qgemm_{key}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        res = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", str(tmp_so)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {_SRC.name} failed:\n{res.stderr.strip()}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
+    logger.info("built %s", out)
+    return out
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("KVSERVE_DISABLE_NATIVE") == "1" or not _cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        logger.warning("native CPU kernels unavailable, using torch: %s", e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.kv_quantize_act.argtypes = [p, i64, i64, p, p]
+    lib.kv_quantize_act.restype = None
+    lib.kv_qgemm.argtypes = [p, p, i64, i64, p, p, p, i64, p]
+    lib.kv_pack_weight.argtypes = [p, i64, i64, p]
+    lib.kv_pack_weight.restype = None
+    lib.kv_qgemm.restype = None
+    lib.kv_set_threads.argtypes = [ctypes.c_int]
+    lib.kv_set_threads.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+_threads = 0
+
+
+GROUP = 32  # activation values per scale
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (round(x / scale) + 128 as uint8 [M, K padded to 32], scales [M, K/32])."""
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.is_contiguous()
+    m, k = x.shape
+    g = -(-k // GROUP)
+    xq = torch.empty((m, g * GROUP), dtype=torch.uint8)
+    dx = torch.empty((m, g), dtype=torch.float32)
+    lib.kv_quantize_act(x.data_ptr(), m, k, xq.data_ptr(), dx.data_ptr())
+    return xq, dx
+
+
+def pack_weight(wq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [N, K] -> the kernel's layout (blocks of 16 channels x groups of 4 k's, zero padded)
+    and the offset correction -128 x each 32-group's sum, [N/16, K/32, 16] int32."""
+    lib = _lib()
+    assert lib is not None and wq.dtype == torch.int8
+    wq = wq.contiguous()
+    n, k = wq.shape
+    n16, g = -(-n // 16), -(-k // GROUP)
+    wp = torch.empty(n16 * g * GROUP * 16, dtype=torch.int8)
+    lib.kv_pack_weight(wq.data_ptr(), n, k, wp.data_ptr())
+    padded = torch.zeros(n16 * 16, g * GROUP, dtype=torch.int32)
+    padded[:n, :k] = wq
+    corr = (-128 * padded.view(n16, 16, g, GROUP).sum(-1, dtype=torch.int32)).transpose(1, 2).contiguous()
+    return wp, corr
+
+
+def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
+    """float32 [M, K] @ (int8 W [N, K] * dw [N])^T -> float32 [M, N], activations quantized per
+    token in groups of 32. `wp`, `corr` come from `pack_weight`."""
+    global _threads
+    lib = _lib()
+    assert lib is not None
+    n_threads = torch.get_num_threads()
+    if n_threads != _threads:  # follow torch's setting (--num-threads) without a call per GEMM
+        lib.kv_set_threads(n_threads)
+        _threads = n_threads
+    xq, dx = quantize_act(x)
+    m, k = x.shape
+    n = dw.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    lib.kv_qgemm(xq.data_ptr(), dx.data_ptr(), m, k, wp.data_ptr(), dw.data_ptr(), corr.data_ptr(), n, y.data_ptr())
+    return y

@@ -1,0 +1,79 @@
+"""Weight-and-activation int8 linear method for CPUs (W8A8, per output channel / per token).
+
+Weights are quantized once at load, symmetric per output channel, and packed for the native
+VNNI kernel; activations are quantized per token inside each GEMM. The integer dot products
+are exact, so a token's logits do not depend on what else is in its batch. Without the
+native kernel (no compiler, no AVX-512 VNNI) the same arithmetic runs in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.kernels import cpu as native
+
+QUANTIZATION_METHODS = ("auto", "none", "int8")
+
+
+class Int8Weight:
+    """An [N, K] float weight as int8 values with one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.scale = (w.abs().amax(dim=1) / 127.0).contiguous()
+        q = torch.round(w / self.scale.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        self.native = native.available()
+        self.corr: torch.Tensor | None = None
+        if self.native:
+            self.q, self.corr = native.pack_weight(q)
+        else:
+            self.q = q
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 4 * self.out_features + (self.corr.numel() * 4 if self.corr is not None else 0)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight this stands for (tests and debugging)."""
+        q = unpack(self.q, self.out_features, self.in_features) if self.native else self.q
+        return q.float() * self.scale.unsqueeze(1)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> x @ W^T (+ bias) [..., N] in x's dtype (computed in int8 x int8 -> int32)."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        if self.native:
+            y = native.qgemm(x2, self.q, self.scale, self.corr)
+        else:
+            y = reference_qgemm(x2, self.q, self.scale)
+        if bias is not None:
+            y += bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_groups(x: torch.Tensor, group: int = native.GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of float32 [M, K] per row and group of `group` values, as the kernel does it:
+    (values as float [M, G, group], zero padded; scales [M, G])."""
+    m, k = x.shape
+    g = -(-k // group)
+    xg = torch.nn.functional.pad(x, (0, g * group - k)).view(m, g, group)
+    amax = xg.abs().amax(dim=2)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(xg * inv.unsqueeze(2)), amax / 127.0
+
+
+def reference_qgemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in torch: exact integer dot products per group (float64), scaled per
+    activation group, summed, then scaled per output channel."""
+    xq, dx = quantize_groups(x)
+    m, g, group = xq.shape
+    wg = torch.nn.functional.pad(q.double(), (0, g * group - q.shape[1])).view(-1, g, group)
+    isum = torch.einsum("mgk,ngk->mng", xq.double(), wg)  # exact: every term is an integer
+    return ((isum * dx.double().unsqueeze(1)).sum(-1) * scale.double().unsqueeze(0)).float()
+
+
+def unpack(wp: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Invert `kernels.cpu.pack_weight`: [N16, K4, 16, 4] blocks back to [N, K]."""
+    n16, k4 = -(-n // 16), -(-k // native.GROUP) * (native.GROUP // 4)
+    return wp.view(n16, k4, 16, 4).permute(0, 2, 1, 3).reshape(n16 * 16, k4 * 4)[:n, :k]
