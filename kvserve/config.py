@@ -57,6 +57,7 @@ class EngineConfig:
     swap_space: int | str = "1GiB"  # host pool for swap preemption
     num_threads: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"  # auto (triton on CUDA when installed) | torch | triton
 
 
 def parse_bytes(value: int | str) -> int:

@@ -19,7 +19,7 @@ from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
-from kvserve.layers.attention import AttentionMetadata
+from kvserve.layers.attention import AttentionMetadata, make_attention_backend, set_attention_backend
 from kvserve.loader import LoadedModel, load_model
 from kvserve.sampling_params import SamplingParams
 
@@ -103,6 +103,7 @@ class LLMEngine:
             tune_allocator()
         self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device)
         self.tokenizer = self.lm.tokenizer
+        set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
         mcfg = self.lm.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:

@@ -30,6 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", choices=("recompute", "swap", "auto"), default="recompute")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped-out KV blocks")
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="auto: Triton kernels on CUDA when triton is installed, else torch")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
         preemption_mode=args.preemption_mode, swap_space=args.swap_space,
+        attention_backend=args.attention_backend,
     )
 
 

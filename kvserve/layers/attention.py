@@ -182,13 +182,14 @@ def gather_context(kv_cache: KVCache, block_table: torch.Tensor, length: int) ->
 class Attention(nn.Module):
     """Multi-head / grouped-query attention of one layer; the math lives in a backend."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None) -> None:
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
+                 backend: object | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale if scale is not None else head_dim**-0.5
-        self.backend = TorchAttentionBackend()
+        self.backend = backend if backend is not None else TorchAttentionBackend()
 
     def forward(
         self,
@@ -205,3 +206,32 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return o.reshape(T, self.num_heads * self.head_dim)
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def make_attention_backend(name: str, device: torch.device | str) -> object:
+    """A backend by name: "torch", "triton", or "auto" (Triton on CUDA when it is installed, else torch)."""
+    from kvserve.errors import InvalidRequestError
+    from kvserve.kernels.triton import triton_importable
+
+    if name not in ATTENTION_BACKENDS:
+        raise InvalidRequestError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" and triton_importable() else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if not triton_importable():
+        raise InvalidRequestError("attention_backend='triton' needs the triton package")
+    from kvserve.kernels.triton.backend import TritonAttentionBackend
+
+    return TritonAttentionBackend()
+
+
+def set_attention_backend(model: nn.Module, backend: object) -> object:
+    """Give every Attention layer of `model` the same backend instance (it caches per-step plans)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+    return backend

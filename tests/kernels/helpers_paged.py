@@ -1,0 +1,98 @@
+"""Random paged-attention scenarios and the torch references the Triton kernels are checked against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 KV layout's quantizer: one symmetric scale per row of the last dim."""
+    scale = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127
+    q = torch.round(x.float() / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.unsqueeze(-1)
+
+
+@dataclass
+class PagedCase:
+    q: torch.Tensor  # [T, H, D]
+    k: torch.Tensor  # [T, Hkv, D] new rows
+    v: torch.Tensor
+    kv_cache: tuple[torch.Tensor, ...]  # (K, V) or (K, V, K scales, V scales), prefix already filled
+    meta: AttentionMetadata
+
+
+def make_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+              block_size: int = 16, dtype: torch.dtype = torch.float32, int8: bool = False,
+              seed: int = 0) -> PagedCase:
+    """Sequences with cached prefixes in shuffled blocks (so paging bugs cannot hide) plus new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few unused blocks filled with noise
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(blocks_per_seq)
+    tables, at = [], 0
+    for nb in blocks_per_seq:
+        tables.append(perm[at : at + nb] + [0] * (width - nb))
+        at += nb
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g)
+    v_cache = torch.randn(shape, generator=g)
+    T = sum(query_lens)
+    q = torch.randn(T, num_heads, head_dim, generator=g)
+    k = torch.randn(T, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(T, num_kv_heads, head_dim, generator=g)
+    slots = []
+    for table, n, total in zip(tables, query_lens, seq_lens):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(total - n, total)]
+    qsl = [0]
+    for n in query_lens:
+        qsl.append(qsl[-1] + n)
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+    )
+    if int8:
+        kq, ks = quantize_int8(k_cache)
+        vq, vs = quantize_int8(v_cache)
+        cache: tuple[torch.Tensor, ...] = (kq.to(DEVICE), vq.to(DEVICE), ks.to(DEVICE), vs.to(DEVICE))
+    else:
+        cache = (k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype))
+    return PagedCase(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), cache, meta)
+
+
+def clone_cache(cache: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.clone() for t in cache)
+
+
+def torch_reference(case: PagedCase, scale: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The torch backend's output and cache; an int8 cache is written by the torch quantizer and
+    attended dequantized, in float32."""
+    cache = clone_cache(case.kv_cache)
+    if len(cache) == 2:
+        out = TorchAttentionBackend().forward(case.q, case.k, case.v, cache, case.meta, scale)
+        return out, cache
+    kq, vq, ks, vs = cache
+    slots = case.meta.slot_mapping
+    for new, codes, scales in ((case.k, kq, ks), (case.v, vq, vs)):
+        c, s = quantize_int8(new)
+        codes.view(-1, *codes.shape[2:])[slots] = c
+        scales.view(-1, scales.shape[-1])[slots] = s
+    deq = (dequantize_int8(kq, ks), dequantize_int8(vq, vs))
+    meta = AttentionMetadata(case.meta.query_start_loc, case.meta.seq_lens, case.meta.query_lens_cpu,
+                             case.meta.seq_lens_cpu, None, case.meta.block_tables)
+    out = TorchAttentionBackend().forward(case.q.float(), case.k.float(), case.v.float(), deq, meta, scale)
+    return out.to(case.q.dtype), (kq, vq, ks, vs)
