@@ -7,12 +7,19 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers_paged import DEVICE, clone_cache, dequantize_int8, make_case, quantize_int8, torch_reference  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (see conftest.py)
+
+from kvserve.kernels import testing  # noqa: E402
+from kvserve.kernels.testing import clone_cache, dequantize_int8, quantize_int8, torch_reference  # noqa: E402
 from kvserve.kernels.triton.backend import TritonAttentionBackend  # noqa: E402
 from kvserve.kernels.triton.decode_attention import paged_decode_attention  # noqa: E402
 from kvserve.kernels.triton.kv_write import write_kv  # noqa: E402
 
 ATOL = 2e-5  # float32 everywhere: only the summation order differs
+
+
+def make_case(*args, **kw):
+    return testing.make_case(*args, device=DEVICE, **kw)
 
 
 def run_triton(case, scale, **backend_kw):

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers_paged import DEVICE  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (see conftest.py)
+
 from kvserve.kernels.triton.fused import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 from kvserve.layers.activation import SiluAndMul  # noqa: E402
 from kvserve.layers.norm import RMSNorm  # noqa: E402

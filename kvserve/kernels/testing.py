@@ -1,4 +1,7 @@
-"""Random paged-attention scenarios and the torch references the Triton kernels are checked against."""
+"""Random paged-attention scenarios and the torch references the kernels are checked against.
+
+Shared by the kernel tests (CPU, Triton interpreter) and benchmarks/gpu.py (on the GPU).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,6 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.layers.attention import AttentionMetadata, TorchAttentionBackend
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 KV layout's quantizer: one symmetric scale per row of the last dim."""
@@ -33,7 +33,7 @@ class PagedCase:
 
 def make_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
               block_size: int = 16, dtype: torch.dtype = torch.float32, int8: bool = False,
-              seed: int = 0) -> PagedCase:
+              seed: int = 0, device: torch.device | str = "cpu") -> PagedCase:
     """Sequences with cached prefixes in shuffled blocks (so paging bugs cannot hide) plus new tokens."""
     g = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -58,20 +58,20 @@ def make_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv
     for n in query_lens:
         qsl.append(qsl[-1] + n)
     meta = AttentionMetadata(
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         query_lens_cpu=list(query_lens),
         seq_lens_cpu=list(seq_lens),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
     )
     if int8:
         kq, ks = quantize_int8(k_cache)
         vq, vs = quantize_int8(v_cache)
-        cache: tuple[torch.Tensor, ...] = (kq.to(DEVICE), vq.to(DEVICE), ks.to(DEVICE), vs.to(DEVICE))
+        cache: tuple[torch.Tensor, ...] = (kq.to(device), vq.to(device), ks.to(device), vs.to(device))
     else:
-        cache = (k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype))
-    return PagedCase(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), cache, meta)
+        cache = (k_cache.to(device, dtype), v_cache.to(device, dtype))
+    return PagedCase(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), cache, meta)
 
 
 def clone_cache(cache: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
