@@ -103,7 +103,7 @@ class LLMEngine:
             tune_allocator()
         self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device)
         self.tokenizer = self.lm.tokenizer
-        set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
+        backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
         mcfg = self.lm.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
@@ -124,8 +124,10 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.preemption_mode), self.kv
         )
+        graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
         self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.lm.dtype, self.device,
-                                  num_host_blocks)
+                                  num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
+                                  self.max_model_len)
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self._aborted: set[str] = set()

@@ -62,3 +62,39 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_loaded, monkeypatch):
 def test_unknown_backend_is_rejected(tiny_loaded):
     with pytest.raises(InvalidRequestError):
         LLMEngine(loaded=tiny_loaded, attention_backend="flash", kv_cache_memory="1MiB")
+
+
+def test_decode_graph_padding_path_matches_torch_backend(tiny_loaded, monkeypatch):
+    """The decode-graph path (static buffers, batches padded into a scratch block), run eagerly on CPU."""
+    from kvserve.executor.cuda_graph import DecodeGraphRunner, capture_sizes
+    from kvserve.executor.model_runner import ModelRunner
+
+    assert capture_sizes(5) == [1, 2, 4, 5] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    prompts = [random_ids(n, TINY_VOCAB, seed=n) for n in (3, 17, 9)]
+    want, _ = generate(tiny_loaded, "torch", prompts)
+
+    replayed = []
+    original_run = DecodeGraphRunner.run
+
+    def spy(self, input_ids, positions, meta):
+        out = original_run(self, input_ids, positions, meta)
+        replayed.append(input_ids.numel() if out is not None else None)
+        return out
+
+    monkeypatch.setattr(DecodeGraphRunner, "run", spy)
+    original_init = LLMEngine.__init__
+
+    def init_with_emulated_graphs(self, *a, **kw):
+        original_init(self, *a, **kw)
+        self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, self.config.block_size, self.lm.dtype,
+                                  self.device, decode_graphs="emulate", max_num_seqs=5,
+                                  max_model_len=self.max_model_len)
+        assert self.runner.graphs is not None
+        # the scratch block lies past the manager's blocks: padding rows can never hit a live block
+        assert self.runner.kv_caches[0][0].shape[0] == self.budget.num_blocks + 1
+
+    monkeypatch.setattr(LLMEngine, "__init__", init_with_emulated_graphs)
+    got, _ = generate(tiny_loaded, "triton", prompts)
+    assert got == want
+    assert 3 in replayed  # three decodes padded into the size-4 graph
+    assert None not in replayed

@@ -50,8 +50,26 @@ class TritonAttentionBackend:
         self._torch = TorchAttentionBackend()
         self._plan_meta: AttentionMetadata | None = None  # held so `is` cannot match a recycled id
         self._plan: _StepPlan | None = None
+        # CUDA-graph metadata: id -> (metadata, plan); the metadata is held so its id stays unique
+        self._static_plans: dict[int, tuple[AttentionMetadata, _StepPlan]] = {}
+
+    def set_static_decode_plan(self, meta: AttentionMetadata, decode_ids: torch.Tensor, max_seq_len: int,
+                               num_kv_heads: int) -> None:
+        """Fix the plan of a captured decode batch: every row decodes, split count sized for max_seq_len.
+
+        A graph replays with whatever lengths its buffers hold, so the split count cannot follow
+        the step's longest sequence; splits past a shorter sequence's end are empty and merge as zero.
+        """
+        n = decode_ids.numel()
+        plan = _StepPlan(decode_ids=decode_ids, extend_ids=None, max_extend_query_len=0, max_decode_seq_len=max_seq_len,
+                         num_splits=num_decode_splits(n, num_kv_heads, max_seq_len, decode_ids.device,
+                                                      max_splits=self.max_splits))
+        self._static_plans[id(meta)] = (meta, plan)
 
     def _step_plan(self, meta: AttentionMetadata, device: torch.device) -> _StepPlan:
+        static = self._static_plans.get(id(meta))
+        if static is not None and static[0] is meta:
+            return static[1]
         if meta is self._plan_meta and self._plan is not None:
             return self._plan
         qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu

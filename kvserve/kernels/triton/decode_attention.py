@@ -138,7 +138,8 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
     """
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     dot_f32 = interpret and dtype == torch.bfloat16
-    return {"PRECISION": "ieee" if dtype == torch.float32 or dot_f32 else "tf32", "DOT_F32": dot_f32}
+    # None keeps tl.dot's default for 16-bit operands (precision only matters for fp32 inputs)
+    return {"PRECISION": "ieee" if dtype == torch.float32 or dot_f32 else None, "DOT_F32": dot_f32}
 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
