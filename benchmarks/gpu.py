@@ -50,16 +50,16 @@ def parse_args() -> argparse.Namespace:
 
 ARGS = parse_args()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 if not torch.cuda.is_available():
     # without a GPU the kernels run in Triton's interpreter; this must precede triton's first import
     # (kvserve imports triton lazily, torch does not import it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvserve import SamplingParams  # noqa: E402
-from kvserve.config import ModelConfig  # noqa: E402
+from kvserve import SamplingParams
+from kvserve.config import ModelConfig
 
 LLAMA3_8B = dict(architecture="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
                  num_kv_heads=8, head_dim=128, intermediate_size=14336, max_position_embeddings=8192,
@@ -110,7 +110,6 @@ def card_figures(device: torch.device, tiny: bool) -> dict:
     dst = torch.empty_like(src)
     t = timed(lambda: dst.copy_(src), device, iters=5 if tiny else 20)
     bandwidth = 2 * nbytes / t  # a copy reads and writes every byte
-    del src, dst
     n = 256 if tiny else 8192
     dtype = torch.float32 if tiny else torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -184,7 +183,7 @@ def kernel_correctness(device: torch.device, tiny: bool) -> dict:
 class NullTokenizer:
     """Random-weight models have no vocabulary: detokenization is skipped (decode returns no text)."""
 
-    eos_token_ids: list[int] = []
+    eos_token_ids: tuple[int, ...] = ()
     eos_token_id = None
     bos_token_id = None
 
@@ -328,6 +327,13 @@ def throughput_qwen3(device: torch.device, dtype: torch.dtype, shape: dict, num_
 # -- 5. transformers baseline ---------------------------------------------------------------------
 
 
+@torch.inference_mode()
+def gen(model, ids: torch.Tensor, mask: torch.Tensor, n: int) -> None:
+    """transformers greedy generation of exactly n tokens per row."""
+    model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=n,
+                   min_new_tokens=n)
+
+
 def transformers_baseline(device: torch.device, dtype: torch.dtype, shape: dict, batches: list[int],
                           prompt_len: int, new_tokens: int) -> dict:
     import transformers as tf
@@ -351,15 +357,10 @@ def transformers_baseline(device: torch.device, dtype: torch.dtype, shape: dict,
         ids = torch.tensor(rand_prompts(rng, b, [prompt_len] * b, shape["vocab_size"]), device=device)
         mask = torch.ones_like(ids)
 
-        def gen(n: int) -> None:
-            with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
-                               max_new_tokens=n, min_new_tokens=n)
-
-        gen(2)  # warm-up
+        gen(model, ids, mask, 2)  # warm-up
         sync(device)
         t = time.perf_counter()
-        gen(new_tokens)
+        gen(model, ids, mask, new_tokens)
         sync(device)
         dt = time.perf_counter() - t
         out["batches"][str(b)] = {"e2e_tok_s": round(b * new_tokens / dt, 1), "seconds": round(dt, 2)}
@@ -382,7 +383,7 @@ def section(results: dict, name: str, need_s: float, fn, *a, **kw) -> dict | Non
     t = time.perf_counter()
     try:
         res = fn(*a, **kw)
-    except Exception as e:  # one broken section must not cost the figures of the others
+    except Exception as e:  # noqa: BLE001 - one broken section must not cost the figures of the others
         traceback.print_exc()
         res = {"error": f"{type(e).__name__}: {e}"}
         free_memory()

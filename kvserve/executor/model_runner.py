@@ -54,7 +54,7 @@ class ModelRunner:
             try:
                 self.graphs = DecodeGraphRunner(model, self.kv_caches, block_size, num_blocks, max_num_seqs, max_len,
                                                 self.device, mode=decode_graphs)
-            except Exception:  # a capture failure costs speed, never the service
+            except Exception:  # noqa: BLE001 - a capture failure costs speed, never the service
                 logger.exception("decode graph capture failed; running decode steps eagerly")
 
     def swap(self, so: SchedulerOutput) -> None:

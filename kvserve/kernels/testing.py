@@ -11,6 +11,7 @@ import torch
 
 from kvserve.layers.attention import AttentionMetadata, TorchAttentionBackend
 
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 KV layout's quantizer: one symmetric scale per row of the last dim."""
     scale = x.float().abs().amax(dim=-1).clamp_min(1e-8) / 127

@@ -9,11 +9,11 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (see conftest.py)
 
-from kvserve.kernels import testing  # noqa: E402
-from kvserve.kernels.testing import clone_cache, dequantize_int8, quantize_int8, torch_reference  # noqa: E402
-from kvserve.kernels.triton.backend import TritonAttentionBackend  # noqa: E402
-from kvserve.kernels.triton.decode_attention import paged_decode_attention  # noqa: E402
-from kvserve.kernels.triton.kv_write import write_kv  # noqa: E402
+from kvserve.kernels import testing
+from kvserve.kernels.testing import clone_cache, dequantize_int8, quantize_int8, torch_reference
+from kvserve.kernels.triton.backend import TritonAttentionBackend
+from kvserve.kernels.triton.decode_attention import paged_decode_attention
+from kvserve.kernels.triton.kv_write import write_kv
 
 ATOL = 2e-5  # float32 everywhere: only the summation order differs
 

@@ -6,13 +6,14 @@ import pytest
 
 pytest.importorskip("triton")
 
-from helpers import TINY_VOCAB, make_tiny_hf, random_ids  # noqa: E402
-from kvserve import SamplingParams  # noqa: E402
-from kvserve.engine.llm_engine import LLMEngine  # noqa: E402
-from kvserve.errors import InvalidRequestError  # noqa: E402
-from kvserve.kernels.triton.backend import TritonAttentionBackend  # noqa: E402
-from kvserve.layers.attention import Attention, TorchAttentionBackend  # noqa: E402
-from kvserve.loader import load_model  # noqa: E402
+from helpers import TINY_VOCAB, make_tiny_hf, random_ids
+
+from kvserve import SamplingParams
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.errors import InvalidRequestError
+from kvserve.kernels.triton.backend import TritonAttentionBackend
+from kvserve.layers.attention import Attention, TorchAttentionBackend
+from kvserve.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (see conftest.py)
 
-from kvserve.kernels.triton.fused import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
-from kvserve.layers.activation import SiluAndMul  # noqa: E402
-from kvserve.layers.norm import RMSNorm  # noqa: E402
-from kvserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from kvserve.kernels.triton.fused import rms_norm, rotary_embedding, silu_and_mul
+from kvserve.layers.activation import SiluAndMul
+from kvserve.layers.norm import RMSNorm
+from kvserve.layers.rotary import RotaryEmbedding
 
 # fp32: summation order only; bf16: about one unit in the last place (rsqrt/exp/sum order may flip
 # one of the two roundings; 1.6e-2 is torch's own bf16 rtol)
