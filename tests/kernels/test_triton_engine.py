@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
+
+# CPU: the kernels run in the interpreter (conftest.py); CUDA: compiled, and decode CUDA graphs are captured
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from helpers import TINY_VOCAB, make_tiny_hf, random_ids
 
@@ -18,12 +22,12 @@ from kvserve.loader import load_model
 
 @pytest.fixture(scope="module")
 def tiny_loaded(tmp_path_factory):
-    return load_model(make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama"))
+    return load_model(make_tiny_hf(tmp_path_factory.mktemp("tiny"), "llama"), device=DEVICE)
 
 
 def generate(loaded, backend: str, prompts: list[list[int]]) -> tuple[list[list[int]], LLMEngine]:
     # a small token budget forces chunked prefill: steps mix decodes with extends over cached prefixes
-    eng = LLMEngine(loaded=loaded, attention_backend=backend, kv_cache_memory="1MiB", block_size=8,
+    eng = LLMEngine(loaded=loaded, attention_backend=backend, device=DEVICE, kv_cache_memory="1MiB", block_size=8,
                     max_num_batched_tokens=24, enable_prefix_caching=True)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -62,7 +66,7 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_loaded, monkeypatch):
 
 def test_unknown_backend_is_rejected(tiny_loaded):
     with pytest.raises(InvalidRequestError):
-        LLMEngine(loaded=tiny_loaded, attention_backend="flash", kv_cache_memory="1MiB")
+        LLMEngine(loaded=tiny_loaded, attention_backend="flash", device=DEVICE, kv_cache_memory="1MiB")
 
 
 def test_decode_graph_padding_path_matches_torch_backend(tiny_loaded, monkeypatch):
