@@ -13,6 +13,7 @@ from kvserve.kernels import testing
 from kvserve.kernels.testing import clone_cache, dequantize_int8, quantize_int8, torch_reference
 from kvserve.kernels.triton.backend import TritonAttentionBackend
 from kvserve.kernels.triton.decode_attention import paged_decode_attention
+from kvserve.kernels.triton.extend_attention import paged_extend_attention
 from kvserve.kernels.triton.kv_write import write_kv
 
 ATOL = 2e-5  # float32 everywhere: only the summation order differs
@@ -122,6 +123,21 @@ def test_flash_decoding_splits_agree(num_splits):
     m = case.meta
     paged_decode_attention(case.q, cache[0], cache[1], m.block_tables, m.seq_lens, m.query_start_loc, seq_ids, out,
                            0.125, num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
+def test_extend_multi_tile(block_m, block_n):
+    # several query tiles per sequence, tiles past a short sequence's rows, key tiles not aligned to blocks
+    case = make_case([37, 50, 3], [60, 50, 40], 4, 2, 64, block_size=8, seed=13)
+    want, _ = torch_reference(case, 0.125)
+    cache = clone_cache(case.kv_cache)
+    write_kv(case.k, case.v, cache[0], cache[1], case.meta.slot_mapping)
+    out = torch.full_like(case.q, float("nan"))
+    m = case.meta
+    paged_extend_attention(case.q, cache[0], cache[1], m.block_tables, m.seq_lens, m.query_start_loc,
+                           torch.arange(3, dtype=torch.int32, device=DEVICE), 50, out, 0.125,
+                           block_m=block_m, block_n=block_n)
     torch.testing.assert_close(out, want, atol=ATOL, rtol=1e-4)
 
 
