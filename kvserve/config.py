@@ -59,6 +59,8 @@ class EngineConfig:
     swap_space: int | str = "1GiB"  # host pool for swap preemption
     num_threads: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"  # auto (triton on CUDA when installed) | torch | triton
+    enforce_eager: bool = False  # no decode CUDA graphs (they need CUDA and the triton backend)
 
 
 def parse_bytes(value: int | str) -> int:

@@ -19,7 +19,13 @@ from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
-from kvserve.layers.attention import KV_CACHE_DTYPES, AttentionMetadata, KVCache
+from kvserve.layers.attention import (
+    KV_CACHE_DTYPES,
+    AttentionMetadata,
+    KVCache,
+    make_attention_backend,
+    set_attention_backend,
+)
 from kvserve.loader import LoadedModel, load_model
 from kvserve.sampling_params import SamplingParams
 
@@ -106,6 +112,7 @@ class LLMEngine:
         self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device,
                                         quantization=config.quantization)
         self.tokenizer = self.lm.tokenizer
+        backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
         mcfg = self.lm.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
@@ -127,8 +134,10 @@ class LLMEngine:
                             config.preemption_mode), self.kv
         )
         self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.lm.dtype
+        graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
         self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype, self.device,
-                                  num_host_blocks)
+                                  num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
+                                  self.max_model_len)
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self._aborted: set[str] = set()

@@ -34,6 +34,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", choices=("recompute", "swap", "auto"), default="recompute")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped-out KV blocks")
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="auto: Triton kernels on CUDA when triton is installed, else torch")
+    p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -44,6 +47,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
         preemption_mode=args.preemption_mode, swap_space=args.swap_space,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,8 @@ from kvserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvserve.executor.reference import allocate_kv_caches, copy_blocks
 from kvserve.layers.attention import AttentionMetadata
 from kvserve.layers.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,14 +34,28 @@ class ForwardBatch:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
-                 device: torch.device | str = "cpu", num_host_blocks: int = 0) -> None:
+                 device: torch.device | str = "cpu", num_host_blocks: int = 0, decode_graphs: str = "off",
+                 max_num_seqs: int = 256, max_model_len: int | None = None) -> None:
+        """decode_graphs: "off", "cuda" (capture decode CUDA graphs) or "emulate" (their padded path, eager)."""
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, self.device)
+        # decode graphs pad batches into one extra scratch block past the manager's num_blocks
+        extra = 0 if decode_graphs == "off" else 1
+        self.kv_caches = allocate_kv_caches(model, num_blocks + extra, block_size, kv_dtype, self.device)
         self.host_caches = allocate_kv_caches(model, num_host_blocks, block_size, kv_dtype, "cpu",
                                               pin_memory=self.device.type == "cuda") if num_host_blocks else []
         self.sampler = Sampler()
+        self.graphs = None
+        if decode_graphs != "off":
+            from kvserve.executor.cuda_graph import DecodeGraphRunner
+
+            max_len = max_model_len or model.config.max_position_embeddings
+            try:
+                self.graphs = DecodeGraphRunner(model, self.kv_caches, block_size, num_blocks, max_num_seqs, max_len,
+                                                self.device, mode=decode_graphs)
+            except Exception:  # noqa: BLE001 - a capture failure costs speed, never the service
+                logger.exception("decode graph capture failed; running decode steps eagerly")
 
     def swap(self, so: SchedulerOutput) -> None:
         """Run the step's block copies: device -> host first, then host -> device."""
@@ -85,7 +102,11 @@ class ModelRunner:
         if not so.scheduled:
             return RunnerOutput()
         batch = self.prepare(so)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
+        hidden = None
+        if self.graphs is not None and all(s.num_new_tokens == 1 for s in so.scheduled):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         out = RunnerOutput()
         rows = [i for i, s in enumerate(so.scheduled) if s.samples]
         if rows:

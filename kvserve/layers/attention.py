@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
-KV_SCALE_DTYPE = torch.float16  # int8 caches: one scale per token per head, 2 bytes next to head_dim bytes
+KV_SCALE_DTYPE = torch.float32  # int8 caches: one scale per token per head (what the Triton kernels read)
 
 
 @dataclass
@@ -26,7 +26,7 @@ class KVCache:
 
     An int8 cache stores ``round(x / scale)`` with one scale per token and head
     (``scale = amax|x| / 127`` over head_dim), kept in ``k_scale``/``v_scale``
-    ``[num_blocks, block_size, num_kv_heads]``; readers dequantize.
+    ``[num_blocks, block_size, num_kv_heads]`` (float32); readers dequantize.
     """
 
     k: torch.Tensor
@@ -67,9 +67,8 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] -> int8 values and one scale per row (symmetric, amax / 127)."""
     xf = x.float()
     scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / 127.0
-    scale = scale.to(KV_SCALE_DTYPE)
-    q = torch.round(xf / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(KV_SCALE_DTYPE)
 
 
 @dataclass
@@ -236,13 +235,14 @@ def gather_context(
 class Attention(nn.Module):
     """Multi-head / grouped-query attention of one layer; the math lives in a backend."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None) -> None:
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
+                 backend: object | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale if scale is not None else head_dim**-0.5
-        self.backend = TorchAttentionBackend()
+        self.backend = backend if backend is not None else TorchAttentionBackend()
 
     def forward(
         self,
@@ -259,3 +259,32 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return o.reshape(T, self.num_heads * self.head_dim)
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def make_attention_backend(name: str, device: torch.device | str) -> object:
+    """A backend by name: "torch", "triton", or "auto" (Triton on CUDA when it is installed, else torch)."""
+    from kvserve.errors import InvalidRequestError
+    from kvserve.kernels.triton import triton_importable
+
+    if name not in ATTENTION_BACKENDS:
+        raise InvalidRequestError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" and triton_importable() else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if not triton_importable():
+        raise InvalidRequestError("attention_backend='triton' needs the triton package")
+    from kvserve.kernels.triton.backend import TritonAttentionBackend
+
+    return TritonAttentionBackend()
+
+
+def set_attention_backend(model: nn.Module, backend: object) -> object:
+    """Give every Attention layer of `model` the same backend instance (it caches per-step plans)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+    return backend

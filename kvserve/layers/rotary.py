@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kvserve.errors import UnsupportedModelError
+from kvserve.kernels.triton import fused_enabled
 
 
 def rope_inv_freq(
@@ -81,6 +82,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
+        if fused_enabled(q):
+            from kvserve.kernels.triton.fused import rotary_embedding
+
+            return rotary_embedding(positions, q, k, self.cos_cached, self.sin_cached, self.rotary_dim)
         cos = self.cos_cached[positions].unsqueeze(1)
         sin = self.sin_cached[positions].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -72,8 +72,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache | None, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm, one kernel on CUDA
+        return x + self.mlp(h)
 
 
 class LlamaBackbone(nn.Module):
