@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # auto: the model's dtype
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters, resolved from GGUF metadata or a HF config.json."""
@@ -53,7 +56,7 @@ class EngineConfig:
     kv_cache_memory: int | str | None = None  # bytes or "2GiB"; default: a fraction of free memory
     cpu_memory_utilization: float = 0.25  # share of available RAM for the KV cache (CPU)
     gpu_memory_utilization: float = 0.9
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | int8 (with scales)
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # recompute | swap | auto (swap long requests, recompute short)
     swap_space: int | str = "1GiB"  # host pool for swap preemption

@@ -20,10 +20,10 @@ from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
 from kvserve.layers.attention import (
-    KV_CACHE_DTYPES,
     AttentionMetadata,
     KVCache,
     make_attention_backend,
+    resolve_kv_dtype,
     set_attention_backend,
 )
 from kvserve.loader import LoadedModel, load_model
@@ -133,7 +133,6 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.preemption_mode), self.kv
         )
-        self.kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else self.lm.dtype
         graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
         self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype, self.device,
                                   num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
@@ -147,10 +146,8 @@ class LLMEngine:
 
     def _plan_memory(self) -> MemoryBudget:
         c, m = self.config, self.lm.config
-        if c.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {c.kv_cache_dtype!r}")
-        per_token = m.num_layers * KVCache.bytes_per_token(m.num_kv_heads, m.head_dim, self.lm.dtype,
-                                                           c.kv_cache_dtype == "int8")
+        self.kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, self.lm.dtype)
+        per_token = m.num_layers * KVCache.bytes_per_token(m.num_kv_heads, m.head_dim, self.kv_dtype)
         activations = None
         if c.kv_cache_memory is not None:
             try:
@@ -174,7 +171,7 @@ class LLMEngine:
             )
         return MemoryBudget(self.lm.weight_bytes, activations, num_blocks * per_token * c.block_size, per_token,
                             num_blocks, c.block_size, self.max_model_len,
-                            "int8" if c.kv_cache_dtype == "int8" else str(self.lm.dtype).removeprefix("torch."))
+                            str(self.kv_dtype).removeprefix("torch."))
 
     @torch.inference_mode()
     def _profile_activations(self) -> int:

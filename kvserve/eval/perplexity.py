@@ -16,7 +16,7 @@ import torch
 
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.reference import allocate_kv_caches
-from kvserve.layers.attention import KV_CACHE_DTYPES, AttentionMetadata
+from kvserve.layers.attention import AttentionMetadata, resolve_kv_dtype
 from kvserve.loader import LoadedModel
 
 
@@ -52,8 +52,9 @@ def chunk_nlls(
 ) -> torch.Tensor:
     """Negative log-likelihoods (float64) of every scored token, chunk after chunk.
 
-    kv_cache_dtype "none" attends over the fresh K/V; "auto" or "int8" writes them to a paged
-    cache of that kind first and attends through it, so the cache's precision is what is scored.
+    kv_cache_dtype "none" attends over the fresh K/V; any engine KV cache dtype ("auto", "bfloat16",
+    "int8", ...) writes them to a paged cache of that kind first and attends through it, so the
+    cache's precision is what is scored.
     """
     n_chunks = len(tokens) // ctx
     if n_chunks < 1 or ctx < 4:
@@ -63,9 +64,7 @@ def chunk_nlls(
     device = next(lm.model.parameters()).device
     caches = None
     if kv_cache_dtype != "none":
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise InvalidRequestError(f"kv_cache_dtype must be none, {' or '.join(KV_CACHE_DTYPES)}")
-        kv_dtype = torch.int8 if kv_cache_dtype == "int8" else lm.dtype
+        kv_dtype = resolve_kv_dtype(kv_cache_dtype, lm.dtype)
         caches = allocate_kv_caches(lm.model, batch_chunks * -(-ctx // 16), 16, kv_dtype, device)
     out = []
     for c0 in range(0, n_chunks, batch_chunks):

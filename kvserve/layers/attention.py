@@ -16,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
+from kvserve.config import KV_CACHE_DTYPES
+
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype -> the cache tensors' dtype (int8: quantized with scales)."""
+    if name not in KV_CACHE_DTYPES:
+        from kvserve.errors import InvalidRequestError
+
+        raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return model_dtype if name == "auto" else getattr(torch, name)
 KV_SCALE_DTYPE = torch.float32  # int8 caches: one scale per token per head (what the Triton kernels read)
 
 
@@ -56,9 +66,9 @@ class KVCache:
         return k, v
 
     @staticmethod
-    def bytes_per_token(num_kv_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
-        """Bytes of K and V one token takes in one layer."""
-        if quantized:
+    def bytes_per_token(num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of K and V one token takes in one layer (dtype torch.int8: values plus scales)."""
+        if dtype == torch.int8:
             return 2 * num_kv_heads * (head_dim + torch.empty((), dtype=KV_SCALE_DTYPE).element_size())
         return 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
