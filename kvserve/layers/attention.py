@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvserve.config import KV_CACHE_DTYPES
+from kvserve.kernels import cpu as native_cpu
 
 
 
@@ -110,17 +111,27 @@ class AttentionMetadata:
 
 @dataclass
 class DecodePlan:
-    """The single-token sequences of a batch (decodes), attended together as one padded batch.
+    """The single-token sequences of a batch (decodes), attended together.
 
     Every decode takes this path, alone or batched, so a sequence's numbers do not depend on
-    which path its batch happened to take.
+    which path its batch happened to take. On a CPU with the native kernels they are attended in
+    place in the paged cache; otherwise as one padded, masked SDPA over their gathered blocks.
     """
 
     token_index: torch.Tensor  # [Bd] rows of q/out (one token each)
     seq_index: list[int]  # which sequences they are
-    block_tables: torch.Tensor  # [Bd, nblocks] blocks covering the longest of them
-    mask: torch.Tensor  # [Bd, 1, 1, L] True where a key position is inside the sequence
+    block_tables: torch.Tensor  # [Bd, nblocks] int32, blocks covering the longest of them
+    seq_lens: torch.Tensor  # [Bd] int32
     length: int  # L = nblocks * block_size
+    _mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[Bd, 1, 1, L] True where a key position is inside the sequence (the padded path)."""
+        if self._mask is None:
+            pos = torch.arange(self.length, device=self.seq_lens.device)
+            self._mask = (pos.unsqueeze(0) < self.seq_lens.unsqueeze(1)).view(len(self.seq_index), 1, 1, self.length)
+        return self._mask
 
 
 def decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
@@ -133,15 +144,13 @@ def decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
     device = meta.block_tables.device
     longest = max(meta.seq_lens_cpu[i] for i in seqs)
     nblocks = -(-longest // block_size)
-    length = nblocks * block_size
-    lens = torch.tensor([meta.seq_lens_cpu[i] for i in seqs], device=device)
-    mask = (torch.arange(length, device=device).unsqueeze(0) < lens.unsqueeze(1)).view(len(seqs), 1, 1, length)
+    all_decode = len(seqs) == len(meta.query_lens_cpu)
     meta._decode_plan = DecodePlan(
         token_index=torch.tensor([starts[i] for i in seqs], device=device),
         seq_index=seqs,
-        block_tables=meta.block_tables[seqs, :nblocks].long(),
-        mask=mask,
-        length=length,
+        block_tables=(meta.block_tables if all_decode else meta.block_tables[seqs])[:, :nblocks].contiguous(),
+        seq_lens=meta.seq_lens if all_decode else meta.seq_lens[seqs],
+        length=nblocks * block_size,
     )
     return meta._decode_plan
 
@@ -222,13 +231,16 @@ class TorchAttentionBackend:
         (Measured on 2 Zen 4 cores, 64 x 320 tokens: 9 ms per layer, against 10-14 ms for
         hand-written grouped or block-diagonal batched GEMMs.)
         """
+        qd = q[plan.token_index]  # [Bd, H, D]
+        if native_cpu.decode_attention_supported(qd, kv_cache.k):
+            return native_cpu.paged_decode_attention(qd, kv_cache.k, kv_cache.v, kv_cache.k_scale, kv_cache.v_scale,
+                                                     plan.block_tables, plan.seq_lens, scale).to(q.dtype)
         bd, length = len(plan.seq_index), plan.length
         num_heads, num_kv_heads, d = q.shape[1], kv_cache.k.shape[2], q.shape[2]
-        kk, vv = kv_cache.read(plan.block_tables, q.dtype)
+        kk, vv = kv_cache.read(plan.block_tables.long(), q.dtype)
         kk = kk.view(bd, length, num_kv_heads, d).transpose(1, 2)
         vv = vv.view(bd, length, num_kv_heads, d).transpose(1, 2)
-        qd = q[plan.token_index].unsqueeze(2)  # [Bd, H, 1, D]
-        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=plan.mask, scale=scale,
+        o = F.scaled_dot_product_attention(qd.unsqueeze(2), kk, vv, attn_mask=plan.mask, scale=scale,
                                            enable_gqa=num_kv_heads != num_heads)
         return o.view(bd, num_heads, d)
 

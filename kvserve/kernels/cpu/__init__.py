@@ -1,4 +1,4 @@
-"""Native CPU kernels, compiled once with the system C compiler and called through ctypes.
+"""Native CPU kernels (int8 GEMM, paged decode attention), compiled once with the system C compiler and called through ctypes.
 
 No torch headers are involved, so a build takes about a second; the shared object is cached
 under ``$KVSERVE_CACHE_DIR`` (default ``~/.cache/kvserve``) by a hash of source and flags.
@@ -76,6 +76,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.kv_pack_weight.argtypes = [p, i64, i64, p]
     lib.kv_pack_weight.restype = None
     lib.kv_qgemm.restype = None
+    lib.kv_paged_decode_attention.argtypes = [p, p, p, p, p, ctypes.c_int, p, i64, p, i64, i64, i64, i64, i64,
+                                              ctypes.c_float, p]
+    lib.kv_paged_decode_attention.restype = None
     lib.kv_set_threads.argtypes = [ctypes.c_int]
     lib.kv_set_threads.restype = None
     return lib
@@ -86,6 +89,10 @@ def available() -> bool:
 
 
 _threads = 0
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 GROUP = 32  # activation values per scale
@@ -135,3 +142,34 @@ def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tenso
     y = torch.empty((m, n), dtype=torch.float32)
     lib.kv_qgemm(xq.data_ptr(), dx.data_ptr(), m, k, wp.data_ptr(), dw.data_ptr(), corr.data_ptr(), n, y.data_ptr())
     return y
+
+
+_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (available() and q.device.type == "cpu" and k_cache.dtype in _CACHE_DTYPES and q.shape[-1] % 16 == 0
+            and q.shape[1] % k_cache.shape[2] == 0)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, q [B, H, D] -> [B, H, D] (float32), reading the paged cache
+    [num_blocks, block_size, Hkv, D] in place through block_tables [B, W] int32 and seq_lens [B] int32."""
+    global _threads
+    lib = _lib()
+    assert lib is not None
+    n_threads = torch.get_num_threads()
+    if n_threads != _threads:
+        lib.kv_set_threads(n_threads)
+        _threads = n_threads
+    qf = q.to(torch.float32).contiguous()
+    b, h, d = qf.shape
+    out = torch.empty_like(qf)
+    bt = block_tables.to(torch.int32).contiguous()
+    sl = seq_lens.to(torch.int32).contiguous()
+    lib.kv_paged_decode_attention(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+                                  _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1], sl.data_ptr(), b, h,
+                                  k_cache.shape[2], d, k_cache.shape[1], float(scale), out.data_ptr())
+    return out

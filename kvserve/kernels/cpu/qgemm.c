@@ -132,3 +132,84 @@ void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const in
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Paged decode attention: one query token per sequence, K/V read in place through the block
+ * table (no gathered copy). One (sequence, KV head) pair per task: the scores of all query heads
+ * of the group for the whole context, a float32 softmax, then the weighted sum of V, so each K
+ * and V row is read once per group. The result of a sequence depends only on its own context.
+ * Cache element types: 0 float32, 1 bfloat16, 2 int8 with one float32 scale per token and head.
+ * --------------------------------------------------------------------------------------------- */
+#include <math.h>
+#include <stdlib.h>
+
+static inline __m512 load16(const void *base, int64_t idx, int dtype) {
+    if (dtype == 0) return _mm512_loadu_ps((const float *)base + idx);
+    if (dtype == 1)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + idx))), 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + idx))));
+}
+
+void kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                               const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
+                               const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                               float scale, float *out) {
+    const int64_t group = H / Hkv;
+#pragma omp parallel
+    {
+        int64_t cap = 0;
+        float *scores = NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * Hkv; task++) {
+            const int64_t b = task / Hkv, kvh = task % Hkv;
+            const int64_t L = seq_lens[b];
+            if (L * group > cap) {
+                free(scores);
+                cap = L * group;
+                scores = (float *)malloc(sizeof(float) * cap);
+            }
+            const int32_t *bt = block_tables + b * bt_stride;
+            const float *qb = q + (b * H + kvh * group) * D;
+            /* pass 1: scores[h * L + t] = scale * q_h . k_t */
+            for (int64_t t = 0; t < L; t++) {
+                const int64_t row = ((int64_t)bt[t / bs] * bs + t % bs) * Hkv + kvh;
+                const float ks = dtype == 2 ? k_scale[row] : 1.0f;
+                for (int64_t h = 0; h < group; h++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int64_t d = 0; d < D; d += 16)
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qb + h * D + d), load16(k_cache, row * D + d, dtype), acc);
+                    scores[h * L + t] = _mm512_reduce_add_ps(acc) * ks * scale;
+                }
+            }
+            /* softmax per head */
+            for (int64_t h = 0; h < group; h++) {
+                float *s = scores + h * L, mx = -INFINITY, sum = 0.0f;
+                for (int64_t t = 0; t < L; t++) mx = s[t] > mx ? s[t] : mx;
+                for (int64_t t = 0; t < L; t++) {
+                    s[t] = expf(s[t] - mx);
+                    sum += s[t];
+                }
+                const float inv = 1.0f / sum;
+                for (int64_t t = 0; t < L; t++) s[t] *= inv;
+            }
+            /* pass 2: out_h = sum_t p[h, t] * v_t */
+            for (int64_t h = 0; h < group; h++) {
+                float *o = out + (b * H + kvh * group + h) * D;
+                for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_setzero_ps());
+            }
+            for (int64_t t = 0; t < L; t++) {
+                const int64_t row = ((int64_t)bt[t / bs] * bs + t % bs) * Hkv + kvh;
+                const float vs = dtype == 2 ? v_scale[row] : 1.0f;
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __m512 v = load16(v_cache, row * D + d, dtype);
+                    for (int64_t h = 0; h < group; h++) {
+                        float *o = out + (b * H + kvh * group + h) * D + d;
+                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * L + t] * vs), v, _mm512_loadu_ps(o)));
+                    }
+                }
+            }
+        }
+        free(scores);
+    }
+}
