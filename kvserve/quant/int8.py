@@ -42,14 +42,17 @@ class Int8Weight:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> x @ W^T (+ bias) [..., N] in x's dtype (computed in int8 x int8 -> int32)."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
         if self.native:
             y = native.qgemm(x2, self.q, self.scale, self.corr)
         else:
             y = reference_qgemm(x2, self.q, self.scale)
         if bias is not None:
             y += bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def quantize_groups(x: torch.Tensor, group: int = native.GROUP) -> tuple[torch.Tensor, torch.Tensor]:

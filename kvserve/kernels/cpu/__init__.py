@@ -73,6 +73,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.kv_quantize_act.argtypes = [p, i64, i64, p, p]
     lib.kv_quantize_act.restype = None
     lib.kv_qgemm.argtypes = [p, p, i64, i64, p, p, p, i64, p]
+    lib.kv_linear.argtypes = [p, i64, i64, p, p, p, i64, p]
+    lib.kv_linear.restype = None
     lib.kv_pack_weight.argtypes = [p, i64, i64, p]
     lib.kv_pack_weight.restype = None
     lib.kv_qgemm.restype = None
@@ -136,11 +138,10 @@ def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tenso
     if n_threads != _threads:  # follow torch's setting (--num-threads) without a call per GEMM
         lib.kv_set_threads(n_threads)
         _threads = n_threads
-    xq, dx = quantize_act(x)
     m, k = x.shape
     n = dw.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
-    lib.kv_qgemm(xq.data_ptr(), dx.data_ptr(), m, k, wp.data_ptr(), dw.data_ptr(), corr.data_ptr(), n, y.data_ptr())
+    lib.kv_linear(x.data_ptr(), m, k, wp.data_ptr(), dw.data_ptr(), corr.data_ptr(), n, y.data_ptr())
     return y
 
 

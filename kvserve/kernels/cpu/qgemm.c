@@ -101,6 +101,9 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp) {
 
 #define MR 4
 #define NR 3
+#ifndef PARALLEL_MIN_MACS
+#define PARALLEL_MIN_MACS (1 << 21)
+#endif
 TILE(tile_big, MR, NR)
 TILE(tile_1xNR, 1, NR)
 TILE(tile_MRx1, MR, 1)
@@ -112,7 +115,9 @@ void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const in
               const int32_t *corr, int64_t N, float *y) {
     const int64_t G = (K + GROUP - 1) / GROUP, K4 = G * (GROUP / 4), N16 = (N + 15) / 16, ldx = G * GROUP;
     const int64_t groups = (N16 + NR - 1) / NR;
-#pragma omp parallel for schedule(static)
+    /* small products (one decode token through one layer) run on the calling thread: waking the
+     * pool costs more than it saves and stalls whenever another process holds a core */
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
     for (int64_t gi = 0; gi < groups; gi++) {
         const int64_t b0 = gi * NR, nb = N16 - b0 < NR ? N16 - b0 : NR;
         int64_t m = 0;
@@ -212,4 +217,17 @@ void kv_paged_decode_attention(const float *q, const void *k_cache, const void *
         }
         free(scores);
     }
+}
+
+/* x [M, K] float32 -> y [M, N]: quantize the activations (scratch from the heap) and run kv_qgemm,
+ * in one call from Python. */
+void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const float *dw, const int32_t *corr,
+               int64_t N, float *y) {
+    const int64_t G = (K + GROUP - 1) / GROUP;
+    uint8_t *xq = (uint8_t *)malloc((size_t)(M * G * GROUP));
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * G));
+    kv_quantize_act(x, M, K, xq, dx);
+    kv_qgemm(xq, dx, M, K, wp, dw, corr, N, y);
+    free(xq);
+    free(dx);
 }
