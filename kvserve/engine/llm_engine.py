@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
-import time
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +13,9 @@ from kvserve.config import EngineConfig, parse_bytes
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvserve.engine.policy import make_policy
 from kvserve.engine.request import Request
-from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
@@ -121,7 +121,8 @@ class LLMEngine:
                                  num_host_blocks)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.preemption_mode), self.kv
+                            config.preemption_mode), self.kv,
+            make_policy(config.scheduling_policy, config.scheduling_max_wait),
         )
         self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.lm.dtype, self.device,
                                   num_host_blocks)
@@ -129,6 +130,7 @@ class LLMEngine:
         self._child_group: dict[str, _Group] = {}
         self._aborted: set[str] = set()
         self._counter = 0
+        self.last_schedule: SchedulerOutput | None = None  # the latest step's batch (the simulator calibrates on it)
 
     # -- memory -------------------------------------------------------------------------
 
@@ -258,11 +260,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
+        self.last_schedule = so
         touched: dict[str, _Group] = {}
         if not so.is_empty:
             ro = self.runner.execute(so)
             self.scheduler.update(so)
-            now = time.time()
+            now = self.scheduler.clock()
             for s in so.scheduled:
                 r = s.request
                 group = self._child_group[r.request_id]
@@ -327,6 +330,8 @@ class LLMEngine:
             first_token_time=min((r.first_token_time for r in g.children if r.first_token_time), default=None),
             finish_time=max(finish_times) if all(finish_times) else None,
             num_preemptions=sum(r.num_preemptions for r in g.children),
+            queue_time=max(r.queue_time for r in g.children),
+            num_output_tokens=sum(len(r.output_token_ids) for r in g.children),
         )
         return RequestOutput(
             request_id=g.request_id,

@@ -30,6 +30,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", choices=("recompute", "swap", "auto"), default="recompute")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped-out KV blocks")
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority", "lpf", "mlfq"), default="fcfs",
+                   help="order of admission and preemption: fcfs, priority (lower first), "
+                        "lpf (length-predicted first), mlfq (skip-join multi-level feedback queue)")
+    p.add_argument("--scheduling-max-wait", type=float, default=None,
+                   help="aging: seconds of waiting after which a request outranks all others (lpf, mlfq default 30)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -40,6 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
         preemption_mode=args.preemption_mode, swap_space=args.swap_space,
+        scheduling_policy=args.scheduling_policy, scheduling_max_wait=args.scheduling_max_wait,
     )
 
 
