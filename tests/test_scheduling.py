@@ -384,3 +384,97 @@ def test_cli_flag_reaches_the_engine_config():
     assert kw["scheduling_policy"] == "lpf" and kw["scheduling_max_wait"] == 5.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "hi", "--scheduling-policy", "random"])
+
+
+# -- the simulator ---------------------------------------------------------------------------
+
+
+def _sim(policy: str, work, replicas: int = 1, **kw):
+    from kvserve.sim.cost_model import roofline
+    from kvserve.sim.simulator import SimConfig, Simulator
+
+    cost, _ = roofline("a100", "llama-8b")
+    cfg = SimConfig(num_blocks=kw.pop("num_blocks", 400), block_size=16, max_num_seqs=kw.pop("max_num_seqs", 8),
+                    scheduling_policy=policy, replicas=replicas, **kw)
+    return Simulator(cfg, cost).run(work)
+
+
+def test_simulator_is_deterministic_for_a_seed():
+    from kvserve.sim.workload import synthetic
+
+    for policy in ("fcfs", "lpf", "mlfq", "priority"):
+        a = _sim(policy, synthetic(150, rate=20, seed=3, high_priority_frac=0.2))
+        b = _sim(policy, synthetic(150, rate=20, seed=3, high_priority_frac=0.2))
+        assert a.records == b.records and a.summary == b.summary and a.num_steps == b.num_steps
+        assert len(a.records) == 150
+    c = _sim("fcfs", synthetic(150, rate=20, seed=4))
+    assert c.summary != a.summary
+
+
+def test_simulator_runs_every_request_to_its_length():
+    from kvserve.sim.workload import synthetic
+
+    work = synthetic(120, rate=40, seed=1)
+    for policy in ("fcfs", "lpf", "mlfq"):
+        res = _sim(policy, work, num_blocks=120, preemption_mode="recompute")  # memory pressure: preemptions
+        got = {r.request_id: r.num_output_tokens for r in res.records}
+        assert got == {w.request_id: w.output_len for w in work}
+        for r in res.records:
+            assert r.arrival <= r.first_scheduled <= r.first_token <= r.finish
+    assert _sim("fcfs", work, num_blocks=120).num_preemptions > 0
+
+
+def test_simulated_lpf_beats_fcfs_on_heavy_tailed_lengths():
+    from kvserve.sim.workload import synthetic
+
+    work = synthetic(600, rate=30, seed=0)
+    fcfs, lpf = _sim("fcfs", work).summary, _sim("lpf", work).summary
+    assert lpf["latency_mean_s"] < 0.8 * fcfs["latency_mean_s"]
+    assert abs(lpf["throughput_out_tok_s"] / fcfs["throughput_out_tok_s"] - 1) < 0.05
+
+
+def test_replicas_share_the_load():
+    from kvserve.sim.workload import synthetic
+
+    work = synthetic(200, rate=40, seed=2)
+    one, two = _sim("fcfs", work).summary, _sim("fcfs", work, replicas=2).summary
+    assert two["latency_mean_s"] < one["latency_mean_s"]
+
+
+def test_workload_jsonl_round_trip_and_bad_lines(tmp_path):
+    from kvserve.sim.workload import WorkItem, load_jsonl, save_jsonl, synthetic
+
+    work = synthetic(5, rate=1, seed=0) + [WorkItem(arrival=9.0, output_len=3, prompt_ids=[5, 6, 7], priority=2)]
+    save_jsonl(work, tmp_path / "w.jsonl")
+    back = load_jsonl(tmp_path / "w.jsonl")
+    assert [(w.arrival, w.output_len, w.num_prompt_tokens, w.priority) for w in back] == \
+        [(w.arrival, w.output_len, w.num_prompt_tokens, w.priority) for w in work]
+    (tmp_path / "bad.jsonl").write_text('{"arrival": 0, "prompt_len": 4}\n')
+    with pytest.raises(InvalidRequestError, match="bad.jsonl:1"):
+        load_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_cost_model_fit_recovers_a_linear_law(tmp_path):
+    from kvserve.sim.cost_model import BatchFeatures, LinearCostModel, load_cost_model
+
+    rng = __import__("random").Random(0)
+    samples = []
+    for _ in range(60):
+        f = BatchFeatures(tokens=rng.randint(1, 500), seqs=rng.randint(1, 16), sampled=rng.randint(1, 16),
+                          context=rng.randint(10, 5000), pairs=rng.randint(10, 100000))
+        samples.append((f, 0.01 + 1e-4 * f.tokens + 2e-3 * f.seqs + 1e-6 * f.context))
+    m = LinearCostModel.fit(samples)
+    assert m.r2 > 0.999 and m.coef["tokens"] == pytest.approx(1e-4, rel=1e-3)
+    m.save(tmp_path / "c.json")
+    assert load_cost_model(tmp_path / "c.json").coef == m.coef
+    with pytest.raises(InvalidRequestError, match="calibrate"):
+        load_cost_model(tmp_path / "missing.json")
+
+
+def test_calibration_records_real_steps(tiny):
+    from kvserve.sim.calibrate import calibrate
+
+    eng = _engine(tiny, max_num_seqs=4)
+    m = calibrate(eng, max_seqs=4, prompt_lens=(8, 40), max_tokens=6)
+    assert m.num_samples >= 20 and m.coef["const"] > 0
+    assert not eng.has_unfinished_requests() and "update" not in vars(eng.scheduler)  # the hook is removed

@@ -15,7 +15,7 @@ from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.engine.policy import make_policy
 from kvserve.engine.request import Request
-from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
 from kvserve.executor.model_runner import ModelRunner
@@ -130,7 +130,6 @@ class LLMEngine:
         self._child_group: dict[str, _Group] = {}
         self._aborted: set[str] = set()
         self._counter = 0
-        self.last_schedule: SchedulerOutput | None = None  # the latest step's batch (the simulator calibrates on it)
 
     # -- memory -------------------------------------------------------------------------
 
@@ -260,7 +259,6 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
-        self.last_schedule = so
         touched: dict[str, _Group] = {}
         if not so.is_empty:
             ro = self.runner.execute(so)
