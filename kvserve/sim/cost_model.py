@@ -78,37 +78,30 @@ class LinearCostModel(CostModel):
 
     @classmethod
     def fit(cls, samples: list[tuple[BatchFeatures, float]], source: str = "") -> "LinearCostModel":
-        """Non-negative least squares on relative error, robust to a few outlier steps.
+        """Least squares with non-negative coefficients (features that fit negative are dropped, the rest refitted).
 
-        Relative error because a 20 ms decode step matters as much as a 2 s prefill; features
-        whose coefficient comes out negative are dropped and the rest refitted; then steps whose
-        error is over 4x the median error (another process took the CPU) are dropped once.
+        Absolute, not relative, error: the simulator's job is the sum of step times, and a mean
+        fit keeps the slow steps (another process took the CPU) in the expectation.
         """
         if len(samples) < len(FEATURES):
             raise InvalidRequestError(f"need at least {len(FEATURES)} measured steps to fit, got {len(samples)}")
         X = np.array([f.vector() for f, _ in samples])
         y = np.array([t for _, t in samples])
-        keep = np.ones(len(y), dtype=bool)
-        for _ in range(2):
-            Xw, yw = X[keep] / y[keep, None], np.ones(int(keep.sum()))
-            active = list(range(len(FEATURES)))
-            while True:
-                w, *_ = np.linalg.lstsq(Xw[:, active], yw, rcond=None)
-                neg = [a for a, v in zip(active, w) if v < 0]
-                if not neg or len(active) == 1:
-                    break
-                active.remove(min(neg, key=lambda a: w[active.index(a)]))
-            coef = {k: 0.0 for k in FEATURES}
-            for a, v in zip(active, w):
-                coef[FEATURES[a]] = float(max(v, 0.0))
-            rel = np.abs(X @ np.array([coef[k] for k in FEATURES]) - y) / y
-            keep = rel <= 4 * max(float(np.median(rel)), 1e-3)
-        pred = X[keep] @ np.array([coef[k] for k in FEATURES])
-        yk = y[keep]
-        ss_tot = float(((yk - yk.mean()) ** 2).sum()) or 1.0
-        r2 = 1 - float(((yk - pred) ** 2).sum()) / ss_tot
-        mare = float(np.mean(np.abs(pred - yk) / yk))
-        return cls(coef, r2, mare, int(keep.sum()), source)
+        active = list(range(len(FEATURES)))
+        while True:
+            w, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
+            neg = [a for a, v in zip(active, w) if v < 0]
+            if not neg or len(active) == 1:
+                break
+            active.remove(min(neg, key=lambda a: w[active.index(a)]))
+        coef = {k: 0.0 for k in FEATURES}
+        for a, v in zip(active, w):
+            coef[FEATURES[a]] = float(max(v, 0.0))
+        pred = X @ np.array([coef[k] for k in FEATURES])
+        ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
+        r2 = 1 - float(((y - pred) ** 2).sum()) / ss_tot
+        mare = float(np.mean(np.abs(pred - y) / np.maximum(y, 1e-9)))
+        return cls(coef, r2, mare, len(samples), source)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
