@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import TINY_VOCAB, make_tiny_hf, random_ids
@@ -481,3 +483,21 @@ def test_calibration_records_real_steps(tiny):
 
     assert m.step_time(BatchFeatures(tokens=1, seqs=1, sampled=1, context=10, pairs=10)) > 0
     assert not eng.has_unfinished_requests() and "update" not in vars(eng.scheduler)  # the hook is removed
+
+
+def test_simulate_command(tmp_path, capsys):
+    from kvserve.entrypoints.cli import main
+    from kvserve.sim.workload import save_jsonl, synthetic
+
+    save_jsonl(synthetic(40, rate=20, seed=0), tmp_path / "w.jsonl")
+    argv = ["simulate", "--hardware", "a100", "--sim-model", "llama-8b", "--workload", str(tmp_path / "w.jsonl"),
+            "--max-num-seqs", "4", "--policies", "fcfs,lpf", "--json"]
+    assert main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["policy"] for x in lines] == ["fcfs", "lpf"] and all(x["requests"] == 40 for x in lines)
+    assert main(argv) == 0
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == lines  # deterministic
+    assert main(["simulate", "--cost-model", str(tmp_path / "none.json")]) == 2
+    assert "calibrate" in capsys.readouterr().err
+    assert main(["simulate", "--hardware", "tpu"]) == 2
+    assert main(["simulate", "--hardware", "a100", "--workload", str(tmp_path / "nope.jsonl")]) == 2
