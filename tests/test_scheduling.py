@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import TINY_VOCAB, make_tiny_hf, random_ids
 from kvserve import SamplingParams
@@ -17,6 +19,7 @@ from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.loader import load_model
+from test_kv_cache import FakeRunner
 
 
 class Clock:
@@ -501,3 +504,58 @@ def test_simulate_command(tmp_path, capsys):
     assert "calibrate" in capsys.readouterr().err
     assert main(["simulate", "--hardware", "tpu"]) == 2
     assert main(["simulate", "--hardware", "a100", "--workload", str(tmp_path / "nope.jsonl")]) == 2
+
+
+# -- random workloads under every policy: block invariants, nothing lost, no livelock ----------
+
+
+_op = st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 24), st.integers(1, 24), st.integers(0, 3), st.integers(1, 2)),
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, min_size=1, max_size=40), policy=st.sampled_from(["priority", "lpf", "mlfq"]),
+       num_blocks=st.integers(6, 24), max_seqs=st.sampled_from([1, 2, 4]), budget=st.sampled_from([4, 16, 64]),
+       mode=st.sampled_from(["recompute", "swap"]), caching=st.booleans())
+def test_random_workloads_under_policies_keep_invariants(tiny, ops, policy, num_blocks, max_seqs, budget, mode,
+                                                         caching):
+    m = tiny.config
+    per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
+    eng = LLMEngine(loaded=tiny, kv_cache_memory=num_blocks * per_block, block_size=4, max_num_batched_tokens=budget,
+                    max_num_seqs=max_seqs, preemption_mode=mode, swap_space=12 * per_block,
+                    enable_prefix_caching=caching, scheduling_policy=policy)
+    eng.runner = FakeRunner(eng)
+    ids, finished = [], set()
+
+    def step() -> None:
+        for out in eng.step():
+            if out.finished:
+                assert out.request_id not in finished
+                finished.add(out.request_id)
+        eng.kv.check_invariants()
+
+    for o in ops:
+        if o[0] == "add":
+            _, plen, max_tokens, prio, n = o
+            rid = f"q{len(ids)}"
+            try:
+                eng.add_request(rid, list(range(1, plen + 1)),
+                                SamplingParams(max_tokens=max_tokens, n=n, ignore_eos=True, priority=prio))
+                ids.append(rid)
+            except InvalidRequestError:
+                pass
+        elif o[0] == "abort" and ids:
+            eng.abort_request(ids[o[1] % len(ids)])
+        else:
+            for _ in range(o[1]):
+                step()
+    for _ in range(5000):
+        if not eng.has_unfinished_requests():
+            break
+        step()
+    assert not eng.has_unfinished_requests(), "livelock"
+    assert finished == set(ids)
+    assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.swapped
