@@ -14,7 +14,7 @@ word, yes/no) mixed with prompts that ask for long answers; greedy, ending at EO
   3. the simulator, calibrated on pass 0 only, replays step 1's workload for each policy.
 
 Prints a table per part and one JSON line last. Usage:
-    python benchmarks/scheduling.py [--num-requests 40] [--seats 8] [--load 0.85] [--cap 512]
+    python benchmarks/scheduling.py [--num-requests 48] [--seats 4] [--load 0.9] [--cap 512]
                                     [--policies fcfs,lpf] [--seed 0] [--no-priority]
 """
 
@@ -158,10 +158,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--num-requests", type=int, default=40)
-    ap.add_argument("--long-frac", type=float, default=0.25)
-    ap.add_argument("--seats", type=int, default=8, help="max_num_seqs: the engine's concurrency")
-    ap.add_argument("--load", type=float, default=0.85, help="arrival rate as a share of measured capacity")
+    ap.add_argument("--num-requests", type=int, default=48)
+    ap.add_argument("--long-frac", type=float, default=0.15)
+    ap.add_argument("--seats", type=int, default=4, help="max_num_seqs: the engine's concurrency")
+    ap.add_argument("--load", type=float, default=0.9, help="arrival rate as a share of measured capacity")
     ap.add_argument("--cap", type=int, default=512, help="max_tokens")
     ap.add_argument("--policies", default="fcfs,lpf")
     ap.add_argument("--max-wait", type=float, default=None, help="aging bound (s); default: the policy's")
@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 keeps step times steady on a CPU shared with other jobs")
+    ap.add_argument("--save-workload", default=None, help="write step 1's workload as JSONL (for kvserve simulate)")
     ap.add_argument("--no-priority", action="store_true")
     ap.add_argument("--no-sim", action="store_true")
     args = ap.parse_args()
@@ -224,7 +225,12 @@ def main() -> None:
     order = rng.permutation(len(ids))
     work = [WorkItem(float(a), out_len[f"r{j}"], prompt_ids=ids[j], request_id=f"r{j}", kind=prompts[j][0],
                      max_tokens=args.cap) for a, j in zip(arrivals, order)]
-    real, taus, mismatched = {}, {}, {}
+    if args.save_workload:
+        from kvserve.sim.workload import save_jsonl
+
+        save_jsonl(work, args.save_workload)
+    kind = {w.request_id: w.kind for w in work}
+    real, taus, mismatched, by_kind = {}, {}, {}, {}
     print(f"\nreal engine, {len(work)} Poisson arrivals at {rate:.3f} req/s ({args.load:.0%} of capacity), "
           f"{args.seats} seats, preemption {args.preemption_mode}")
     print(HEADER)
@@ -233,6 +239,8 @@ def main() -> None:
         recs, _ = run_open_loop(eng, work, params)
         real[name] = summarize(recs)
         mismatched[name] = sum(r.num_output_tokens != out_len[r.request_id] for r in recs)
+        by_kind[name] = {k: round(float(np.mean([r.latency for r in recs if kind[r.request_id] == k])), 3)
+                         for k in ("short", "long") if any(kind[r.request_id] == k for r in recs)}
         if name == "lpf":
             taus[name] = kendall_tau([r.predicted_output_tokens for r in recs], [r.num_output_tokens for r in recs])
             late = recs[len(recs) // 2:]  # after the predictor has seen some finished requests
@@ -245,7 +253,8 @@ def main() -> None:
                                 f"EOS or cap {args.cap}, Poisson at {args.load:.0%} of capacity, {args.seats} seats, "
                                 f"{args.dtype}, {torch.get_num_threads()} threads",
                     "capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4),
-                    "real": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in real.items()}}
+                    "real": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in real.items()},
+                    "latency_mean_by_prompt_kind_s": by_kind}
     if "fcfs" in real and "lpf" in real:
         f, lp = real["fcfs"], real["lpf"]
         result["lpf_vs_fcfs"] = {

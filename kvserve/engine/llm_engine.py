@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import time
 from dataclasses import dataclass
 
 import torch
@@ -263,7 +264,7 @@ class LLMEngine:
         if not so.is_empty:
             ro = self.runner.execute(so)
             self.scheduler.update(so)
-            now = self.scheduler.clock()
+            now = time.time()
             for s in so.scheduled:
                 r = s.request
                 group = self._child_group[r.request_id]
