@@ -154,6 +154,34 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
             "n": len(sat)}
 
 
+def sim_sweep(cost, cfg_kwargs: dict, work, capacity: float, loads: tuple[float, ...], n: int, seed: int,
+              policies: tuple[str, ...] = ("fcfs", "lpf", "mlfq")) -> dict:
+    """What-if at a scale too slow to run here: n requests whose answer lengths are resampled from the
+    measured ones per prompt kind, with stand-in prompts that share only a kind marker (so the lpf
+    predictor can learn the kind, never an exact prompt), Poisson at each load x capacity."""
+    from kvserve.sim.simulator import SimConfig, Simulator
+    from kvserve.sim.workload import WorkItem
+
+    rng = np.random.default_rng(seed + 2)
+    kinds = [w.kind for w in work]
+    by_kind = {k: [w.output_len for w in work if w.kind == k] for k in set(kinds)}
+    plens = [w.num_prompt_tokens for w in work]
+    out = {}
+    for load in loads:
+        arrivals = np.cumsum(rng.exponential(1.0 / (load * capacity), size=n))
+        items = []
+        for i, a in enumerate(arrivals):
+            k = kinds[rng.integers(len(kinds))]
+            items.append(WorkItem(float(a), int(rng.choice(by_kind[k])), prompt_len=int(rng.choice(plens)),
+                                  request_id=f"s{i}", kind=k, max_tokens=work[0].max_tokens))
+        res = {p: Simulator(SimConfig(scheduling_policy=p, **cfg_kwargs), cost).run(items).summary for p in policies}
+        out[load] = {p: {k: round(res[p][k], 3) for k in ("latency_mean_s", "latency_p99_s", "ttft_mean_s",
+                                                           "normalized_latency_mean_s", "worst_wait_s",
+                                                           "throughput_out_tok_s")} for p in policies}
+        out[load]["lpf_mean_latency_cut"] = round(1 - res["lpf"]["latency_mean_s"] / res["fcfs"]["latency_mean_s"], 4)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -164,7 +192,9 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=0.9, help="arrival rate as a share of measured capacity")
     ap.add_argument("--cap", type=int, default=512, help="max_tokens")
     ap.add_argument("--policies", default="fcfs,lpf")
-    ap.add_argument("--max-wait", type=float, default=None, help="aging bound (s); default: the policy's")
+    ap.add_argument("--max-wait", type=float, default=120.0,
+                    help="aging bound (s) for lpf/mlfq; on this CPU a long answer alone takes over a minute, "
+                         "and an aging bound below the service time turns lpf into fcfs under load")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--preemption-mode", default="swap", help="swap: on CPU a preemption is a memcpy")
@@ -175,6 +205,7 @@ def main() -> None:
     ap.add_argument("--save-workload", default=None, help="write step 1's workload as JSONL (for kvserve simulate)")
     ap.add_argument("--no-priority", action="store_true")
     ap.add_argument("--no-sim", action="store_true")
+    ap.add_argument("--sweep-requests", type=int, default=400, help="simulated what-if size (0: skip)")
     args = ap.parse_args()
 
     from kvserve import SamplingParams
@@ -297,6 +328,23 @@ def main() -> None:
                                    "throughput_out_tok_s": round(s["throughput_out_tok_s"], 2),
                                    "latency_error": round(lat_err, 4), "throughput_error": round(tput_err, 4)}
             print(fmt_row(name, s) + f" {100 * lat_err:+7.1f}% {100 * tput_err:+7.1f}%")
+    # 4. what-if at scale, on the same calibration
+    if not args.no_sim and args.sweep_requests:
+        loads = (0.8, 0.9, 0.95)
+        sweep = sim_sweep(cost, dict(num_blocks=cfg.num_blocks, block_size=cfg.block_size, max_num_seqs=args.seats,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                     max_model_len=cfg.max_model_len, preemption_mode=args.preemption_mode,
+                                     num_host_blocks=cfg.num_host_blocks, scheduling_max_wait=args.max_wait),
+                          work, capacity, loads, args.sweep_requests, args.seed)
+        result["sim_sweep"] = {str(k): v for k, v in sweep.items()}
+        print(f"\nsimulated what-if: {args.sweep_requests} requests, lengths resampled per prompt kind")
+        print(f"{'load':>5} {'fcfs lat':>9} {'lpf lat':>8} {'mlfq lat':>9} {'lpf cut':>8} {'fcfs norm':>9} "
+              f"{'lpf norm':>9} {'lpf worst wait':>14}")
+        for load, v in sweep.items():
+            print(f"{load:5.2f} {v['fcfs']['latency_mean_s']:9.2f} {v['lpf']['latency_mean_s']:8.2f} "
+                  f"{v['mlfq']['latency_mean_s']:9.2f} {100 * v['lpf_mean_latency_cut']:7.1f}% "
+                  f"{v['fcfs']['normalized_latency_mean_s']:9.3f} {v['lpf']['normalized_latency_mean_s']:9.3f} "
+                  f"{v['lpf']['worst_wait_s']:14.2f}")
     result["bench_seconds"] = round(time.time() - t_start, 1)
     print(json.dumps(result))
 

@@ -16,6 +16,8 @@ Aging (lpf, mlfq; optional for priority): a request whose total time in the wait
 reaches `max_wait` seconds becomes "aged" for the rest of its life. Aged requests rank before
 every other one, in arrival order, and cannot be preempted by a non-aged one, so no request
 waits much longer than `max_wait` plus the time for the aged requests ahead of it to get a seat.
+The bound is a trade-off: once most waiting requests are aged, lpf and mlfq order like fcfs, so
+`max_wait` should sit well above the service time of a long request on the hardware at hand.
 """
 
 from __future__ import annotations
