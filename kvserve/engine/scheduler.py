@@ -165,7 +165,8 @@ class Scheduler:
                 self.waiting = deque(sorted(self.waiting, key=key))
         policy_preempted = len(out.preempted)
 
-        # 1. Running requests, oldest first; preempt from the back when blocks run out.
+        # 1. Running requests in order (fcfs: oldest first; else by policy key); preempt from the back
+        # (the newest, or the worst-ranked) when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
