@@ -60,6 +60,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # recompute | swap | auto (swap long requests, recompute short)
     swap_space: int | str = "1GiB"  # host pool for swap preemption
+    scheduling_policy: str = "fcfs"  # fcfs | priority | lpf | mlfq (engine/policy.py)
+    scheduling_max_wait: float | None = None  # aging bound in seconds; None: the policy's default
     num_threads: int | None = None
     seed: int = 0
     attention_backend: str = "auto"  # auto (triton on CUDA when installed) | torch | triton

@@ -9,7 +9,7 @@ from kvserve.errors import InvalidRequestError
 _FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "logit_bias", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
-    "ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output",
+    "ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output", "priority",
 )
 
 
@@ -38,6 +38,7 @@ class SamplingParams:
         prompt_logprobs: int | None = None,
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        priority: int = 0,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -61,6 +62,7 @@ class SamplingParams:
         self.prompt_logprobs = prompt_logprobs
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str_in_output = include_stop_str_in_output
+        self.priority = priority  # scheduling priority (policy "priority"): lower runs first
         self._validate()
 
     def _validate(self) -> None:
@@ -92,6 +94,8 @@ class SamplingParams:
                 bad(f"{name} must be an integer in [0, 20], got {v}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            bad(f"priority must be an integer, got {self.priority!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a non-empty string or a list of them")
 

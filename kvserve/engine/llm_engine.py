@@ -14,6 +14,7 @@ from kvserve.config import EngineConfig, parse_bytes
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvserve.engine.policy import make_policy
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
@@ -131,7 +132,8 @@ class LLMEngine:
                                  num_host_blocks)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.preemption_mode), self.kv
+                            config.preemption_mode), self.kv,
+            make_policy(config.scheduling_policy, config.scheduling_max_wait),
         )
         graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
         self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype, self.device,
@@ -341,6 +343,8 @@ class LLMEngine:
             first_token_time=min((r.first_token_time for r in g.children if r.first_token_time), default=None),
             finish_time=max(finish_times) if all(finish_times) else None,
             num_preemptions=sum(r.num_preemptions for r in g.children),
+            queue_time=max(r.queue_time for r in g.children),
+            num_output_tokens=sum(len(r.output_token_ids) for r in g.children),
         )
         return RequestOutput(
             request_id=g.request_id,

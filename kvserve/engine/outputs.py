@@ -27,6 +27,8 @@ class RequestMetrics:
     first_token_time: float | None
     finish_time: float | None
     num_preemptions: int = 0
+    queue_time: float = 0.0  # seconds spent waiting: before first scheduled and after each preemption
+    num_output_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -35,6 +37,12 @@ class RequestMetrics:
     @property
     def e2e(self) -> float | None:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+    @property
+    def normalized_latency(self) -> float | None:
+        """End-to-end seconds per output token."""
+        e2e = self.e2e
+        return None if e2e is None or self.num_output_tokens == 0 else e2e / self.num_output_tokens
 
 
 @dataclass

@@ -71,6 +71,14 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
+        # scheduling policy state: static priority (lower first), the lpf prediction, aging
+        self.priority = params.priority
+        self.predicted_output_tokens: float | None = None
+        self.aged = False
+        # waiting-time bookkeeping: closed intervals summed in queue_time; the open one starts at
+        # queued_since (None while running or finished)
+        self.queue_time = 0.0
+        self.queued_since: float | None = self.arrival_time
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +91,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def waited(self, now: float) -> float:
+        """Total seconds spent in the waiting queue so far (first admission and after preemptions)."""
+        return self.queue_time + (now - self.queued_since if self.queued_since is not None else 0.0)
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

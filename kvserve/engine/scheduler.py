@@ -6,6 +6,11 @@ with `num_tokens`, cut to the remaining budget (`max_num_batched_tokens`). A lon
 therefore runs in chunks beside everyone else's decodes. When blocks run out, the most
 recently admitted running request is preempted: its blocks are freed and it is recomputed
 later, or (preemption_mode swap/auto) its blocks are copied to a host pool and back.
+
+A SchedulingPolicy (engine/policy.py) only decides order: fcfs keeps the queues as they are;
+the others sort both queues by the policy's key each step, so the budget goes to the best-ranked
+requests first and memory preemption takes the worst-ranked one, and a preemptive policy may
+evict a worse-ranked running request to give its seat and blocks to a better-ranked waiting one.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvserve.engine.kv_cache import KVCacheManager
+from kvserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from kvserve.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -62,9 +69,12 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.kv = kv
+        self.policy = policy or FCFSPolicy()
+        self.clock = clock  # the simulator drives the same scheduler on a virtual clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -72,6 +82,7 @@ class Scheduler:
         self.num_swaps = 0
 
     def add(self, req: Request) -> None:
+        self.policy.on_add(req)
         self.waiting.append(req)
         self.requests[req.request_id] = req
 
@@ -82,19 +93,27 @@ class Scheduler:
         """Finish (or abort) a request anywhere in its life; frees its blocks."""
         if req.is_finished:
             return
+        now = self.clock()
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
+        if req.queued_since is not None:
+            req.queue_time += max(now - req.queued_since, 0.0)
+            req.queued_since = None
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        req.finish_time = time.time()
+        req.finish_time = now
         self.requests.pop(req.request_id, None)
+        if reason != "abort":
+            self.policy.on_finish(req)
 
-    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, victim: Request, out: SchedulerOutput, now: float) -> None:
         victim.num_preemptions += 1
         self.num_preemptions += 1
+        victim.queued_since = now
+        out.preempted.append(victim.request_id)
         mode = self.config.preemption_mode
         if mode == "swap" or (mode == "auto" and victim.num_computed_tokens >= self.config.swap_min_tokens):
             mapping = self.kv.swap_out(victim)
@@ -110,20 +129,51 @@ class Scheduler:
         victim.num_computed_tokens = 0
         self.waiting.appendleft(victim)
 
+    def _make_room(self, out: SchedulerOutput, now: float) -> None:
+        """Preemptive policies: evict worse-ranked running requests for the seats and blocks of better-ranked waiting ones.
+
+        Runs before the running requests are scheduled, so no victim is already in this step's
+        batch. Block needs are estimated without prefix hits (conservative); what one candidate
+        claims is reserved so the next candidate does not count the same seat or blocks.
+        """
+        cfg, pool = self.config, self.kv.pool
+        seats, blocks = 0, 0  # reserved for candidates already placed
+        for cand in list(self.waiting):  # sorted by key; victims appended meanwhile are not candidates
+            if cand.wait_for is not None:
+                continue
+            n = min(cand.num_tokens - cand.num_computed_tokens, cfg.max_num_batched_tokens)
+            base = cand.num_computed_tokens if cand.status == RequestStatus.SWAPPED else 0
+            need = self.kv.blocks_needed(base + n)
+            while len(self.running) + seats >= cfg.max_num_seqs or pool.num_free_blocks - blocks < need:
+                if not self.running or not self.policy.should_preempt(cand, self.running[-1], now):
+                    return  # candidates are in rank order: a worse one will not preempt either
+                self._preempt(self.running.pop(), out, now)
+            seats += 1
+            blocks += need
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        now = time.time()
+        now = self.clock()
 
-        # 1. Running requests, oldest first; preempt from the back when blocks run out.
+        if self.policy.reorders:
+            key = lambda r: self.policy.key(r, now)  # noqa: E731
+            self.running.sort(key=key)  # stable: equal keys keep their order
+            self.waiting = deque(sorted(self.waiting, key=key))
+            if self.policy.preemptive and self.waiting and self.running:
+                self._make_room(out, now)
+                self.waiting = deque(sorted(self.waiting, key=key))
+        policy_preempted = len(out.preempted)
+
+        # 1. Running requests in order (fcfs: oldest first; else by policy key); preempt from the back
+        # (the newest, or the worst-ranked) when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
-                self._preempt(victim, out)
-                out.preempted.append(victim.request_id)
+                self._preempt(victim, out, now)
                 if victim is req:
                     break
             else:
@@ -134,8 +184,8 @@ class Scheduler:
             break  # req itself was preempted: it was the last running request
 
         # 2. Waiting requests in order, while budget, seats and blocks last. No admissions in a
-        # step that had to preempt: memory is short, admitting would only thrash.
-        if not out.preempted:
+        # step that had to preempt for memory: memory is short, admitting would only thrash.
+        if len(out.preempted) == policy_preempted:
             skipped: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
@@ -159,6 +209,9 @@ class Scheduler:
                     if not self.kv.allocate_slots(req, n, computed):
                         break
                 self.waiting.popleft()
+                if req.queued_since is not None:
+                    req.queue_time += max(now - req.queued_since, 0.0)
+                    req.queued_since = None
                 req.num_computed_tokens = num_cached
                 if req.status == RequestStatus.WAITING:
                     req.num_cached_tokens = num_cached

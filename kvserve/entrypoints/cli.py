@@ -14,6 +14,8 @@ from pathlib import Path
 from kvserve.config import KV_CACHE_DTYPES
 from kvserve.errors import InvalidRequestError, KVServeError
 
+DEFAULT_COST_MODEL = Path.home() / ".cache" / "kvserve" / "cost_model.json"
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, spelled as vLLM spells them."""
@@ -39,6 +41,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
                    help="auto: Triton kernels on CUDA when triton is installed, else torch")
     p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority", "lpf", "mlfq"), default="fcfs",
+                   help="order of admission and preemption: fcfs, priority (lower first), "
+                        "lpf (length-predicted first), mlfq (skip-join multi-level feedback queue)")
+    p.add_argument("--scheduling-max-wait", type=float, default=None,
+                   help="aging: seconds of waiting after which a request outranks all others (lpf, mlfq default 30)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -50,6 +57,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
         preemption_mode=args.preemption_mode, swap_space=args.swap_space,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        scheduling_policy=args.scheduling_policy, scheduling_max_wait=args.scheduling_max_wait,
     )
 
 
@@ -99,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
     sv.add_argument("--uvicorn-log-level", default="warning")
+
+    sim = sub.add_parser("simulate", help="serving simulator: the real scheduler on a calibrated or roofline step-time model")
+    add_engine_args(sim)
+    sim.add_argument("--calibrate", action="store_true", help="measure engine steps on this machine and save the model")
+    sim.add_argument("--cost-model", default=str(DEFAULT_COST_MODEL), help="calibrated model file (JSON)")
+    sim.add_argument("--hardware", default=None, help="roofline model instead: h100 | h200 | a100 | l4")
+    sim.add_argument("--sim-model", default="smollm2-135m", help="model shape for --hardware: smollm2-135m | llama-8b | llama-70b")
+    sim.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (roofline)")
+    sim.add_argument("--replicas", type=int, default=1)
+    sim.add_argument("--workload", default=None, help="JSONL workload; default: synthetic")
+    sim.add_argument("--num-requests", type=int, default=500)
+    sim.add_argument("--rate", type=float, default=1.0, help="synthetic arrivals per second")
+    sim.add_argument("--rate-scale", type=float, default=1.0, help="compress arrivals: 10 = a 10x traffic peak")
+    sim.add_argument("--short-frac", type=float, default=0.7, help="synthetic share of short answers")
+    sim.add_argument("--max-tokens", type=int, default=512)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--policies", default=None, help="comma-separated policies to compare (default: --scheduling-policy)")
+    sim.add_argument("--json", action="store_true", help="print one JSON line per policy")
 
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -298,11 +324,78 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from kvserve.config import parse_bytes
+    from kvserve.sim import cost_model as cm
+    from kvserve.sim.simulator import SimConfig, Simulator
+    from kvserve.sim.workload import load_jsonl, scale_rate, synthetic
+
+    if args.calibrate:
+        from kvserve.engine.llm_engine import LLMEngine
+        from kvserve.sim.calibrate import calibrate
+
+        engine = LLMEngine(**engine_kwargs(args))
+        model = calibrate(engine, seed=args.seed, max_seqs=min(args.max_num_seqs, 32))
+        model.save(args.cost_model)
+        print(model.describe())
+        print(f"saved to {args.cost_model}")
+        return 0
+    if args.hardware:
+        cost, kv_bytes = cm.roofline(args.hardware, args.sim_model, tensor_parallel=args.tensor_parallel_size)
+        kv_per_token = cost.kv_bytes_per_token
+    else:
+        cost = cm.load_cost_model(args.cost_model)
+        kv_bytes = 2**30
+        m = cm.MODELS["smollm2-135m"]
+        kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * 4  # float32, as calibrated
+    if args.kv_cache_memory is not None:
+        try:
+            kv_bytes = parse_bytes(args.kv_cache_memory)
+        except ValueError:
+            raise InvalidRequestError(f"kv_cache_memory: cannot parse {args.kv_cache_memory!r}") from None
+    num_blocks = int(kv_bytes // (kv_per_token * args.block_size))
+    if num_blocks < 1:
+        raise InvalidRequestError("the KV cache holds no block; raise --kv-cache-memory")
+    if args.workload:
+        work = load_jsonl(args.workload)
+    else:
+        work = synthetic(args.num_requests, args.rate, seed=args.seed, short_frac=args.short_frac,
+                         max_tokens=args.max_tokens)
+    work = scale_rate(work, args.rate_scale)
+    policies = args.policies.split(",") if args.policies else [args.scheduling_policy]
+    print(cost.describe(), file=sys.stderr)
+    print(f"{len(work)} requests, {args.replicas} replica(s), {num_blocks} KV blocks of {args.block_size} per replica",
+          file=sys.stderr)
+    header = f"{'policy':8} {'req/s':>7} {'tok/s':>8} {'lat mean':>9} {'lat p99':>8} {'ttft mean':>9} " \
+             f"{'norm lat':>9} {'worst wait':>10} {'kv mean':>7} {'preempt':>7}"
+    if not args.json:
+        print(header)
+    for name in policies:
+        cfg = SimConfig(num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len or 8192, preemption_mode=args.preemption_mode,
+                        enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=name.strip(),
+                        scheduling_max_wait=args.scheduling_max_wait, replicas=args.replicas)
+        res = Simulator(cfg, cost).run(work)
+        s = res.summary
+        if args.json:
+            print(json.dumps({"policy": name, **{k: round(v, 4) for k, v in s.items()},
+                              "kv_usage_mean": round(res.kv_usage_mean, 4), "kv_usage_max": round(res.kv_usage_max, 4),
+                              "preemptions": res.num_preemptions}))
+        else:
+            print(f"{name:8} {s['throughput_req_s']:7.2f} {s['throughput_out_tok_s']:8.1f} {s['latency_mean_s']:9.2f} "
+                  f"{s['latency_p99_s']:8.2f} {s['ttft_mean_s']:9.2f} {s['normalized_latency_mean_s']:9.3f} "
+                  f"{s['worst_wait_s']:10.2f} {res.kv_usage_mean:7.2f} {res.num_preemptions:7d}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve}
+    commands = {"generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve, "simulate": _cmd_simulate}
     try:
         if args.command == "eval" and args.eval_command == "ppl":
             return _cmd_ppl(args)

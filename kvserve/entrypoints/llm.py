@@ -27,8 +27,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: int | Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; results in input order."""
+        """Run every prompt to completion; results in input order. `priority`: per prompt, lower runs first."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt
         prompts = list(prompts)
@@ -40,6 +41,11 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if priority is not None:
+            prios = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
+            if len(prios) != len(prompts):
+                raise InvalidRequestError(f"{len(prompts)} prompts but {len(prios)} priorities")
+            params = [sp.clone(priority=p) for sp, p in zip(params, prios)]
         ids = []
         try:
             for p, sp in zip(prompts, params):

@@ -39,6 +39,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0  # scheduling priority (--scheduling-policy priority): lower runs first
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                         default_max_tokens: int | None = None) -> SamplingParams:
@@ -68,6 +69,7 @@ class _Common(BaseModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            priority=self.priority,
         )
 
 

@@ -1,0 +1,76 @@
+"""Measure real engine steps and fit the simulator's step-time model to them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.engine.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.sim.cost_model import BatchFeatures, LinearCostModel, batch_features
+
+logger = logging.getLogger(__name__)
+
+
+class StepRecorder:
+    """Times `engine.step()` and keeps (batch features, seconds) per step that ran a batch."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.samples: list[tuple[BatchFeatures, float]] = []
+        self._pending: BatchFeatures | None = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["StepRecorder"]:
+        """Read each step's batch in the scheduler's update (before computed counts move)."""
+        sched = self.engine.scheduler
+        original = sched.update
+
+        def update(so):  # type: ignore[no-untyped-def]
+            self._pending = batch_features(so) if so.scheduled else None
+            original(so)
+
+        sched.update = update  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            del sched.update  # back to the class's method
+
+    def step(self) -> list[RequestOutput]:
+        self._pending = None
+        t0 = time.perf_counter()
+        outs = self.engine.step()
+        dt = time.perf_counter() - t0
+        if self._pending is not None:
+            self.samples.append((self._pending, dt))
+        return outs
+
+
+def calibrate(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None, prompt_lens: tuple[int, ...] = (16, 96, 384),
+              max_tokens: int = 24) -> LinearCostModel:
+    """Run batches of 1..max_seqs synthetic requests (several prompt lengths) and fit the linear model."""
+    rng = np.random.default_rng(seed)
+    vocab = engine.lm.config.vocab_size
+    top = max_seqs or engine.config.max_num_seqs
+    sizes = sorted({1, 2, 4, 8, 16, 32, 64, top} & set(range(1, top + 1)))
+    rec = StepRecorder(engine)
+    engine.add_request("calib-warmup", [1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    with rec.attached():
+        for b in sizes:
+            for plen in prompt_lens:
+                for i in range(b):
+                    ids = rng.integers(100, vocab - 100, size=plen).tolist()
+                    n = int(rng.integers(max_tokens // 2, max_tokens + 1))
+                    engine.add_request(f"calib-{b}-{plen}-{i}", ids,
+                                       SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+                while engine.has_unfinished_requests():
+                    rec.step()
+            logger.info("calibrated batch size %d: %d steps so far", b, len(rec.samples))
+    return LinearCostModel.fit(rec.samples, source=f"kvserve simulate --calibrate, batch sizes {sizes}")
