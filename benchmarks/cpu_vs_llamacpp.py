@@ -28,6 +28,7 @@ import time
 PROMPT1, NEW1 = 128, 128
 PROMPT_LONG = 512
 NSEQ, PROMPT_B, NEW_B = 64, 128, 128
+N_CTX = NSEQ * (PROMPT_B + NEW_B) + 256  # KV room of both engines, in tokens
 
 
 def token_pool(n: int) -> list[int]:
@@ -66,8 +67,10 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
     from kvserve.engine.llm_engine import LLMEngine
 
     torch.set_num_threads(threads)
-    eng = LLMEngine(model=model, num_threads=threads, quantization=quantization, kv_cache_memory="1GiB",
-                    max_num_seqs=NSEQ, max_num_batched_tokens=2048, enable_prefix_caching=False)
+    # the same KV room as the llama.cpp context below (n_ctx tokens of f16 K/V): bfloat16, sized alike
+    eng = LLMEngine(model=model, num_threads=threads, quantization=quantization, kv_cache_dtype="bfloat16",
+                    kv_cache_memory=N_CTX * 23040, max_num_seqs=NSEQ, max_num_batched_tokens=2048,
+                    enable_prefix_caching=False)
 
     def run(batch: list[list[int]], new: int) -> tuple[float, float]:
         """Wall time to the first token of the last sequence and to the end."""
@@ -118,7 +121,7 @@ def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
     mparams = lc.llama_model_default_params()
     lm = lc.llama_model_load_from_file(model.encode(), mparams)
     cparams = lc.llama_context_default_params()
-    cparams.n_ctx = NSEQ * (PROMPT_B + NEW_B) + 256
+    cparams.n_ctx = N_CTX
     cparams.n_batch = 2048
     cparams.n_ubatch = 512
     cparams.n_seq_max = NSEQ

@@ -9,6 +9,11 @@ same run, for the server/offline ratio. Prints one JSON line last.
 
     python benchmarks/serve.py --launch                       # kvserve server + offline baseline
     python benchmarks/serve.py --base-url http://host:8080    # any other OpenAI-compatible server
+    python benchmarks/serve.py --vs-llamacpp                  # llama.cpp's server, then kvserve's, same run
+
+With --vs-llamacpp (needs `pip install -e .[bench]`) both servers get the same text prompts (real
+English, tokenized identically by both) and `min_tokens = max_tokens` so neither stops early;
+their output tok/s, TTFT and peak RSS are printed side by side with the kvserve/llama.cpp ratios.
 """
 
 from __future__ import annotations
@@ -40,9 +45,23 @@ def workload(n: int, in_len: int, out_len: int, seed: int) -> list[tuple[list[in
     return [(rng.integers(100, 49000, size=in_len).tolist(), out_len) for _ in range(n)]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: list[int], max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+def text_workload(n: int, in_len: int, out_len: int, model: str | None) -> list[tuple[str, int]]:
+    """Prompts of about in_len tokens cut from English prose (the Python reference manual)."""
+    from pydoc_data.topics import topics
+
+    from kvserve.loader import default_model_path
+    from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(GGUFFile(model or default_model_path()))
+    ids = tok.encode("\n\n".join(topics.values()))
+    return [(tok.decode(ids[i * 211 : i * 211 + in_len]), out_len) for i in range(n)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str | None, prompt: list[int] | str,
+                      max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
     t0 = time.perf_counter()
@@ -98,22 +117,53 @@ async def run_load(url: str, model: str | None, reqs, concurrency: int, rate: fl
     }
 
 
-def launch(args) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def launch(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port), "--dtype", args.dtype,
-           "--kv-cache-memory", args.kv_cache_memory]
+           "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(max(args.concurrency, 1))]
+    if args.threads:
+        cmd += ["--num-threads", str(args.threads)]
     if args.model:
         cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+
+
+def launch_llamacpp(args) -> tuple[subprocess.Popen, str]:
+    from kvserve.loader import default_model_path
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model or str(default_model_path()),
+           "--port", str(port), "--n_threads", str(args.threads or 2), "--n_threads_batch", str(args.threads or 2),
+           "--n_ctx", "4096", "--n_batch", "512"]
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+
+
+def peak_rss_mib(proc: subprocess.Popen) -> float | None:
+    """VmHWM of a running process (Linux)."""
+    try:
+        for line in open(f"/proc/{proc.pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def wait_ready(proc: subprocess.Popen, port: int) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
     raise SystemExit("server did not start")
 
@@ -147,7 +197,12 @@ def main() -> None:
     ap.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-offline", action="store_true")
+    ap.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp's server, then kvserve's")
+    ap.add_argument("--threads", type=int, default=None, help="threads for the launched servers")
     args = ap.parse_args()
+    if args.vs_llamacpp:
+        compare_llamacpp(args)
+        return
     reqs = workload(args.num_requests, args.input_len, args.output_len, args.seed)
     result: dict = {"workload": f"{args.num_requests} req x ({args.input_len} in + {args.output_len} out), "
                                 f"concurrency {args.concurrency}, rate {args.request_rate or 'max'}, {args.dtype}"}
@@ -171,6 +226,39 @@ def main() -> None:
         print("offline:", result["offline"], flush=True)
         result["server_vs_offline"] = round(result["server"]["output_tok_s"] / result["offline"]["output_tok_s"], 3)
     print(json.dumps(result))
+
+
+def compare_llamacpp(args) -> None:
+    reqs = text_workload(args.num_requests, args.input_len, args.output_len, args.model)
+    res: dict = {"workload": f"{args.num_requests} text prompts of ~{args.input_len} tokens + {args.output_len} out, "
+                             f"concurrency {args.concurrency}, threads {args.threads or 2}"}
+    for name, start in (("llamacpp", launch_llamacpp), ("kvserve", launch)):
+        if name == "kvserve" and not args.threads:
+            args.threads = 2
+        proc, url = start(args)
+        try:
+            r = asyncio.run(run_load(url, args.served_model, reqs, args.concurrency, args.request_rate, args.seed))
+            r["peak_rss_mib"] = peak_rss_mib(proc)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        res[name] = r
+        print(f"{name}: {r}", flush=True)
+    a, b = res["kvserve"], res["llamacpp"]
+    res["ratio"] = {"output_tok_s": a["output_tok_s"] / b["output_tok_s"],
+                    "ttft_p50": a["ttft_s"]["p50"] / b["ttft_s"]["p50"],
+                    "ttft_p99": a["ttft_s"]["p99"] / b["ttft_s"]["p99"],
+                    "peak_rss": (a["peak_rss_mib"] or 0) / (b["peak_rss_mib"] or 1)}
+    print(f"{'':16s}{'kvserve':>10s}{'llama.cpp':>11s}{'ratio':>8s}")
+    for label, x, y in (("output tok/s", a["output_tok_s"], b["output_tok_s"]),
+                        ("TTFT p50 s", a["ttft_s"]["p50"], b["ttft_s"]["p50"]),
+                        ("TTFT p99 s", a["ttft_s"]["p99"], b["ttft_s"]["p99"]),
+                        ("peak RSS MiB", a["peak_rss_mib"] or 0, b["peak_rss_mib"] or 0)):
+        print(f"{label:16s}{x:10.2f}{y:11.2f}{x / y if y else float('nan'):8.2f}x")
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ class DecodePlan:
 
     token_index: torch.Tensor  # [Bd] rows of q/out (one token each)
     seq_index: list[int]  # which sequences they are
+    all_tokens: bool  # the batch is decodes only: token_index is 0..Bd-1
     block_tables: torch.Tensor  # [Bd, nblocks] int32, blocks covering the longest of them
     seq_lens: torch.Tensor  # [Bd] int32
     length: int  # L = nblocks * block_size
@@ -148,8 +149,9 @@ def decode_plan(meta: AttentionMetadata, block_size: int) -> DecodePlan | None:
     meta._decode_plan = DecodePlan(
         token_index=torch.tensor([starts[i] for i in seqs], device=device),
         seq_index=seqs,
+        all_tokens=all_decode,
         block_tables=(meta.block_tables if all_decode else meta.block_tables[seqs])[:, :nblocks].contiguous(),
-        seq_lens=meta.seq_lens if all_decode else meta.seq_lens[seqs],
+        seq_lens=(meta.seq_lens if all_decode else meta.seq_lens[seqs]).to(torch.int32).contiguous(),
         length=nblocks * block_size,
     )
     return meta._decode_plan
@@ -189,6 +191,8 @@ class TorchAttentionBackend:
         if kv_cache is not None:
             plan = decode_plan(meta, kv_cache.block_size)
             if plan is not None:
+                if plan.all_tokens:
+                    return self._batched_decode(q, kv_cache, plan, scale)
                 out[plan.token_index] = self._batched_decode(q, kv_cache, plan, scale)
                 done = set(plan.seq_index)
         start = 0
@@ -231,7 +235,7 @@ class TorchAttentionBackend:
         (Measured on 2 Zen 4 cores, 64 x 320 tokens: 9 ms per layer, against 10-14 ms for
         hand-written grouped or block-diagonal batched GEMMs.)
         """
-        qd = q[plan.token_index]  # [Bd, H, D]
+        qd = q if plan.all_tokens else q[plan.token_index]  # [Bd, H, D]
         if native_cpu.decode_attention_supported(qd, kv_cache.k):
             return native_cpu.paged_decode_attention(qd, kv_cache.k, kv_cache.v, kv_cache.k_scale, kv_cache.v_scale,
                                                      plan.block_tables, plan.seq_lens, scale).to(q.dtype)

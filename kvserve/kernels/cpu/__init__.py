@@ -165,11 +165,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if n_threads != _threads:
         lib.kv_set_threads(n_threads)
         _threads = n_threads
-    qf = q.to(torch.float32).contiguous()
+    qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.to(torch.float32).contiguous()
     b, h, d = qf.shape
     out = torch.empty_like(qf)
-    bt = block_tables.to(torch.int32).contiguous()
-    sl = seq_lens.to(torch.int32).contiguous()
+    bt = block_tables if block_tables.dtype == torch.int32 and block_tables.is_contiguous() else \
+        block_tables.to(torch.int32).contiguous()
+    sl = seq_lens if seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() else seq_lens.to(torch.int32).contiguous()
     lib.kv_paged_decode_attention(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
                                   _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1], sl.data_ptr(), b, h,
                                   k_cache.shape[2], d, k_cache.shape[1], float(scale), out.data_ptr())

@@ -102,7 +102,7 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp) {
 #define MR 4
 #define NR 3
 #ifndef PARALLEL_MIN_MACS
-#define PARALLEL_MIN_MACS (1 << 21)
+#define PARALLEL_MIN_MACS (1 << 16)
 #endif
 TILE(tile_big, MR, NR)
 TILE(tile_1xNR, 1, NR)
@@ -161,7 +161,9 @@ void kv_paged_decode_attention(const float *q, const void *k_cache, const void *
                                const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                                float scale, float *out) {
     const int64_t group = H / Hkv;
-#pragma omp parallel
+    int64_t work = 0;  /* K/V rows to read: a short batch stays on the calling thread */
+    for (int64_t b = 0; b < B; b++) work += seq_lens[b];
+#pragma omp parallel if (work * Hkv >= 4096)
     {
         int64_t cap = 0;
         float *scores = NULL;
