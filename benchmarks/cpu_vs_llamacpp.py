@@ -65,12 +65,15 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
 
     from kvserve import SamplingParams
     from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.loader import load_model
 
     torch.set_num_threads(threads)
     # the same KV room as the llama.cpp context below (n_ctx tokens of f16 K/V): bfloat16, sized alike
-    eng = LLMEngine(model=model, num_threads=threads, quantization=quantization, kv_cache_dtype="bfloat16",
-                    kv_cache_memory=N_CTX * 23040, max_num_seqs=NSEQ, max_num_batched_tokens=2048,
-                    enable_prefix_caching=False)
+    lm = load_model(model, quantization=quantization)
+    c = lm.config
+    eng = LLMEngine(loaded=lm, num_threads=threads, kv_cache_dtype="bfloat16",
+                    kv_cache_memory=N_CTX * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2, max_num_seqs=NSEQ,
+                    max_num_batched_tokens=2048, enable_prefix_caching=False)
 
     def run(batch: list[list[int]], new: int) -> tuple[float, float]:
         """Wall time to the first token of the last sequence and to the end."""

@@ -67,17 +67,20 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str | None, pr
     t0 = time.perf_counter()
     stamps: list[float] = []
     n_out = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}"}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            d = json.loads(line[6:])
-            if d.get("choices") and d["choices"][0].get("text"):
-                stamps.append(time.perf_counter())
-            if d.get("usage"):
-                n_out = d["usage"]["completion_tokens"]
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                d = json.loads(line[6:])
+                if d.get("choices") and d["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+                if d.get("usage"):
+                    n_out = d["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
     end = time.perf_counter()
     if not stamps:
         return {"error": "no tokens"}
@@ -140,7 +143,7 @@ def launch_llamacpp(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model or str(default_model_path()),
            "--port", str(port), "--n_threads", str(args.threads or 2), "--n_threads_batch", str(args.threads or 2),
-           "--n_ctx", "4096", "--n_batch", "512"]
+           "--n_ctx", "4096", "--n_batch", "512", "--interrupt_requests", "False"]
     return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
 
