@@ -46,7 +46,7 @@ class EngineConfig:
     """Engine arguments, named as vLLM names them."""
 
     model: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
     device: str = "cpu"
     quantization: str = "auto"  # auto (int8 for an already-quantized GGUF on CPU) | none | int8
     block_size: int = 16

@@ -384,3 +384,11 @@ def test_int8_weights_batch_invariance(tiny_path, prompts):
         load_model(tiny_path, quantization="fp4")
     # auto leaves a float checkpoint alone
     assert load_model(tiny_path, quantization="auto").quantization == "none"
+
+
+def test_dtype_auto_is_float32_on_cpu(tiny_path):
+    import torch
+
+    eng = LLMEngine(model=str(tiny_path), kv_cache_memory="1MiB")
+    assert eng.config.dtype == "auto" and eng.lm.dtype == torch.float32 and eng.kv_dtype == torch.float32
+    assert LLMEngine(model=str(tiny_path), kv_cache_memory="1MiB", dtype="bfloat16").lm.dtype == torch.bfloat16

@@ -110,7 +110,10 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             tune_allocator()
-        self.lm = loaded or load_model(config.model, dtype=config.dtype, device=self.device,
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.lm = loaded or load_model(config.model, dtype=dtype, device=self.device,
                                         quantization=config.quantization)
         self.tokenizer = self.lm.tokenizer
         backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))

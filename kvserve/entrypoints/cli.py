@@ -20,7 +20,7 @@ DEFAULT_COST_MODEL = Path.home() / ".cache" / "kvserve" / "cost_model.json"
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, spelled as vLLM spells them."""
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="auto",
                    help="weights: auto = int8 (W8A8 VNNI kernel) for a quantized GGUF on CPU, else as stored")
