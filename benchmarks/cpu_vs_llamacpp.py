@@ -57,6 +57,17 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def workloads(run, prompts: dict[str, list]) -> dict:
+    """The three timed workloads through one engine's `run(sequences, new) -> (to first token, total)`."""
+    run([prompts["one"][:32]], 8)  # warm-up
+    first, total = run([prompts["one"]], NEW1)
+    t_prompt, _ = run([prompts["long"]], 1)
+    _, t_batch = run(prompts["batch"], NEW_B)
+    return {"decode_tok_s": (NEW1 - 1) / (total - first), "prompt_tok_s": PROMPT_LONG / t_prompt,
+            "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch, "batch_gen_tok_s": NSEQ * NEW_B / t_batch,
+            "peak_rss_mib": peak_rss_mib()}
+
+
 # -- kvserve ---------------------------------------------------------------------------------
 
 
@@ -88,14 +99,7 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
                 first = time.perf_counter()
         return first - t0, time.perf_counter() - t0
 
-    run([prompts["one"][:32]], 8)  # warm-up
-    first, total = run([prompts["one"]], NEW1)
-    decode = (NEW1 - 1) / (total - first)
-    t_prompt, _ = run([prompts["long"]], 1)
-    _, t_batch = run(prompts["batch"], NEW_B)
-    return {"decode_tok_s": decode, "prompt_tok_s": PROMPT_LONG / t_prompt,
-            "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch, "batch_gen_tok_s": NSEQ * NEW_B / t_batch,
-            "peak_rss_mib": peak_rss_mib(), "weight_bytes": streamed_bytes(eng.lm.model),
+    return {**workloads(run, prompts), "weight_bytes": streamed_bytes(eng.lm.model),
             "weights": eng.lm.describe()}
 
 
@@ -169,14 +173,7 @@ def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
             nxt = decode([(nxt[s], lens[s] + step, s, True) for s in range(len(seqs))])
         return first - t0, time.perf_counter() - t0
 
-    run([prompts["one"][:32]], 8)  # warm-up
-    first, total = run([prompts["one"]], NEW1)
-    decode_rate = (NEW1 - 1) / (total - first)
-    t_prompt, _ = run([prompts["long"]], 1)
-    _, t_batch = run(prompts["batch"], NEW_B)
-    return {"decode_tok_s": decode_rate, "prompt_tok_s": PROMPT_LONG / t_prompt,
-            "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch, "batch_gen_tok_s": NSEQ * NEW_B / t_batch,
-            "peak_rss_mib": peak_rss_mib(), "version": lc.__version__}
+    return {**workloads(run, prompts), "version": lc.__version__}
 
 
 def memory_bandwidth_gb_s() -> float:
