@@ -132,6 +132,8 @@ def launch(args) -> tuple[subprocess.Popen, str]:
            "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(max(args.concurrency, 1))]
     if args.threads:
         cmd += ["--num-threads", str(args.threads)]
+    if args.quantization:
+        cmd += ["--quantization", args.quantization]
     if args.model:
         cmd += ["--model", args.model]
     return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
@@ -202,6 +204,7 @@ def main() -> None:
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp's server, then kvserve's")
     ap.add_argument("--threads", type=int, default=None, help="threads for the launched servers")
+    ap.add_argument("--quantization", default=None, help="kvserve serve --quantization (--vs-llamacpp: auto)")
     args = ap.parse_args()
     if args.vs_llamacpp:
         compare_llamacpp(args)
@@ -236,8 +239,9 @@ def compare_llamacpp(args) -> None:
     res: dict = {"workload": f"{args.num_requests} text prompts of ~{args.input_len} tokens + {args.output_len} out, "
                              f"concurrency {args.concurrency}, threads {args.threads or 2}"}
     for name, start in (("llamacpp", launch_llamacpp), ("kvserve", launch)):
-        if name == "kvserve" and not args.threads:
-            args.threads = 2
+        if name == "kvserve":
+            args.threads = args.threads or 2
+            args.quantization = args.quantization or "auto"
         proc, url = start(args)
         try:
             r = asyncio.run(run_load(url, args.served_model, reqs, args.concurrency, args.request_rate, args.seed))

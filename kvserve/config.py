@@ -48,7 +48,7 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
     device: str = "cpu"
-    quantization: str = "auto"  # auto (int8 for an already-quantized GGUF on CPU) | none | int8
+    quantization: str = "none"  # none | int8 (W8A8, CPU) | auto (int8 for an already-quantized GGUF on CPU)
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

@@ -22,8 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="auto",
-                   help="weights: auto = int8 (W8A8 VNNI kernel) for a quantized GGUF on CPU, else as stored")
+    p.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="none",
+                   help="none: float weights; int8: W8A8 VNNI kernel (CPU); auto: int8 for a quantized GGUF on CPU")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
