@@ -186,15 +186,14 @@ class TorchAttentionBackend:
         num_heads, num_kv_heads = q.shape[1], k.shape[1]
         if kv_cache is not None and meta.slot_mapping is not None:
             write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        plan = decode_plan(meta, kv_cache.block_size) if kv_cache is not None else None
+        if plan is not None and plan.all_tokens:
+            return self._batched_decode(q, kv_cache, plan, scale)
         out = torch.empty_like(q)
         done: set[int] = set()
-        if kv_cache is not None:
-            plan = decode_plan(meta, kv_cache.block_size)
-            if plan is not None:
-                if plan.all_tokens:
-                    return self._batched_decode(q, kv_cache, plan, scale)
-                out[plan.token_index] = self._batched_decode(q, kv_cache, plan, scale)
-                done = set(plan.seq_index)
+        if plan is not None:
+            out[plan.token_index] = self._batched_decode(q, kv_cache, plan, scale)
+            done = set(plan.seq_index)
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             end = start + n

@@ -42,9 +42,7 @@ class Int8Weight:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> x @ W^T (+ bias) [..., N] in x's dtype (computed in int8 x int8 -> int32)."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # no copy when already so
         if self.native:
             y = native.qgemm(x2, self.q, self.scale, self.corr)
         else:

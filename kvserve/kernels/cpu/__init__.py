@@ -93,6 +93,18 @@ def available() -> bool:
 _threads = 0
 
 
+def _ready_lib() -> ctypes.CDLL:
+    """The library, its thread count following torch's (--num-threads) without a call per kernel."""
+    global _threads
+    lib = _lib()
+    assert lib is not None
+    n_threads = torch.get_num_threads()
+    if n_threads != _threads:
+        lib.kv_set_threads(n_threads)
+        _threads = n_threads
+    return lib
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -131,13 +143,7 @@ def pack_weight(wq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
     """float32 [M, K] @ (int8 W [N, K] * dw [N])^T -> float32 [M, N], activations quantized per
     token in groups of 32. `wp`, `corr` come from `pack_weight`."""
-    global _threads
-    lib = _lib()
-    assert lib is not None
-    n_threads = torch.get_num_threads()
-    if n_threads != _threads:  # follow torch's setting (--num-threads) without a call per GEMM
-        lib.kv_set_threads(n_threads)
-        _threads = n_threads
+    lib = _ready_lib()
     m, k = x.shape
     n = dw.shape[0]
     y = torch.empty((m, n), dtype=torch.float32)
@@ -158,19 +164,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence, q [B, H, D] -> [B, H, D] (float32), reading the paged cache
     [num_blocks, block_size, Hkv, D] in place through block_tables [B, W] int32 and seq_lens [B] int32."""
-    global _threads
-    lib = _lib()
-    assert lib is not None
-    n_threads = torch.get_num_threads()
-    if n_threads != _threads:
-        lib.kv_set_threads(n_threads)
-        _threads = n_threads
-    qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.to(torch.float32).contiguous()
+    lib = _ready_lib()
+    qf = q.to(torch.float32).contiguous()  # both return their input unchanged when it already fits
     b, h, d = qf.shape
     out = torch.empty_like(qf)
-    bt = block_tables if block_tables.dtype == torch.int32 and block_tables.is_contiguous() else \
-        block_tables.to(torch.int32).contiguous()
-    sl = seq_lens if seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() else seq_lens.to(torch.int32).contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    sl = seq_lens.to(torch.int32).contiguous()
     lib.kv_paged_decode_attention(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
                                   _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1], sl.data_ptr(), b, h,
                                   k_cache.shape[2], d, k_cache.shape[1], float(scale), out.data_ptr())
