@@ -6,6 +6,11 @@ import ctypes
 import ctypes.util
 import logging
 
+import torch
+from torch import nn
+
+from kvserve.layers.attention import AttentionMetadata, KVCache
+
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
@@ -35,3 +40,82 @@ def tune_allocator() -> bool:
     _done = ok
     logger.info("glibc malloc thresholds raised: %s", ok)
     return ok
+
+
+class NativeDecoder:
+    """Decode-only steps of a Llama-family model with int8 weights as one native call
+    (`kvserve.kernels.cpu.llama_decode`), instead of ~25 torch ops per layer.
+
+    Built by the model runner when `supports()` holds; the runner uses it for batches in which
+    every sequence has one new token and keeps the torch path for everything else.
+    """
+
+    def __init__(self, model: nn.Module, kv_caches: list[KVCache]) -> None:
+        from kvserve.kernels import cpu as native
+
+        self._native = native
+        cfg = model.config
+        backbone = model.model
+        first = backbone.layers[0].self_attn
+        self.norm = backbone.norm
+        self.embed = backbone.embed_tokens
+        rot = backbone.rotary_emb
+        self._keep = [rot.cos_cached, rot.sin_cached, kv_caches]  # the structs hold raw pointers
+        self.model_args = native.ModelArgs(
+            hidden=cfg.hidden_size, n_heads=cfg.num_heads, n_kv=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            rot_dim=rot.rotary_dim, inter=cfg.intermediate_size, block_size=kv_caches[0].block_size,
+            eps=backbone.layers[0].input_layernorm.eps, attn_scale=first.attn.scale,
+            cache_dtype=native.cache_dtype_code(kv_caches[0].k.dtype),
+            cos=rot.cos_cached.data_ptr(), sin=rot.sin_cached.data_ptr())
+        layers = (native.LayerArgs * len(backbone.layers))()
+        for la, layer, cache in zip(layers, backbone.layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            la.ln1 = layer.input_layernorm.weight.data_ptr()
+            la.ln2 = layer.post_attention_layernorm.weight.data_ptr()
+            la.q_norm = attn.q_norm.weight.data_ptr() if cfg.qk_norm else None
+            la.k_norm = attn.k_norm.weight.data_ptr() if cfg.qk_norm else None
+            for name, lin in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gate_up", mlp.gate_up_proj),
+                              ("down", mlp.down_proj)):
+                w = lin.qweight
+                setattr(la, name, native.QLinearArgs(w.q.data_ptr(), w.scale.data_ptr(), w.corr.data_ptr(),
+                                                     None if lin.bias is None else lin.bias.data_ptr(),
+                                                     w.out_features, w.in_features))
+            la.k_cache, la.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+            la.k_scale = cache.k_scale.data_ptr() if cache.quantized else None
+            la.v_scale = cache.v_scale.data_ptr() if cache.quantized else None
+        self.layers = layers
+
+    @staticmethod
+    def supports(model: nn.Module, kv_caches: list[KVCache]) -> bool:
+        """Llama-family, float32 activations, native int8 weights on every layer's linears, CPU caches."""
+        from kvserve.kernels import cpu as native
+        from kvserve.layers.attention import TorchAttentionBackend
+        from kvserve.models.llama import LlamaForCausalLM
+
+        if not isinstance(model, LlamaForCausalLM) or not kv_caches or not native.available():
+            return False
+        cfg = model.config
+        cache = kv_caches[0]
+        if (cfg.hidden_act != "silu" or cfg.head_dim % 16 or cfg.num_heads % cfg.num_kv_heads
+                or cache.k.device.type != "cpu" or native.cache_dtype_code(cache.k.dtype) is None
+                or model.model.embed_tokens.weight.dtype != torch.float32):
+            return False
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if not isinstance(attn.attn.backend, TorchAttentionBackend):
+                return False
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if lin.qweight is None or not lin.qweight.native:
+                    return False
+                if lin.bias is not None and lin.bias.dtype != torch.float32:
+                    return False
+        return True
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final-normed hidden states [B, hidden] of B sequences with one new token each."""
+        assert meta.slot_mapping is not None and meta.block_tables is not None
+        x = self.embed(input_ids).contiguous()
+        self._native.llama_decode(self.model_args, self.layers, x, positions.contiguous(),
+                                  meta.slot_mapping.contiguous(), meta.block_tables.contiguous(),
+                                  meta.seq_lens.contiguous())
+        return self.norm(x)

@@ -10,6 +10,7 @@ from torch import nn
 
 from kvserve.engine.request import Logprob
 from kvserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from kvserve.executor.cpu import NativeDecoder
 from kvserve.executor.reference import allocate_kv_caches, copy_blocks
 from kvserve.layers.attention import AttentionMetadata
 from kvserve.layers.sampler import Sampler
@@ -46,6 +47,7 @@ class ModelRunner:
         self.host_caches = allocate_kv_caches(model, num_host_blocks, block_size, kv_dtype, "cpu",
                                               pin_memory=self.device.type == "cuda") if num_host_blocks else []
         self.sampler = Sampler()
+        self.native = NativeDecoder(model, self.kv_caches) if NativeDecoder.supports(model, self.kv_caches) else None
         self.graphs = None
         if decode_graphs != "off":
             from kvserve.executor.cuda_graph import DecodeGraphRunner
@@ -105,6 +107,8 @@ class ModelRunner:
         hidden = None
         if self.graphs is not None and all(s.num_new_tokens == 1 for s in so.scheduled):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
+        elif self.native is not None and batch.meta.num_seqs == len(batch.input_ids):
+            hidden = self.native.forward(batch.input_ids, batch.positions, batch.meta)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         out = RunnerOutput()

@@ -83,6 +83,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.kv_paged_decode_attention.restype = None
     lib.kv_set_threads.argtypes = [ctypes.c_int]
     lib.kv_set_threads.restype = None
+    lib.kv_llama_decode.argtypes = [p, p, i64, p, i64, p, p, p, i64, p]
+    lib.kv_llama_decode.restype = None
     return lib
 
 
@@ -174,3 +176,37 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                   _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1], sl.data_ptr(), b, h,
                                   k_cache.shape[2], d, k_cache.shape[1], float(scale), out.data_ptr())
     return out
+
+
+# -- fused decode step (kv_llama_decode) ------------------------------------------------------
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class QLinearArgs(ctypes.Structure):
+    _fields_ = [("wp", _P), ("dw", _P), ("corr", _P), ("bias", _P), ("N", _I64), ("K", _I64)]
+
+
+class LayerArgs(ctypes.Structure):
+    _fields_ = [("ln1", _P), ("ln2", _P), ("q_norm", _P), ("k_norm", _P), ("qkv", QLinearArgs), ("o", QLinearArgs),
+                ("gate_up", QLinearArgs), ("down", QLinearArgs), ("k_cache", _P), ("v_cache", _P),
+                ("k_scale", _P), ("v_scale", _P)]
+
+
+class ModelArgs(ctypes.Structure):
+    _fields_ = [("hidden", _I64), ("n_heads", _I64), ("n_kv", _I64), ("head_dim", _I64), ("rot_dim", _I64),
+                ("inter", _I64), ("block_size", _I64), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
+                ("cache_dtype", ctypes.c_int32), ("cos", _P), ("sin", _P)]
+
+
+def cache_dtype_code(dtype: torch.dtype) -> int | None:
+    return _CACHE_DTYPES.get(dtype)
+
+
+def llama_decode(model: ModelArgs, layers: ctypes.Array, x: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Run every layer of a batch of single-token sequences in place on the residual stream
+    x [M, hidden] float32 (see kv_llama_decode in qgemm.c). positions/slots int64 [M],
+    block_tables int32 [M, W], seq_lens int32 [M]; all contiguous."""
+    lib = _ready_lib()
+    lib.kv_llama_decode(ctypes.byref(model), layers, len(layers), x.data_ptr(), x.shape[0], positions.data_ptr(),
+                        slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr())

@@ -156,12 +156,43 @@ static inline __m512 load16(const void *base, int64_t idx, int dtype) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + idx))));
 }
 
+/* exp(x) for softmax arguments (x <= 0): 2^(x log2 e) = 2^i * 2^f with i the nearest integer and
+ * |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error below 1e-8). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, i), _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, i);
+}
+
+/* The cache is cold when a decode step reaches a layer (its weights have streamed through since),
+ * and one head's rows are strided: ask for a whole block's rows of this head ahead of use. */
+static inline void prefetch_block(const void *cache, int64_t first_slot, int64_t bs, int64_t Hkv, int64_t kvh,
+                                  int64_t rowb) {
+    const char *p = (const char *)cache + (first_slot * Hkv + kvh) * rowb;
+    for (int64_t o = 0; o < bs; o++)
+        for (int64_t c = 0; c < rowb; c += 64) _mm_prefetch(p + o * Hkv * rowb + c, _MM_HINT_T0);
+}
+
+#define MAX_ACC 16 /* pass 2 keeps up to this many 16-float accumulators live */
+
 void kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
                                const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
                                const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                                float scale, float *out) {
-    const int64_t group = H / Hkv;
-    int64_t work = 0;  /* K/V rows to read: a short batch stays on the calling thread */
+    const int64_t group = H / Hkv, nd = D / 16, rowb = D * (dtype == 0 ? 4 : dtype == 1 ? 2 : 1);
+    int64_t hstep = MAX_ACC / nd;
+    hstep = hstep < 1 ? 1 : (hstep > group ? group : hstep);
+    int64_t work = 0; /* K/V rows to read: a short batch stays on the calling thread */
     for (int64_t b = 0; b < B; b++) work += seq_lens[b];
 #pragma omp parallel if (work * Hkv >= 4096)
     {
@@ -178,43 +209,68 @@ void kv_paged_decode_attention(const float *q, const void *k_cache, const void *
             }
             const int32_t *bt = block_tables + b * bt_stride;
             const float *qb = q + (b * H + kvh * group) * D;
-            /* pass 1: scores[h * L + t] = scale * q_h . k_t */
-            for (int64_t t = 0; t < L; t++) {
-                const int64_t row = ((int64_t)bt[t / bs] * bs + t % bs) * Hkv + kvh;
-                const float ks = dtype == 2 ? k_scale[row] : 1.0f;
-                for (int64_t h = 0; h < group; h++) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int64_t d = 0; d < D; d += 16)
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qb + h * D + d), load16(k_cache, row * D + d, dtype), acc);
-                    scores[h * L + t] = _mm512_reduce_add_ps(acc) * ks * scale;
+            prefetch_block(k_cache, (int64_t)bt[0] * bs, bs, Hkv, kvh, rowb);
+            prefetch_block(v_cache, (int64_t)bt[0] * bs, bs, Hkv, kvh, rowb);
+            /* pass 1: scores[h * L + t] = scale * q_h . k_t, walking the blocks (no division per token) */
+            for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {
+                const int64_t base = (int64_t)bt[blk] * bs, n = L - t0 < bs ? L - t0 : bs;
+                if (t0 + bs < L) prefetch_block(k_cache, (int64_t)bt[blk + 1] * bs, bs, Hkv, kvh, rowb);
+                for (int64_t o = 0; o < n; o++) {
+                    const int64_t row = (base + o) * Hkv + kvh;
+                    const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;
+                    for (int64_t h = 0; h < group; h++) {
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int64_t d = 0; d < nd; d++)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qb + h * D + 16 * d),
+                                                  load16(k_cache, row * D + 16 * d, dtype), acc);
+                        scores[h * L + t0 + o] = _mm512_reduce_add_ps(acc) * ks;
+                    }
                 }
             }
             /* softmax per head */
             for (int64_t h = 0; h < group; h++) {
-                float *s = scores + h * L, mx = -INFINITY, sum = 0.0f;
-                for (int64_t t = 0; t < L; t++) mx = s[t] > mx ? s[t] : mx;
-                for (int64_t t = 0; t < L; t++) {
-                    s[t] = expf(s[t] - mx);
-                    sum += s[t];
+                float *s = scores + h * L;
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int64_t t = 0; t < L; t += 16) {
+                    const __mmask16 mk = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+                    mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, s + t));
                 }
-                const float inv = 1.0f / sum;
-                for (int64_t t = 0; t < L; t++) s[t] *= inv;
+                const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t t = 0; t < L; t += 16) {
+                    const __mmask16 mk = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+                    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), m));
+                    sum = _mm512_mask_add_ps(sum, mk, sum, e);
+                    _mm512_mask_storeu_ps(s + t, mk, e);
+                }
+                const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+                for (int64_t t = 0; t < L; t += 16) {
+                    const __mmask16 mk = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+                    _mm512_mask_storeu_ps(s + t, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + t), inv));
+                }
             }
-            /* pass 2: out_h = sum_t p[h, t] * v_t */
-            for (int64_t h = 0; h < group; h++) {
-                float *o = out + (b * H + kvh * group + h) * D;
-                for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_setzero_ps());
-            }
-            for (int64_t t = 0; t < L; t++) {
-                const int64_t row = ((int64_t)bt[t / bs] * bs + t % bs) * Hkv + kvh;
-                const float vs = dtype == 2 ? v_scale[row] : 1.0f;
-                for (int64_t d = 0; d < D; d += 16) {
-                    const __m512 v = load16(v_cache, row * D + d, dtype);
-                    for (int64_t h = 0; h < group; h++) {
-                        float *o = out + (b * H + kvh * group + h) * D + d;
-                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * L + t] * vs), v, _mm512_loadu_ps(o)));
+            /* pass 2: out_h = sum_t p[h, t] * v_t, a few heads at a time with their rows in registers */
+            for (int64_t h0 = 0; h0 < group; h0 += hstep) {
+                const int64_t hc = group - h0 < hstep ? group - h0 : hstep;
+                __m512 acc[MAX_ACC];
+                for (int64_t i = 0; i < hc * nd; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {
+                    const int64_t base = (int64_t)bt[blk] * bs, n = L - t0 < bs ? L - t0 : bs;
+                    if (t0 + bs < L) prefetch_block(v_cache, (int64_t)bt[blk + 1] * bs, bs, Hkv, kvh, rowb);
+                    for (int64_t o = 0; o < n; o++) {
+                        const int64_t row = (base + o) * Hkv + kvh;
+                        const float vs = dtype == 2 ? v_scale[row] : 1.0f;
+                        for (int64_t d = 0; d < nd; d++) {
+                            const __m512 v = load16(v_cache, row * D + 16 * d, dtype);
+                            for (int64_t h = 0; h < hc; h++)
+                                acc[h * nd + d] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(h0 + h) * L + t0 + o] * vs), v,
+                                                                  acc[h * nd + d]);
+                        }
                     }
                 }
+                for (int64_t h = 0; h < hc; h++)
+                    for (int64_t d = 0; d < nd; d++)
+                        _mm512_storeu_ps(out + (b * H + kvh * group + h0 + h) * D + 16 * d, acc[h * nd + d]);
             }
         }
         free(scores);
@@ -232,4 +288,166 @@ void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const flo
     kv_qgemm(xq, dx, M, K, wp, dw, corr, N, y);
     free(xq);
     free(dx);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Fused decode step of a Llama-family decoder: every layer of a batch of single-token sequences
+ * in one call, so the per-op interpreter and dispatch cost (about 8 ms per token over 30 layers
+ * when each op is a torch call) disappears. Per layer:
+ *   h = rmsnorm(x) ; qkv = h W_qkv (+b) ; [q/k rmsnorm per head] ; rotary(q, k) ;
+ *   write k, v at their slots ; a = paged attention(q) ; x += a W_o ;
+ *   h = rmsnorm(x) ; x += (silu(h W_gate) * h W_up) W_down
+ * Every op is per token with a fixed order, so a token's result does not depend on its batch.
+ * --------------------------------------------------------------------------------------------- */
+typedef struct {
+    const int8_t *wp;
+    const float *dw;
+    const int32_t *corr;
+    const float *bias; /* or NULL */
+    int64_t N, K;
+} kv_qlinear_t;
+
+typedef struct {
+    const float *ln1, *ln2;
+    const float *q_norm, *k_norm; /* per-head RMSNorm weights (Qwen3) or NULL */
+    kv_qlinear_t qkv, o, gate_up, down;
+    void *k_cache, *v_cache;
+    float *k_scale, *v_scale; /* int8 caches */
+} kv_layer_t;
+
+typedef struct {
+    int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter, block_size;
+    float eps, attn_scale;
+    int32_t cache_dtype; /* 0 float32, 1 bfloat16, 2 int8 */
+    const float *cos, *sin; /* [max_position, rot_dim] */
+} kv_model_t;
+
+static void rmsnorm_row(const float *x, const float *w, int64_t n, float eps, float *y) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* rotate-half rotary embedding of one head in place, over its first rot dims */
+static void rotary_head(float *v, const float *cos, const float *sin, int64_t rot) {
+    const int64_t h = rot / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                            /* nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* one head row of K or V into the cache, as kvserve.layers.attention.write_kv_cache stores it */
+static void store_row(void *cache, float *scales, int64_t row, const float *v, int64_t D, int dtype) {
+    if (dtype == 0) {
+        __builtin_memcpy((float *)cache + row * D, v, sizeof(float) * D);
+    } else if (dtype == 1) {
+        uint16_t *dst = (uint16_t *)cache + row * D;
+        for (int64_t i = 0; i < D; i++) dst[i] = to_bf16(v[i]);
+    } else {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < D; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+        const float s = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
+        int8_t *dst = (int8_t *)cache + row * D;
+        for (int64_t i = 0; i < D; i++) {
+            float q = nearbyintf(v[i] / s);
+            dst[i] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+        }
+        scales[row] = s;
+    }
+}
+
+static void qlinear(const kv_qlinear_t *l, const float *x, int64_t M, float *y) {
+    kv_linear(x, M, l->K, l->wp, l->dw, l->corr, l->N, y);
+    if (l->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < l->N; n++) y[m * l->N + n] += l->bias[n];
+}
+
+#ifdef KV_PROFILE
+#include <stdio.h>
+#include <time.h>
+static double prof_t[8];
+static double now_s(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec + 1e-9 * ts.tv_nsec; }
+#define PROF(i) do { double t_ = now_s(); prof_t[i] += t_ - prof_last; prof_last = t_; } while (0)
+void kv_prof_dump(void) { for (int i = 0; i < 8; i++) fprintf(stderr, "%d: %.3f ms\n", i, prof_t[i] * 1e3); }
+#else
+#define PROF(i) do {} while (0)
+#endif
+
+void kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_layers, float *x, int64_t M,
+                     const int64_t *positions, const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
+                     const int32_t *seq_lens) {
+    const int64_t Hd = cfg->hidden, H = cfg->n_heads, Hkv = cfg->n_kv, D = cfg->head_dim, I = cfg->inter;
+    const int64_t qs = H * D, kvs = Hkv * D, nqkv = qs + 2 * kvs, rot = cfg->rot_dim;
+    float *h = (float *)malloc(sizeof(float) * M * Hd);
+    float *qkv = (float *)malloc(sizeof(float) * M * nqkv);
+    float *q = (float *)malloc(sizeof(float) * M * qs);
+    float *att = (float *)malloc(sizeof(float) * M * qs);
+    float *gu = (float *)malloc(sizeof(float) * M * 2 * I);
+    float *act = (float *)malloc(sizeof(float) * M * I);
+    float *out = (float *)malloc(sizeof(float) * M * Hd);
+#ifdef KV_PROFILE
+    double prof_last = now_s();
+#endif
+    for (int64_t li = 0; li < n_layers; li++) {
+        const kv_layer_t *L = layers + li;
+        for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * Hd, L->ln1, Hd, cfg->eps, h + m * Hd);
+        PROF(0);
+        qlinear(&L->qkv, h, M, qkv);
+        PROF(1);
+        for (int64_t m = 0; m < M; m++) {
+            float *row = qkv + m * nqkv, *qm = q + m * qs;
+            const float *c = cfg->cos + positions[m] * rot, *s = cfg->sin + positions[m] * rot;
+            __builtin_memcpy(qm, row, sizeof(float) * qs);
+            for (int64_t hh = 0; hh < H; hh++) {
+                if (L->q_norm) rmsnorm_row(qm + hh * D, L->q_norm, D, cfg->eps, qm + hh * D);
+                rotary_head(qm + hh * D, c, s, rot);
+            }
+            float *k = row + qs, *v = row + qs + kvs;
+            for (int64_t hh = 0; hh < Hkv; hh++) {
+                if (L->k_norm) rmsnorm_row(k + hh * D, L->k_norm, D, cfg->eps, k + hh * D);
+                rotary_head(k + hh * D, c, s, rot);
+                store_row(L->k_cache, L->k_scale, slots[m] * Hkv + hh, k + hh * D, D, cfg->cache_dtype);
+                store_row(L->v_cache, L->v_scale, slots[m] * Hkv + hh, v + hh * D, D, cfg->cache_dtype);
+            }
+        }
+        PROF(2);
+        kv_paged_decode_attention(q, L->k_cache, L->v_cache, L->k_scale, L->v_scale, cfg->cache_dtype, block_tables,
+                                  bt_stride, seq_lens, M, H, Hkv, D, cfg->block_size, cfg->attn_scale, att);
+        PROF(3);
+        qlinear(&L->o, att, M, out);
+        PROF(4);
+        for (int64_t i = 0; i < M * Hd; i++) x[i] += out[i];
+        for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * Hd, L->ln2, Hd, cfg->eps, h + m * Hd);
+        PROF(0);
+        qlinear(&L->gate_up, h, M, gu);
+        PROF(5);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < I; i++) {
+                const float g = gu[m * 2 * I + i];
+                act[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
+            }
+        PROF(6);
+        qlinear(&L->down, act, M, out);
+        PROF(7);
+        for (int64_t i = 0; i < M * Hd; i++) x[i] += out[i];
+    }
+    free(h), free(qkv), free(q), free(att), free(gu), free(act), free(out);
 }

@@ -1,0 +1,97 @@
+"""The fused native decode step (kvserve.executor.cpu.NativeDecoder) against the op-by-op model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve.executor.cpu import NativeDecoder
+from kvserve.kernels import cpu as native
+from kvserve.kernels.testing import clone_cache, make_case
+from kvserve.layers.attention import KVCache
+from kvserve.loader import load_model
+from tests.helpers import make_tiny_hf
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI or no C compiler")
+
+SEQ_LENS = [1, 17, 40, 5, 33]
+
+
+def _caches(model, cache_dtype: torch.dtype, seed: int):
+    """A decode batch (one new token per sequence) over random cached prefixes, one cache per layer."""
+    cfg = model.config
+    cases = [make_case([1] * len(SEQ_LENS), SEQ_LENS, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                       int8=cache_dtype == torch.int8, seed=seed + i) for i in range(cfg.num_layers)]
+    caches = []
+    for c in cases:
+        t = c.kv_cache
+        if cache_dtype == torch.bfloat16:
+            t = tuple(x.to(torch.bfloat16) for x in t)
+        caches.append(KVCache(*t))
+    return cases[0].meta, caches
+
+
+def _copy(caches):
+    return [KVCache(*clone_cache(tuple(c.tensors()))) for c in caches]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def int8_model(request, tmp_path_factory):
+    path = make_tiny_hf(tmp_path_factory.mktemp(request.param), request.param)
+    return load_model(str(path), quantization="int8").model
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_fused_decode_matches_op_by_op(int8_model, cache_dtype):
+    meta, caches = _caches(int8_model, cache_dtype, seed=7)
+    assert NativeDecoder.supports(int8_model, caches)
+    ids = torch.tensor([5, 77, 300, 12, 9])
+    pos = meta.seq_lens.long() - 1
+    want_caches, got_caches = _copy(caches), _copy(caches)
+    with torch.inference_mode():
+        want = int8_model(ids, pos, meta, want_caches)
+        got = NativeDecoder(int8_model, got_caches).forward(ids, pos, meta)
+    # the same arithmetic up to float rounding order (norm sums, exp), amplified at most by a flipped
+    # int8 activation rounding: far below the hidden states' own scale of ~1
+    assert (got - want).abs().max().item() < 2e-2
+    torch.testing.assert_close(int8_model.compute_logits(got), int8_model.compute_logits(want), atol=5e-2, rtol=0)
+    assert (int8_model.compute_logits(got).argmax(-1) == int8_model.compute_logits(want).argmax(-1)).all()
+    for a, b in zip(got_caches, want_caches):  # every layer wrote its new K/V rows, as the torch path does
+        for x, y in zip(a.tensors(), b.tensors()):
+            if x.dtype == torch.int8:
+                assert (x.int() - y.int()).abs().max().item() <= 2
+            else:
+                torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_fused_decode_rows_do_not_depend_on_the_batch(int8_model):
+    meta, caches = _caches(int8_model, torch.int8, seed=11)
+    ids = torch.tensor([5, 77, 300, 12, 9])
+    pos = meta.seq_lens.long() - 1
+    with torch.inference_mode():
+        full = NativeDecoder(int8_model, _copy(caches)).forward(ids, pos, meta)
+        for i in range(len(SEQ_LENS)):
+            sub = type(meta)(meta.query_start_loc[: 2] * 1, meta.seq_lens[i : i + 1], [1], [SEQ_LENS[i]],
+                             meta.slot_mapping[i : i + 1], meta.block_tables[i : i + 1])
+            one = NativeDecoder(int8_model, _copy(caches)).forward(ids[i : i + 1], pos[i : i + 1], sub)
+            assert torch.equal(one, full[i : i + 1])
+
+
+def test_runner_uses_the_fused_step_only_where_it_applies(tmp_path):
+    from kvserve import SamplingParams
+    from kvserve.engine.llm_engine import LLMEngine
+
+    path = str(make_tiny_hf(tmp_path, "llama"))
+    float_engine = LLMEngine(model=path, kv_cache_memory="4MiB")
+    assert float_engine.runner.native is None  # float weights keep the exact torch path
+    engine = LLMEngine(model=path, quantization="int8", kv_cache_memory="4MiB")
+    assert engine.runner.native is not None
+    calls = []
+    real = engine.runner.native.forward
+    engine.runner.native.forward = lambda *a: calls.append(len(a[0])) or real(*a)
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert len(outs[0].outputs[0].token_ids) == 6
+    assert calls == [1] * 5  # the prefill step ran op by op, the five decode steps fused
