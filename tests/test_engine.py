@@ -372,10 +372,11 @@ def test_kv_cache_memory_strings(tiny_loaded):
         LLMEngine(loaded=tiny_loaded, kv_cache_memory=10)
 
 
-def test_int8_weights_batch_invariance(tiny_path, prompts):
-    """W8A8 weights (quantization="int8"): 64 prompts batched == each alone through the reference loop."""
-    lm = load_model(tiny_path, quantization="int8")
-    assert lm.quantization == "int8" and "int8 weights" in lm.describe()
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_weights_batch_invariance(tiny_path, prompts, method):
+    """W8A8 / W4A8 weights: 64 prompts batched == each alone through the reference loop."""
+    lm = load_model(tiny_path, quantization=method)
+    assert lm.quantization == method and f"{method} weights" in lm.describe()
     assert all(m.qweight is not None for m in lm.model.modules() if hasattr(m, "qweight"))
     ref = [greedy_generate(lm.model, [p], 16)[0] for p in prompts]
     llm = engine(lm)

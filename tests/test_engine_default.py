@@ -76,31 +76,34 @@ def test_64_prompts_chunked_and_preempted(smollm, workload, mode):
     assert eng.kv.pool.num_used_blocks == 0
 
 
-@pytest.fixture(scope="module")
-def smollm_int8(default_path):
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def smollm_quantized(request, default_path):
+    from kvserve.kernels import cpu as native
     from kvserve.loader import load_model
 
-    lm = load_model(default_path, quantization="auto")
-    if lm.quantization != "int8":
-        pytest.skip("native int8 kernel unavailable here")
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    lm = load_model(default_path, quantization=request.param)
+    assert lm.quantization == request.param
     return lm
 
 
-def test_int8_weights_batched_equal_alone(smollm_int8, workload):
+def test_quantized_weights_batched_equal_alone(smollm_quantized, workload):
     """The quantized default model: 64 prompts batched vs each alone, and chunked vs whole prefill;
     and its greedy continuations mostly agree with the float model's.
 
-    The int8 GEMMs and the decode attention are exact per row, but the float ops around them (torch's
-    rms_norm reductions, prefill SDPA) are not bit-invariant across batch shapes, and int8 activation
-    rounding can amplify a last-bit difference into another token: so agreement, not identity.
+    The int8/int4 GEMMs and the decode attention are exact per row, and the fused decode step is
+    batch-invariant, but the prefill's float ops (torch's rms_norm reductions, SDPA) are not
+    bit-invariant across batch shapes, and int8 activation rounding can amplify a last-bit
+    difference into another token: so agreement, not identity.
     """
     prompts, refs = workload
-    eng = LLMEngine(loaded=smollm_int8, kv_cache_memory="512MiB", max_num_batched_tokens=8192)
+    eng = LLMEngine(loaded=smollm_quantized, kv_cache_memory="512MiB", max_num_batched_tokens=8192)
     batched = _run(eng, prompts, GREEDY)
     alone = [_run(eng, [p], GREEDY)[0] for p in prompts]
     same = sum(a == b for a, b in zip(batched, alone))
     assert same >= 56, f"only {same}/64 batched continuations equal the ones run alone"
-    chunked = LLMEngine(loaded=smollm_int8, kv_cache_memory="512MiB", max_num_batched_tokens=16)
+    chunked = LLMEngine(loaded=smollm_quantized, kv_cache_memory="512MiB", max_num_batched_tokens=16)
     same = sum(a == b for a, b in zip(_run(chunked, prompts, GREEDY), batched))
     assert same >= 40, f"only {same}/64 chunked continuations equal the unchunked ones"  # 50 measured
     same_first = sum(a[0] == b[0] for a, b in zip(batched, refs))

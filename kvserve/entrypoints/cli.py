@@ -22,7 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="none",
+    p.add_argument("--quantization", "-q", choices=("auto", "none", "int8", "int4"), default="none",
                    help="none: float weights; int8: W8A8 VNNI kernel (CPU); auto: int8 for a quantized GGUF on CPU")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
     ppl.add_argument("--model", default=None)
     ppl.add_argument("--dtype", default="float32")
-    ppl.add_argument("--quantization", "-q", choices=("auto", "none", "int8"), default="none",
+    ppl.add_argument("--quantization", "-q", choices=("auto", "none", "int8", "int4"), default="none",
                      help="weights as the engine would run them (default none: the float reference)")
     ppl.add_argument("--file", required=True, help="text file")
     ppl.add_argument("--ctx", type=int, default=512)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kvserve.layers.attention import AttentionMetadata, KVCache
+from kvserve.quant.int4 import Int4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def tune_allocator() -> bool:
 
 
 class NativeDecoder:
-    """Decode-only steps of a Llama-family model with int8 weights as one native call
+    """Decode-only steps of a Llama-family model with int8/int4 weights as one native call
     (`kvserve.kernels.cpu.llama_decode`), instead of ~25 torch ops per layer.
 
     Built by the model runner when `supports()` holds; the runner uses it for batches in which
@@ -77,9 +78,13 @@ class NativeDecoder:
             for name, lin in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gate_up", mlp.gate_up_proj),
                               ("down", mlp.down_proj)):
                 w = lin.qweight
-                setattr(la, name, native.QLinearArgs(w.q.data_ptr(), w.scale.data_ptr(), w.corr.data_ptr(),
-                                                     None if lin.bias is None else lin.bias.data_ptr(),
-                                                     w.out_features, w.in_features))
+                bias = None if lin.bias is None else lin.bias.data_ptr()
+                if isinstance(w, Int4Weight):
+                    args = native.QLinearArgs(1, w.q.data_ptr(), None, None, bias, w.out_features, w.in_features)
+                else:
+                    args = native.QLinearArgs(0, w.q.data_ptr(), w.scale.data_ptr(), w.corr.data_ptr(), bias,
+                                              w.out_features, w.in_features)
+                setattr(la, name, args)
             la.k_cache, la.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
             la.k_scale = cache.k_scale.data_ptr() if cache.quantized else None
             la.v_scale = cache.v_scale.data_ptr() if cache.quantized else None
@@ -87,7 +92,7 @@ class NativeDecoder:
 
     @staticmethod
     def supports(model: nn.Module, kv_caches: list[KVCache]) -> bool:
-        """Llama-family, float32 activations, native int8 weights on every layer's linears, CPU caches."""
+        """Llama-family, float32 activations, native int8/int4 weights on every layer's linears, CPU caches."""
         from kvserve.kernels import cpu as native
         from kvserve.layers.attention import TorchAttentionBackend
         from kvserve.models.llama import LlamaForCausalLM

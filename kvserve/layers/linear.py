@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvserve.errors import ModelLoadError
+from kvserve.quant.int4 import Int4Weight
 from kvserve.quant.int8 import Int8Weight
 
 
@@ -25,7 +26,8 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 class Linear(nn.Module):
     """y = x W^T (+ b). Weight layout [out_features, in_features].
 
-    After loading, `quantize("int8")` swaps the float weight for an int8 one (kvserve.quant).
+    After loading, `quantize("int8" | "int4")` swaps the float weight for a quantized one
+    (kvserve.quant).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -34,12 +36,12 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.qweight: Int8Weight | None = None
+        self.qweight: Int8Weight | Int4Weight | None = None
 
     def quantize(self, method: str) -> None:
-        if method != "int8":
+        if method not in ("int8", "int4"):
             raise ValueError(f"unknown quantization method {method!r}")
-        self.qweight = Int8Weight(self.weight)
+        self.qweight = Int8Weight(self.weight) if method == "int8" else Int4Weight(self.weight)
         del self.weight
         self.weight = None
 

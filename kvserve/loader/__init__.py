@@ -88,11 +88,12 @@ def resolve_quantization(quantization: str | None, src: object, device: torch.de
     q = quantization or "none"
     if q not in QUANTIZATION_METHODS:
         raise ModelLoadError("quantization", f"unknown method {q!r} (choose from {', '.join(QUANTIZATION_METHODS)})")
-    if q == "int8" and device.type != "cpu":
-        raise ModelLoadError("quantization", "int8 runs on the CPU only so far")
+    if q in ("int8", "int4") and device.type != "cpu":
+        raise ModelLoadError("quantization", f"{q} runs on the CPU only so far")
     if q == "auto":
         quantized_file = bool(getattr(src, "has_quantized_weights", lambda: False)())
-        q = "int8" if quantized_file and device.type == "cpu" and native.available() else "none"
+        four_bit = bool(getattr(src, "four_bit_weights", lambda: False)())
+        q = ("int4" if four_bit else "int8") if quantized_file and device.type == "cpu" and native.available() else "none"
     return q
 
 
@@ -105,8 +106,10 @@ def load_model(
     """Load a GGUF file or a Hugging Face directory (None: the embedded default model).
 
     quantization: None/"none" keeps float weights; "int8" quantizes every linear layer and the
-    LM head (W8A8, CPU); "auto" does so for a GGUF whose weights are already quantized when the
-    model runs on a CPU with the native int8 kernel.
+    LM head (W8A8, CPU); "int4" stores the layers' linears in 4 bits per weight (Q4_1-style groups
+    of 32; the codes of a Q4_1 GGUF come back exactly) and the LM head in int8; "auto" picks int4
+    for a GGUF whose layers are 4-bit, int8 for another quantized GGUF, when the model runs on a
+    CPU with the native kernels.
     """
     from kvserve.loader.gguf import GGUFFile
     from kvserve.loader.hf import HFModelDir
@@ -137,9 +140,11 @@ def load_model(
     net = net.to(device).eval()
     method = resolve_quantization(quantization, src, torch.device(device))
     if method != "none":
+        from kvserve.layers.embedding import LMHead
+
         for m in net.modules():
-            if isinstance(m, Linear):
-                m.quantize(method)
+            if isinstance(m, Linear):  # the LM head feeds the sampler directly: it keeps 8 bits
+                m.quantize("int8" if isinstance(m, LMHead) else method)
     loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0, method)
     logger.info("%s", loaded.describe())
     return loaded

@@ -157,6 +157,11 @@ class GGUFFile:
         return any(len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16", "BF16", "F64")
                    for t in self.tensors.values())
 
+    def four_bit_weights(self) -> bool:
+        """True if the layers' 2-D weights are mostly stored in a 4-bit block format (Q4_0, Q4_1, ...)."""
+        kinds = [t.tensor_type.name for t in self.tensors.values() if len(t.shape) == 2 and t.name.startswith("blk.")]
+        return bool(kinds) and sum(k.startswith(("Q4", "IQ4")) for k in kinds) * 2 > len(kinds)
+
     def raw_tensor(self, name: str) -> tuple[str, np.ndarray]:
         """The stored bytes (or floats) of a tensor and its type name, for native quantized kernels."""
         t = self.tensors[name]

@@ -12,7 +12,7 @@ import torch
 
 from kvserve.kernels import cpu as native
 
-QUANTIZATION_METHODS = ("auto", "none", "int8")
+QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 
 
 class Int8Weight:

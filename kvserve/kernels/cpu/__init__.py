@@ -83,6 +83,12 @@ def _lib() -> ctypes.CDLL | None:
     lib.kv_paged_decode_attention.restype = None
     lib.kv_set_threads.argtypes = [ctypes.c_int]
     lib.kv_set_threads.restype = None
+    lib.kv_quantize_act_s8.argtypes = [p, i64, i64, p, p, p]
+    lib.kv_quantize_act_s8.restype = None
+    lib.kv_pack_q4.argtypes = [p, p, p, i64, i64, p]
+    lib.kv_pack_q4.restype = None
+    lib.kv_linear_q4.argtypes = [p, i64, i64, p, i64, p]
+    lib.kv_linear_q4.restype = None
     lib.kv_llama_decode.argtypes = [p, p, i64, p, i64, p, p, p, i64, p]
     lib.kv_llama_decode.restype = None
     return lib
@@ -153,6 +159,43 @@ def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tenso
     return y
 
 
+Q4_GROUP_BYTES = 320  # per 16 channels x 32 inputs: 256 bytes of nibbles, 16 fp16 scales, 16 fp16 minimums
+
+
+def quantize_act_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (round(x / scale) int8 [M, K padded to 32], scales [M, G], scale x group sums [M, G])."""
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.is_contiguous()
+    m, k = x.shape
+    g = -(-k // GROUP)
+    xq = torch.empty((m, g * GROUP), dtype=torch.int8)
+    dx = torch.empty((m, g), dtype=torch.float32)
+    xs = torch.empty((m, g), dtype=torch.float32)
+    lib.kv_quantize_act_s8(x.data_ptr(), m, k, xq.data_ptr(), dx.data_ptr(), xs.data_ptr())
+    return xq, dx, xs
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """4-bit codes q [N, K] (uint8, 0..15) with fp16 scales d and minimums m [N, K/32] -> the
+    int4 kernel's interleaved layout (uint8)."""
+    lib = _lib()
+    assert lib is not None and q.dtype == torch.uint8 and d.dtype == m.dtype == torch.float16
+    q, d, m = q.contiguous(), d.contiguous(), m.contiguous()
+    n, k = q.shape
+    out = torch.empty(-(-n // 16) * -(-k // GROUP) * Q4_GROUP_BYTES, dtype=torch.uint8)
+    lib.kv_pack_q4(q.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def q4gemm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 [M, K] @ (int4 W [N, K], packed by `pack_q4`)^T -> float32 [M, N]."""
+    lib = _ready_lib()
+    m, k = x.shape
+    y = torch.empty((m, n), dtype=torch.float32)
+    lib.kv_linear_q4(x.data_ptr(), m, k, wp.data_ptr(), n, y.data_ptr())
+    return y
+
+
 _CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
@@ -183,7 +226,7 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 
 class QLinearArgs(ctypes.Structure):
-    _fields_ = [("wp", _P), ("dw", _P), ("corr", _P), ("bias", _P), ("N", _I64), ("K", _I64)]
+    _fields_ = [("kind", _I64), ("wp", _P), ("dw", _P), ("corr", _P), ("bias", _P), ("N", _I64), ("K", _I64)]
 
 
 class LayerArgs(ctypes.Structure):

@@ -174,107 +174,144 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, i);
 }
 
-/* The cache is cold when a decode step reaches a layer (its weights have streamed through since),
- * and one head's rows are strided: ask for a whole block's rows of this head ahead of use. */
-static inline void prefetch_block(const void *cache, int64_t first_slot, int64_t bs, int64_t Hkv, int64_t kvh,
-                                  int64_t rowb) {
-    const char *p = (const char *)cache + (first_slot * Hkv + kvh) * rowb;
-    for (int64_t o = 0; o < bs; o++)
-        for (int64_t c = 0; c < rowb; c += 64) _mm_prefetch(p + o * Hkv * rowb + c, _MM_HINT_T0);
+/* The cache is cold when a decode step reaches a layer (the layer's weights have streamed through
+ * since): ask for the next block while this one is being used. */
+static inline void prefetch_bytes(const char *p, int64_t n) {
+    for (int64_t c = 0; c < n; c += 64) _mm_prefetch(p + c, _MM_HINT_T0);
 }
 
-#define MAX_ACC 16 /* pass 2 keeps up to this many 16-float accumulators live */
+#define MAX_ACC 16   /* pass 2 keeps up to this many 16-float accumulators live */
+#define SPLIT_BLOCKS 8 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
 
+/* Paged decode attention: one query token per sequence, K/V read in place through the block
+ * table. A task is one part of one sequence (SPLIT_BLOCKS blocks, all heads), so a block's rows
+ * are read front to back once for K and once for V, and a long context spreads over threads.
+ * Each part keeps per head its max score, its sum of exponentials and its unnormalised output;
+ * the parts are merged in order. The parts depend only on the sequence's own length, so its
+ * result does not depend on the batch or the thread count. */
 void kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
                                const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
                                const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                                float scale, float *out) {
-    const int64_t group = H / Hkv, nd = D / 16, rowb = D * (dtype == 0 ? 4 : dtype == 1 ? 2 : 1);
+    const int64_t group = H / Hkv, nd = D / 16, esz = dtype == 0 ? 4 : dtype == 1 ? 2 : 1;
+    const int64_t rowb = Hkv * D * esz; /* one token's K (or V) row, all heads */
     int64_t hstep = MAX_ACC / nd;
     hstep = hstep < 1 ? 1 : (hstep > group ? group : hstep);
-    int64_t work = 0; /* K/V rows to read: a short batch stays on the calling thread */
-    for (int64_t b = 0; b < B; b++) work += seq_lens[b];
-#pragma omp parallel if (work * Hkv >= 4096)
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (B + 1)); /* first task of each sequence */
+    int64_t work = 0;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t nblk = (seq_lens[b] + bs - 1) / bs;
+        first[b + 1] = first[b] + (nblk + SPLIT_BLOCKS - 1) / SPLIT_BLOCKS;
+        work += seq_lens[b];
+    }
+    const int64_t tasks = first[B];
+    /* per task and head: max, sum, then D outputs */
+    float *part = (float *)malloc(sizeof(float) * tasks * H * (D + 2));
+#pragma omp parallel if (tasks > 1 && work * H * D >= (1 << 16))
     {
-        int64_t cap = 0;
-        float *scores = NULL;
+        float *scores = (float *)malloc(sizeof(float) * H * SPLIT_BLOCKS * bs);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * Hkv; task++) {
-            const int64_t b = task / Hkv, kvh = task % Hkv;
-            const int64_t L = seq_lens[b];
-            if (L * group > cap) {
-                free(scores);
-                cap = L * group;
-                scores = (float *)malloc(sizeof(float) * cap);
-            }
+        for (int64_t task = 0; task < tasks; task++) {
+            int64_t b = 0;
+            while (first[b + 1] <= task) b++;
+            const int64_t L = seq_lens[b], blk0 = (task - first[b]) * SPLIT_BLOCKS;
+            const int64_t t0 = blk0 * bs, t1 = L < t0 + SPLIT_BLOCKS * bs ? L : t0 + SPLIT_BLOCKS * bs, n = t1 - t0;
             const int32_t *bt = block_tables + b * bt_stride;
-            const float *qb = q + (b * H + kvh * group) * D;
-            prefetch_block(k_cache, (int64_t)bt[0] * bs, bs, Hkv, kvh, rowb);
-            prefetch_block(v_cache, (int64_t)bt[0] * bs, bs, Hkv, kvh, rowb);
-            /* pass 1: scores[h * L + t] = scale * q_h . k_t, walking the blocks (no division per token) */
-            for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {
-                const int64_t base = (int64_t)bt[blk] * bs, n = L - t0 < bs ? L - t0 : bs;
-                if (t0 + bs < L) prefetch_block(k_cache, (int64_t)bt[blk + 1] * bs, bs, Hkv, kvh, rowb);
-                for (int64_t o = 0; o < n; o++) {
-                    const int64_t row = (base + o) * Hkv + kvh;
-                    const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;
-                    for (int64_t h = 0; h < group; h++) {
-                        __m512 acc = _mm512_setzero_ps();
-                        for (int64_t d = 0; d < nd; d++)
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qb + h * D + 16 * d),
-                                                  load16(k_cache, row * D + 16 * d, dtype), acc);
-                        scores[h * L + t0 + o] = _mm512_reduce_add_ps(acc) * ks;
+            const float *qb = q + b * H * D;
+            float *pm = part + task * H * (D + 2), *pl = pm + H, *po = pl + H;
+            prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
+            prefetch_bytes((const char *)v_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
+            /* pass 1: scores[h * n + t] = scale * q_h . k_t */
+            for (int64_t t = 0; t < n; t += bs) {
+                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
+                if (t + bs < n) prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
+                for (int64_t o = 0; o < m; o++) {
+                    for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                        const int64_t row = (slot0 + o) * Hkv + kvh;
+                        const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;
+                        const int64_t kidx = row * D;
+                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                            __m512 acc = _mm512_setzero_ps();
+                            for (int64_t d = 0; d < nd; d++)
+                                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qb + h * D + 16 * d), load16(k_cache, kidx + 16 * d, dtype), acc);
+                            scores[h * n + t + o] = _mm512_reduce_add_ps(acc) * ks;
+                        }
                     }
                 }
             }
-            /* softmax per head */
-            for (int64_t h = 0; h < group; h++) {
-                float *s = scores + h * L;
+            /* local softmax statistics per head; scores become exp(s - max) */
+            for (int64_t h = 0; h < H; h++) {
+                float *s = scores + h * n;
                 __m512 mx = _mm512_set1_ps(-INFINITY);
-                for (int64_t t = 0; t < L; t += 16) {
-                    const __mmask16 mk = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+                for (int64_t t = 0; t < n; t += 16) {
+                    const __mmask16 mk = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
                     mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, s + t));
                 }
-                const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                const float mxs = _mm512_reduce_max_ps(mx);
+                const __m512 m = _mm512_set1_ps(mxs);
                 __m512 sum = _mm512_setzero_ps();
-                for (int64_t t = 0; t < L; t += 16) {
-                    const __mmask16 mk = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
+                for (int64_t t = 0; t < n; t += 16) {
+                    const __mmask16 mk = n - t >= 16 ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1);
                     const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), m));
                     sum = _mm512_mask_add_ps(sum, mk, sum, e);
                     _mm512_mask_storeu_ps(s + t, mk, e);
                 }
-                const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-                for (int64_t t = 0; t < L; t += 16) {
-                    const __mmask16 mk = L - t >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
-                    _mm512_mask_storeu_ps(s + t, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + t), inv));
-                }
+                pm[h] = mxs;
+                pl[h] = _mm512_reduce_add_ps(sum);
             }
-            /* pass 2: out_h = sum_t p[h, t] * v_t, a few heads at a time with their rows in registers */
-            for (int64_t h0 = 0; h0 < group; h0 += hstep) {
-                const int64_t hc = group - h0 < hstep ? group - h0 : hstep;
-                __m512 acc[MAX_ACC];
-                for (int64_t i = 0; i < hc * nd; i++) acc[i] = _mm512_setzero_ps();
-                for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, blk++) {
-                    const int64_t base = (int64_t)bt[blk] * bs, n = L - t0 < bs ? L - t0 : bs;
-                    if (t0 + bs < L) prefetch_block(v_cache, (int64_t)bt[blk + 1] * bs, bs, Hkv, kvh, rowb);
-                    for (int64_t o = 0; o < n; o++) {
-                        const int64_t row = (base + o) * Hkv + kvh;
-                        const float vs = dtype == 2 ? v_scale[row] : 1.0f;
-                        for (int64_t d = 0; d < nd; d++) {
-                            const __m512 v = load16(v_cache, row * D + 16 * d, dtype);
-                            for (int64_t h = 0; h < hc; h++)
-                                acc[h * nd + d] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(h0 + h) * L + t0 + o] * vs), v,
-                                                                  acc[h * nd + d]);
+            /* pass 2: po_h = sum_t p[h, t] * v_t, block by block (a block's V rows stay in L1 while
+             * each head group sweeps them), a few heads' accumulators in registers at a time */
+            for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
+            for (int64_t t = 0; t < n; t += bs) {
+                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
+                if (t + bs < n) prefetch_bytes((const char *)v_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
+                for (int64_t kvh = 0; kvh < Hkv; kvh++)
+                    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += hstep) {
+                        const int64_t hc = (kvh + 1) * group - h0 < hstep ? (kvh + 1) * group - h0 : hstep;
+                        __m512 acc[MAX_ACC];
+                        for (int64_t h = 0; h < hc; h++)
+                            for (int64_t d = 0; d < nd; d++) acc[h * nd + d] = _mm512_loadu_ps(po + (h0 + h) * D + 16 * d);
+                        for (int64_t o = 0; o < m; o++) {
+                            const int64_t row = (slot0 + o) * Hkv + kvh;
+                            const float vs = dtype == 2 ? v_scale[row] : 1.0f;
+                            for (int64_t d = 0; d < nd; d++) {
+                                const __m512 v = load16(v_cache, row * D + 16 * d, dtype);
+                                for (int64_t h = 0; h < hc; h++)
+                                    acc[h * nd + d] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(h0 + h) * n + t + o] * vs), v,
+                                                                      acc[h * nd + d]);
+                            }
                         }
+                        for (int64_t h = 0; h < hc; h++)
+                            for (int64_t d = 0; d < nd; d++) _mm512_storeu_ps(po + (h0 + h) * D + 16 * d, acc[h * nd + d]);
                     }
-                }
-                for (int64_t h = 0; h < hc; h++)
-                    for (int64_t d = 0; d < nd; d++)
-                        _mm512_storeu_ps(out + (b * H + kvh * group + h0 + h) * D + 16 * d, acc[h * nd + d]);
             }
         }
         free(scores);
     }
+    /* merge each sequence's parts in order: out_h = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p */
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float M = -INFINITY;
+            for (int64_t t = first[b]; t < first[b + 1]; t++) {
+                const float mt = part[t * H * (D + 2) + h];
+                M = mt > M ? mt : M;
+            }
+            float l = 0.0f;
+            float *o = out + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t t = first[b]; t < first[b + 1]; t++) {
+                const float *pm = part + t * H * (D + 2);
+                const float w = expf(pm[h] - M);
+                l += w * pm[H + h];
+                const float *po = pm + 2 * H + h * D;
+                for (int64_t d = 0; d < D; d++) o[d] += w * po[d];
+            }
+            const float inv = 1.0f / l;
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+    free(part);
+    free(first);
 }
 
 /* x [M, K] float32 -> y [M, N]: quantize the activations (scratch from the heap) and run kv_qgemm,
@@ -291,6 +328,154 @@ void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const flo
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * int4 x int8 GEMM: 4-bit weights with a scale and a minimum per 32 input values (GGUF Q4_1's
+ * arithmetic: w = d * q + m, q in 0..15), activations int8 per token and group of 32 as above but
+ * signed. VPDPBUSD takes the weights as the unsigned operand, so per group
+ *
+ *   sum_k w[n,k] x[k] = dx * (d[n,g] * isum(q[n,:] . xq) + m[n,g] * sum_k xq[k])
+ *
+ * with an exact int32 isum. Packing, per block of 16 channels and group of 32: 256 bytes of
+ * nibbles (byte (c, r) of k-step s holds step s in its low and step s+4 in its high nibble), then
+ * 16 fp16 d and 16 fp16 m: 320 bytes, read as one stream.
+ * --------------------------------------------------------------------------------------------- */
+#define Q4_GROUP_BYTES 320
+
+/* x [M, K] -> xq [M, G*32] int8 = round(x / dx), dx [M, G] = amax / 127, xs [M, G] = dx * sum(xq) */
+void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs) {
+    const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t k0 = g * GROUP;
+            const int64_t na = K - k0 >= 16 ? 16 : K - k0, nb = K - k0 - 16 >= 16 ? 16 : (K - k0 > 16 ? K - k0 - 16 : 0);
+            const __mmask16 ma = (__mmask16)((1u << na) - 1), mb = (__mmask16)((1u << nb) - 1);
+            const __m512 a = _mm512_maskz_loadu_ps(ma, x + m * K + k0);
+            const __m512 b = _mm512_maskz_loadu_ps(mb, x + m * K + k0 + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const __m512 vid = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vid)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, vid));
+            const float d = amax / 127.0f;
+            dx[m * G + g] = d;
+            xs[m * G + g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            _mm_storeu_si128((__m128i *)(xq + m * ldx + k0), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(xq + m * ldx + k0 + 16), _mm512_cvtepi32_epi8(qb));
+        }
+    }
+}
+
+/* q [N, K] uint8 in 0..15, d/m [N, G] fp16 bits -> the packed layout (zero padded) */
+void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t N, int64_t K, uint8_t *wp) {
+    const int64_t G = (K + GROUP - 1) / GROUP, N16 = (N + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < N16; b++)
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t *dst = wp + (b * G + g) * Q4_GROUP_BYTES;
+            for (int64_t s = 0; s < 4; s++)
+                for (int64_t c = 0; c < 16; c++)
+                    for (int64_t r = 0; r < 4; r++) {
+                        const int64_t n = b * 16 + c, klo = g * GROUP + s * 4 + r, khi = klo + 16;
+                        const uint8_t lo = (n < N && klo < K) ? q[n * K + klo] : 0;
+                        const uint8_t hi = (n < N && khi < K) ? q[n * K + khi] : 0;
+                        dst[(s * 16 + c) * 4 + r] = (uint8_t)(lo | (hi << 4));
+                    }
+            uint16_t *sc = (uint16_t *)(dst + 256);
+            for (int64_t c = 0; c < 16; c++) {
+                const int64_t n = b * 16 + c;
+                sc[c] = n < N ? d[n * G + g] : 0;
+                sc[16 + c] = n < N ? mn[n * G + g] : 0;
+            }
+        }
+}
+
+#define TILE4(NAME, MR, NR)                                                                                 \
+    static void NAME(const int8_t *xq, int64_t ldx, const float *dx, const float *xs, int64_t G,            \
+                     const uint8_t *wp, int64_t n0, int64_t N, float *y, int64_t ldy) {                      \
+        __m512 accf[MR][NR];                                                                                \
+        const __m512i low4 = _mm512_set1_epi8(0x0F);                                                        \
+        for (int i = 0; i < MR; i++)                                                                        \
+            for (int j = 0; j < NR; j++) accf[i][j] = _mm512_setzero_ps();                                  \
+        for (int64_t g = 0; g < G; g++) {                                                                   \
+            __m512i acc[MR][NR];                                                                            \
+            for (int i = 0; i < MR; i++)                                                                    \
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_si512();                            \
+            for (int s = 0; s < 4; s++) {                                                                   \
+                __m512i lo[NR], hi[NR];                                                                     \
+                for (int j = 0; j < NR; j++) {                                                              \
+                    const __m512i v = _mm512_loadu_si512(wp + (j * G + g) * Q4_GROUP_BYTES + s * 64);       \
+                    lo[j] = _mm512_and_si512(v, low4);                                                      \
+                    hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);                                \
+                }                                                                                           \
+                for (int i = 0; i < MR; i++) {                                                              \
+                    const int8_t *xr = xq + i * ldx + g * GROUP + s * 4;                                    \
+                    const __m512i xa = _mm512_set1_epi32(*(const int32_t *)xr);                             \
+                    const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(xr + 16));                      \
+                    for (int j = 0; j < NR; j++) {                                                          \
+                        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], lo[j], xa);                              \
+                        acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], hi[j], xb);                              \
+                    }                                                                                       \
+                }                                                                                           \
+            }                                                                                               \
+            for (int j = 0; j < NR; j++) {                                                                  \
+                const uint8_t *sc = wp + (j * G + g) * Q4_GROUP_BYTES + 256;                                \
+                const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));                \
+                const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32)));          \
+                for (int i = 0; i < MR; i++) {                                                              \
+                    const __m512 t = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[i * G + g]), accf[i][j]);        \
+                    accf[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][j]),                             \
+                                                 _mm512_mul_ps(dv, _mm512_set1_ps(dx[i * G + g])), t);      \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int j = 0; j < NR; j++) {                                                                      \
+            const int64_t n = n0 + 16 * j;                                                                  \
+            const __mmask16 mk = N - n >= 16 ? 0xFFFF : (__mmask16)((1u << (N - n)) - 1);                  \
+            for (int i = 0; i < MR; i++) _mm512_mask_storeu_ps(y + i * ldy + n, mk, accf[i][j]);            \
+        }                                                                                                   \
+    }
+
+#define MR4 4
+#define NR4 2
+TILE4(tile4_big, MR4, NR4)
+TILE4(tile4_1xNR, 1, NR4)
+TILE4(tile4_MRx1, MR4, 1)
+TILE4(tile4_1x1, 1, 1)
+
+void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t K, const uint8_t *wp,
+               int64_t N, float *y) {
+    const int64_t G = (K + GROUP - 1) / GROUP, N16 = (N + 15) / 16, ldx = G * GROUP;
+    const int64_t groups = (N16 + NR4 - 1) / NR4, bstride = G * Q4_GROUP_BYTES;
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t b0 = gi * NR4, nb = N16 - b0 < NR4 ? N16 - b0 : NR4;
+        int64_t m = 0;
+        for (; m + MR4 <= M; m += MR4) {
+            if (nb == NR4)
+                tile4_big(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N);
+            else
+                for (int64_t b = b0; b < b0 + nb; b++)
+                    tile4_MRx1(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N);
+        }
+        for (; m < M; m++) {
+            if (nb == NR4)
+                tile4_1xNR(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N);
+            else
+                for (int64_t b = b0; b < b0 + nb; b++)
+                    tile4_1x1(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N);
+        }
+    }
+}
+
+void kv_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t N, float *y) {
+    const int64_t G = (K + GROUP - 1) / GROUP;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * G * GROUP));
+    float *dx = (float *)malloc(sizeof(float) * (size_t)(M * G) * 2);
+    kv_quantize_act_s8(x, M, K, xq, dx, dx + M * G);
+    kv_q4gemm(xq, dx, dx + M * G, M, K, wp, N, y);
+    free(xq);
+    free(dx);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Fused decode step of a Llama-family decoder: every layer of a batch of single-token sequences
  * in one call, so the per-op interpreter and dispatch cost (about 8 ms per token over 30 layers
  * when each op is a torch call) disappears. Per layer:
@@ -300,7 +485,8 @@ void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const flo
  * Every op is per token with a fixed order, so a token's result does not depend on its batch.
  * --------------------------------------------------------------------------------------------- */
 typedef struct {
-    const int8_t *wp;
+    int64_t kind; /* 0: int8 (wp, dw, corr), 1: int4 (wp) */
+    const void *wp;
     const float *dw;
     const int32_t *corr;
     const float *bias; /* or NULL */
@@ -374,7 +560,10 @@ static void store_row(void *cache, float *scales, int64_t row, const float *v, i
 }
 
 static void qlinear(const kv_qlinear_t *l, const float *x, int64_t M, float *y) {
-    kv_linear(x, M, l->K, l->wp, l->dw, l->corr, l->N, y);
+    if (l->kind == 1)
+        kv_linear_q4(x, M, l->K, (const uint8_t *)l->wp, l->N, y);
+    else
+        kv_linear(x, M, l->K, (const int8_t *)l->wp, l->dw, l->corr, l->N, y);
     if (l->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < l->N; n++) y[m * l->N + n] += l->bias[n];
