@@ -57,11 +57,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--kv-cache-memory", default="2GiB")
+    ap.add_argument("--quantization", default="none", help="kvserve --quantization (auto: int4 for the default GGUF)")
     args = ap.parse_args()
 
     from kvserve.loader import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, quantization=args.quantization)
     rng = np.random.default_rng(0)
     system = rng.integers(100, 49000, size=args.prefix_len).tolist()
     prompts = [system + rng.integers(100, 49000, size=int(rng.integers(args.question_len - 8, args.question_len + 9))).tolist()
@@ -71,7 +72,8 @@ def main() -> None:
     off = run(loaded, args, prompts, caching=False)
     print("caching off:", off, flush=True)
     print(json.dumps({"workload": f"{args.num_requests} req, shared {args.prefix_len} + ~{args.question_len} tokens, "
-                                  f"{args.output_len} out, concurrency {args.concurrency}, {args.dtype}",
+                                  f"{args.output_len} out, concurrency {args.concurrency}, {args.dtype}, "
+                                  f"{loaded.quantization} weights",
                       "on": on, "off": off,
                       "ttft_p50_improvement": round(off["ttft_p50_s"] / on["ttft_p50_s"], 2),
                       "throughput_improvement": round(on["output_tok_s"] / off["output_tok_s"], 2)}))

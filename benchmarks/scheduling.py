@@ -186,6 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default="auto", help="kvserve --quantization (auto: int4 for the default GGUF)")
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--long-frac", type=float, default=0.15)
     ap.add_argument("--seats", type=int, default=4, help="max_num_seqs: the engine's concurrency")
@@ -218,7 +219,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, quantization=args.quantization)
     tok = lm.tokenizer
     prompts = make_prompts(args.num_requests, args.long_frac, args.seed)
     ids = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True) for _, t in prompts]
@@ -282,7 +283,7 @@ def main() -> None:
         print(f"note: answers whose length differed from pass 0 (batch-dependent numerics): {mismatched}")
     result: dict = {"workload": f"{len(work)} chat requests ({args.long_frac:.0%} asking for long answers), greedy, "
                                 f"EOS or cap {args.cap}, Poisson at {args.load:.0%} of capacity, {args.seats} seats, "
-                                f"{args.dtype}, {torch.get_num_threads()} threads",
+                                f"{args.dtype}, {lm.quantization} weights, {torch.get_num_threads()} threads",
                     "capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4),
                     "real": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in real.items()},
                     "latency_mean_by_prompt_kind_s": by_kind}
@@ -312,7 +313,7 @@ def main() -> None:
 
     # 3. simulator, calibrated on pass 0 only
     if not args.no_sim:
-        print(f"\nsimulator (calibrated on pass 0) on the same workload")
+        print("\nsimulator (calibrated on pass 0) on the same workload")
         print(HEADER + f" {'lat err':>8} {'tput err':>8}")
         result["sim"] = {}
         for name in real:

@@ -61,7 +61,9 @@ def test_fused_decode_matches_op_by_op(int8_model, cache_dtype):
             if x.dtype == torch.int8:
                 assert (x.int() - y.int()).abs().max().item() <= 2
             else:
-                torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=1e-2)
+                # new rows come out of int8-activation GEMMs: a flipped rounding moves a value by a
+                # step of its group's scale, a few percent of the rows' range at most
+                torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.03 * float(y.float().abs().max()))
 
 
 def test_fused_decode_rows_do_not_depend_on_the_batch(int8_model):
@@ -95,3 +97,34 @@ def test_runner_uses_the_fused_step_only_where_it_applies(tmp_path):
         outs += [o for o in engine.step() if o.finished]
     assert len(outs[0].outputs[0].token_ids) == 6
     assert calls == [1] * 5  # the prefill step ran op by op, the five decode steps fused
+
+
+def test_mixed_step_splits_decodes_from_prefill(tmp_path):
+    """A step holding decodes and a prefill runs the decodes fused and the prefill op by op; the
+    decodes' tokens equal those of a run without the newcomer."""
+    from kvserve import SamplingParams
+    from kvserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(model=str(make_tiny_hf(tmp_path, "llama")), quantization="int8", kv_cache_memory="4MiB")
+    params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0)
+
+    def run(with_newcomer: bool) -> tuple[list[int], list[int]]:
+        calls = []
+        real = engine.runner.native.forward
+        engine.runner.native.forward = lambda *a: calls.append(len(a[0])) or real(*a)
+        engine.add_request("a", [1, 2, 3, 4, 5], params)
+        engine.step()
+        engine.step()
+        if with_newcomer:
+            engine.add_request("b", list(range(10, 40)), params)
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o for o in engine.step() if o.finished})
+        engine.runner.native.forward = real
+        return outs["a"].outputs[0].token_ids, calls
+
+    alone, calls_alone = run(False)
+    mixed, calls_mixed = run(True)
+    assert mixed == alone
+    assert calls_alone == [1] * 7
+    assert 1 in calls_mixed[:2] and 2 in calls_mixed  # "a" fused beside b's prefill, then both fused

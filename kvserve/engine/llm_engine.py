@@ -108,13 +108,13 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
-        if self.device.type == "cpu":
-            tune_allocator()
         dtype = config.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.lm = loaded or load_model(config.model, dtype=dtype, device=self.device,
                                         quantization=config.quantization)
+        if self.device.type == "cpu":  # after the load, which wants freed buffers returned at once
+            tune_allocator()
         self.tokenizer = self.lm.tokenizer
         backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
         mcfg = self.lm.config

@@ -19,6 +19,40 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+class loading_allocator:
+    """While a model loads, hand every freed buffer of 1 MiB or more back to the OS at once.
+
+    A load makes and drops a float copy of each weight on its way to the quantized one; with
+    glibc's adaptive thresholds those land in the heap and stay, so the process would keep
+    (and peak at) several hundred MB it no longer uses. On exit the heap is trimmed.
+    """
+
+    def __enter__(self) -> "loading_allocator":
+        libc = _libc()
+        if libc is not None and not _done:
+            try:
+                libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+            except AttributeError:  # not glibc
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        libc = _libc()
+        try:
+            if libc is not None:
+                libc.malloc_trim(0)
+        except AttributeError:
+            pass
+
+
 def tune_allocator() -> bool:
     """Keep freed memory in glibc's heap instead of returning it to the OS.
 
@@ -103,7 +137,7 @@ class NativeDecoder:
         cache = kv_caches[0]
         if (cfg.hidden_act != "silu" or cfg.head_dim % 16 or cfg.num_heads % cfg.num_kv_heads
                 or cache.k.device.type != "cpu" or native.cache_dtype_code(cache.k.dtype) is None
-                or model.model.embed_tokens.weight.dtype != torch.float32):
+                or model.model.norm.weight.dtype != torch.float32):
             return False
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp

@@ -66,20 +66,20 @@ class ModelRunner:
             if pairs:
                 copy_blocks(src_caches, dst_caches, pairs)
 
-    def prepare(self, so: SchedulerOutput) -> ForwardBatch:
+    def prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
         ids: list[int] = []
         positions: list[int] = []
         qlens: list[int] = []
         slens: list[int] = []
-        for s in so.scheduled:
+        for s in scheduled:
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             ids.extend(r.all_token_ids[start:end])
             positions.extend(range(start, end))
             qlens.append(s.num_new_tokens)
             slens.append(end)
-        width = max(len(s.block_ids) for s in so.scheduled)
-        table = [s.block_ids + [0] * (width - len(s.block_ids)) for s in so.scheduled]
+        width = max(len(s.block_ids) for s in scheduled)
+        table = [s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled]
         dev = self.device
         block_tables = torch.tensor(table, dtype=torch.int32)
         pos = torch.tensor(positions, dtype=torch.int64)
@@ -103,12 +103,12 @@ class ModelRunner:
         self.swap(so)
         if not so.scheduled:
             return RunnerOutput()
-        batch = self.prepare(so)
+        batch = self.prepare(so.scheduled)
         hidden = None
         if self.graphs is not None and all(s.num_new_tokens == 1 for s in so.scheduled):
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
-        elif self.native is not None and batch.meta.num_seqs == len(batch.input_ids):
-            hidden = self.native.forward(batch.input_ids, batch.positions, batch.meta)
+        elif self.native is not None:
+            hidden = self._run_native(so.scheduled, batch)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches)
         out = RunnerOutput()
@@ -128,6 +128,26 @@ class ModelRunner:
                 out.prompt_logprobs[r.request_id] = self._prompt_logprobs(hidden[start : start + s.num_new_tokens], s)
             start += s.num_new_tokens
         return out
+
+    def _run_native(self, scheduled: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor | None:
+        """Single-token sequences through the fused native step; in a mixed step the others go op by
+        op in a second forward. So a decode token takes the same path (and gets the same numbers)
+        whatever else its step holds."""
+        assert self.native is not None
+        singles = [i for i, s in enumerate(scheduled) if s.num_new_tokens == 1]
+        if not singles:
+            return None
+        if len(singles) == len(scheduled):
+            return self.native.forward(batch.input_ids, batch.positions, batch.meta)
+        starts = batch.meta.query_start_loc.tolist()
+        rest = [i for i in range(len(scheduled)) if scheduled[i].num_new_tokens != 1]
+        hidden = torch.empty(len(batch.input_ids), self.model.config.hidden_size, device=self.device)
+        one = self.prepare([scheduled[i] for i in singles])
+        hidden[[starts[i] for i in singles]] = self.native.forward(one.input_ids, one.positions, one.meta)
+        many = self.prepare([scheduled[i] for i in rest])
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in rest])
+        hidden[rows] = self.model(many.input_ids, many.positions, many.meta, self.kv_caches)
+        return hidden
 
     def _prompt_logprobs(self, hidden: torch.Tensor, s: ScheduledRequest) -> list[Logprob]:
         """Logprob of each next prompt token, from the logits at this chunk's positions."""

@@ -70,7 +70,14 @@ class LoadedModel:
     @property
     def weight_bytes(self) -> int:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return params + sum(m.qweight.nbytes for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+        quantized = 0
+        for m in self.model.modules():
+            q = getattr(m, "qweight", None)
+            if isinstance(q, torch.Tensor):  # an int8 embedding table and its row scales
+                quantized += q.numel() * q.element_size() + m.scale.numel() * m.scale.element_size()
+            elif q is not None:
+                quantized += q.nbytes
+        return params + quantized
 
     def describe(self) -> str:
         return (
@@ -131,20 +138,34 @@ def load_model(
         cfg = src.model_config()
         tokenizer = Tokenizer.from_gguf(src)
         freq_factors = src.rope_freq_factors()
+    from kvserve.layers.embedding import LMHead, VocabEmbedding
+
+    method = resolve_quantization(quantization, src, torch.device(device))
+
+    def quantize_loaded(module: torch.nn.Module, attr: str) -> None:
+        # quantize each layer as soon as its weight is whole, so the float model never exists whole
+        # (the peak memory of a load is then about one layer's float weights over the result)
+        if attr == "weight" and isinstance(module, Linear) and not isinstance(module, LMHead):
+            module.quantize(method)
+
+    from kvserve.executor.cpu import loading_allocator
+
     with torch.device("meta"):
         net = build_model(cfg)
-    net.load_weights(src.weights(cfg), dtype=torch_dtype)
-    for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
-        if hasattr(m, "set_freq_factors"):
-            m.set_freq_factors(freq_factors)
-    net = net.to(device).eval()
-    method = resolve_quantization(quantization, src, torch.device(device))
-    if method != "none":
-        from kvserve.layers.embedding import LMHead
-
-        for m in net.modules():
-            if isinstance(m, Linear):  # the LM head feeds the sampler directly: it keeps 8 bits
-                m.quantize("int8" if isinstance(m, LMHead) else method)
+    with loading_allocator():
+        net.load_weights(src.weights(cfg), dtype=torch_dtype,
+                         on_loaded=None if method == "none" else quantize_loaded)
+        for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
+            if hasattr(m, "set_freq_factors"):
+                m.set_freq_factors(freq_factors)
+        net = net.to(device).eval()
+        if method != "none":
+            for m in net.modules():
+                if isinstance(m, Linear) and m.qweight is None:  # the LM head feeds the sampler: it keeps 8 bits
+                    m.quantize("int8" if isinstance(m, LMHead) else method)
+            for m in net.modules():  # after the (possibly tied) LM head has taken its own copy
+                if isinstance(m, VocabEmbedding):
+                    m.quantize()
     loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0, method)
     logger.info("%s", loaded.describe())
     return loaded

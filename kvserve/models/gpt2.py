@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -92,7 +92,8 @@ class GPT2LMHeadModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
+                     on_loaded: Callable[[nn.Module, str], None] | None = None) -> None:
         def renamed() -> Iterable[tuple[str, torch.Tensor]]:
             for name, t in weights:
                 if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -103,4 +104,4 @@ class GPT2LMHeadModel(nn.Module):
                     t = t.t()
                 yield name, t
 
-        load_named_weights(self, renamed(), dtype=dtype)
+        load_named_weights(self, renamed(), dtype=dtype, on_loaded=on_loaded)

@@ -7,7 +7,7 @@ their slices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -129,8 +129,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
-        load_named_weights(self, weights, self.stacked_params, dtype)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
+                     on_loaded: Callable[[nn.Module, str], None] | None = None) -> None:
+        load_named_weights(self, weights, self.stacked_params, dtype, on_loaded)
 
     def set_rope_freq_factors(self, factors: torch.Tensor) -> None:
         self.model.rotary_emb.set_freq_factors(factors)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,11 +15,14 @@ def load_named_weights(
     weights: Iterable[tuple[str, torch.Tensor]],
     stacked_params: tuple[tuple[str, str, object], ...] = (),
     dtype: torch.dtype | None = None,
+    on_loaded: Callable[[nn.Module, str], None] | None = None,
 ) -> None:
     """Put checkpoint tensors into a model built on the meta device; every parameter must be covered.
 
     A whole tensor becomes the parameter itself (no copy); a shard of a fused parameter is
     copied into its slice by the owning module's `weight_loader(param, tensor, shard_id)`.
+    `on_loaded(module, attr)` runs as soon as a parameter is complete (e.g. to quantize a layer
+    while the next one loads, so the float model never exists whole).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -45,6 +48,8 @@ def load_named_weights(
                     name, f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}"
                 )
             setattr(owner, attr, nn.Parameter(tensor.to(target_dtype).contiguous(), requires_grad=False))
+            if on_loaded is not None:
+                on_loaded(owner, attr)
             continue
         if param.is_meta:
             param = nn.Parameter(torch.empty(param.shape, dtype=target_dtype), requires_grad=False)
@@ -52,6 +57,8 @@ def load_named_weights(
             setattr(owner, attr, param)
         owner.weight_loader(param, tensor.to(target_dtype), shard_id)
         param.loaded_shards.add(shard_id)
+        if on_loaded is not None and param.loaded_shards == set(owner.shard_offsets):
+            on_loaded(owner, attr)
     if tied:
         model.tie_weights()
     for name, param in model.named_parameters():

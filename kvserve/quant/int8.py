@@ -13,16 +13,21 @@ import torch
 from kvserve.kernels import cpu as native
 
 QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
+ROWS_PER_CHUNK = 4096
 
 
 class Int8Weight:
     """An [N, K] float weight as int8 values with one scale per output channel."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        self.scale = (w.abs().amax(dim=1) / 127.0).contiguous()
-        q = torch.round(w / self.scale.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        self.out_features, self.in_features = weight.shape
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        self.scale = torch.empty(self.out_features)
+        for r in range(0, self.out_features, ROWS_PER_CHUNK):  # in chunks: a big LM head needs no float copy
+            w = weight[r : r + ROWS_PER_CHUNK].detach().float()
+            s = w.abs().amax(dim=1) / 127.0
+            self.scale[r : r + len(w)] = s
+            q[r : r + len(w)] = torch.round(w / s.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127)
         self.native = native.available()
         self.corr: torch.Tensor | None = None
         if self.native:

@@ -142,9 +142,12 @@ def pack_weight(wq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n16, g = -(-n // 16), -(-k // GROUP)
     wp = torch.empty(n16 * g * GROUP * 16, dtype=torch.int8)
     lib.kv_pack_weight(wq.data_ptr(), n, k, wp.data_ptr())
-    padded = torch.zeros(n16 * 16, g * GROUP, dtype=torch.int32)
-    padded[:n, :k] = wq
-    corr = (-128 * padded.view(n16, 16, g, GROUP).sum(-1, dtype=torch.int32)).transpose(1, 2).contiguous()
+    # -128 x each group's sum, computed a chunk of rows at a time (no int32 copy of a big weight)
+    sums = torch.zeros(n16 * 16, g, dtype=torch.int32)
+    for r in range(0, n, 4096):
+        part = torch.nn.functional.pad(wq[r : r + 4096].to(torch.int32), (0, g * GROUP - k))
+        sums[r : r + len(part)] = part.view(len(part), g, GROUP).sum(-1, dtype=torch.int32)
+    corr = (-128 * sums.view(n16, 16, g)).transpose(1, 2).contiguous()
     return wp, corr
 
 
