@@ -3,9 +3,11 @@
 A batch is summarised by `BatchFeatures` (tokens computed, sequences, sequences that sample,
 context tokens whose K/V are read, query x context pairs of attention). Two models:
 
-  LinearCostModel    a + b*tokens + c*seqs + d*sampled + e*context + f*pairs, fitted by
+  LinearCostModel    a + b*tokens + c*seqs + d*sampled + e*context + f*pairs + g*mixed, fitted by
                      least squares (non-negative) to steps measured on this machine
-                     (`kvserve simulate --calibrate`);
+                     (`kvserve simulate --calibrate`); mixed is 1 for a step holding both
+                     one-token sequences and longer chunks (on a CPU with the fused decode step
+                     those are two forwards);
   RooflineCostModel  overhead + max(bytes / bandwidth, flops / peak) for hardware we cannot
                      run here: weights and K/V are read once per step, 2 flops per parameter per
                      token plus attention.
@@ -23,7 +25,7 @@ import numpy as np
 from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.errors import InvalidRequestError
 
-FEATURES = ("const", "tokens", "seqs", "sampled", "context", "kpairs")
+FEATURES = ("const", "tokens", "seqs", "sampled", "context", "kpairs", "mixed")
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,17 @@ class BatchFeatures:
     sampled: int  # sequences whose last logits give a token (lm head rows)
     context: int  # sum over sequences of context length after the step (K/V read)
     pairs: int  # sum over sequences of new tokens x context length (attention work)
+    mixed: int = 0  # 1 if the step holds one-token sequences and longer chunks together
 
     def vector(self) -> list[float]:
-        return [1.0, self.tokens, self.seqs, self.sampled, self.context, self.pairs / 1000.0]
+        return [1.0, self.tokens, self.seqs, self.sampled, self.context, self.pairs / 1000.0, float(self.mixed)]
 
 
 def batch_features(so: SchedulerOutput) -> BatchFeatures:
     """Features of a scheduled batch, taken before the scheduler's update (computed counts not yet advanced)."""
-    tokens = seqs = sampled = context = pairs = 0
+    tokens = seqs = sampled = context = pairs = singles = 0
     for s in so.scheduled:
+        singles += s.num_new_tokens == 1
         start = s.request.num_computed_tokens
         end = start + s.num_new_tokens
         tokens += s.num_new_tokens
@@ -49,7 +53,7 @@ def batch_features(so: SchedulerOutput) -> BatchFeatures:
         sampled += int(s.samples)
         context += end
         pairs += s.num_new_tokens * (start + end + 1) // 2
-    return BatchFeatures(tokens, seqs, sampled, context, pairs)
+    return BatchFeatures(tokens, seqs, sampled, context, pairs, int(0 < singles < seqs))
 
 
 class CostModel:
