@@ -72,6 +72,9 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp) {
             for (int j = 0; j < NR; j++) accf[i][j] = _mm512_setzero_ps();                                \
         for (int64_t g = 0; g < G; g++) {                                                                 \
             __m512i acc[MR][NR];                                                                          \
+            for (int j = 0; j < NR; j++) /* stream ahead (see Q4_PREFETCH) */                          \
+                for (int c = 0; c < GROUP * 16; c += 64)                                                  \
+                    _mm_prefetch((const char *)wp + (j * K4 + (g + 6) * (GROUP / 4)) * 64 + c, _MM_HINT_T0); \
             for (int j = 0; j < NR; j++) {                                                                \
                 /* start each group at -128 * sum(w): the u8 offset taken back before scaling */         \
                 const __m512i c = _mm512_loadu_si512(corr + ((n0 / 16 + j) * G + g) * 16);            \
@@ -339,6 +342,9 @@ void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const flo
  * 16 fp16 d and 16 fp16 m: 320 bytes, read as one stream.
  * --------------------------------------------------------------------------------------------- */
 #define Q4_GROUP_BYTES 320
+#ifndef Q4_PREFETCH
+#define Q4_PREFETCH 8 /* groups ahead */
+#endif
 
 /* x [M, K] -> xq [M, G*32] int8 = round(x / dx), dx [M, G] = amax / 127, xs [M, G] = dx * sum(xq) */
 void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs) {
@@ -396,6 +402,9 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
             for (int j = 0; j < NR; j++) accf[i][j] = _mm512_setzero_ps();                                  \
         for (int64_t g = 0; g < G; g++) {                                                                   \
             __m512i acc[MR][NR];                                                                            \
+            for (int j = 0; j < NR; j++) /* stream ahead: one core's misses alone do not fill the bus */  \
+                for (int c = 0; c < Q4_GROUP_BYTES; c += 64)                                                \
+                    _mm_prefetch((const char *)wp + (j * G + g + Q4_PREFETCH) * Q4_GROUP_BYTES + c, _MM_HINT_T0); \
             for (int i = 0; i < MR; i++)                                                                    \
                 for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_si512();                            \
             for (int s = 0; s < 4; s++) {                                                                   \
