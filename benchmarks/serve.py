@@ -130,6 +130,8 @@ def launch(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port), "--dtype", args.dtype,
            "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(max(args.concurrency, 1))]
+    if getattr(args, "kv_cache_dtype", None):
+        cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
     if args.threads:
         cmd += ["--num-threads", str(args.threads)]
     if args.quantization:
@@ -139,13 +141,16 @@ def launch(args) -> tuple[subprocess.Popen, str]:
     return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
 
+LLAMA_N_CTX = 4096  # llama.cpp server's KV room in tokens (f16 K/V); kvserve gets the same in bf16
+
+
 def launch_llamacpp(args) -> tuple[subprocess.Popen, str]:
     from kvserve.loader import default_model_path
 
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model or str(default_model_path()),
            "--port", str(port), "--n_threads", str(args.threads or 2), "--n_threads_batch", str(args.threads or 2),
-           "--n_ctx", "4096", "--n_batch", "512", "--interrupt_requests", "False"]
+           "--n_ctx", str(LLAMA_N_CTX), "--n_batch", "512", "--interrupt_requests", "False"]
     return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
 
@@ -237,11 +242,23 @@ def main() -> None:
 def compare_llamacpp(args) -> None:
     reqs = text_workload(args.num_requests, args.input_len, args.output_len, args.model)
     res: dict = {"workload": f"{args.num_requests} text prompts of ~{args.input_len} tokens + {args.output_len} out, "
-                             f"concurrency {args.concurrency}, threads {args.threads or 2}"}
+                             f"concurrency {args.concurrency}, threads {args.threads or 2}, "
+                             f"KV room {LLAMA_N_CTX} tokens of 16-bit K/V each"}
     for name, start in (("llamacpp", launch_llamacpp), ("kvserve", launch)):
         if name == "kvserve":
             args.threads = args.threads or 2
             args.quantization = args.quantization or "auto"
+            # the same KV room as llama.cpp's server: LLAMA_N_CTX tokens of 16-bit K/V
+            import torch
+
+            from kvserve.layers.attention import KVCache
+            from kvserve.loader import default_model_path
+            from kvserve.loader.gguf import GGUFFile
+
+            cfg = GGUFFile(args.model or default_model_path()).model_config()
+            per_token = cfg.num_layers * KVCache.bytes_per_token(cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)
+            args.kv_cache_dtype = "bfloat16"
+            args.kv_cache_memory = str(LLAMA_N_CTX * per_token)
         proc, url = start(args)
         try:
             r = asyncio.run(run_load(url, args.served_model, reqs, args.concurrency, args.request_rate, args.seed))
