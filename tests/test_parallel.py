@@ -202,3 +202,24 @@ def test_dead_worker_stops_async_engine(tiny_path):
             time.sleep(0.05)
         assert not ae.alive and isinstance(ae.error, WorkerDiedError)
         ae.shutdown()
+
+
+def test_prefix_router():
+    from kvserve.distributed.data_parallel import PrefixRouter
+
+    r = PrefixRouter(2, block_size=4, capacity_blocks=100)
+    a = list(range(20))
+    first = r.route(a)
+    r.load[first] += 1  # still running
+    assert r.route(a[:12] + [99, 98, 97]) == first  # shares 3 full blocks with a
+    other = r.route([50 + i for i in range(20)])  # nothing cached anywhere: least loaded
+    assert other != first
+    assert r.prefix_routed[first] == 1 and r.routed[first] == 2 and r.routed[other] == 1
+    assert r.route([7]) in (0, 1)  # shorter than a block: no hashes, still routed
+    small = PrefixRouter(2, block_size=4, capacity_blocks=2)  # the record is an LRU bounded by the cache
+    small.route(a)
+    assert max(len(rec) for rec in small.records) == 2
+    rr = PrefixRouter(3, 4, 10, policy="round_robin")
+    assert [rr.route(a) for _ in range(4)] == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="routing policy"):
+        PrefixRouter(2, 4, 10, policy="random")
