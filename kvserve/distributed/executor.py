@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import os
 import socket
 import threading
 from collections import deque
@@ -80,6 +81,13 @@ class MultiProcExecutor:
         else:
             init_method = pcfg.distributed_init_method or f"tcp://127.0.0.1:{_free_port()}"
             local = list(range(1, per_node))  # node 0 holds ranks 0..per_node-1; other nodes start theirs
+        # CPU: the node's cores are shared by its ranks (2 cores, 2 ranks: 1 thread each), rank 0 included;
+        # the process's own setting comes back at shutdown
+        self._threads_before = torch.get_num_threads()
+        if num_threads is None and device.type == "cpu":
+            num_threads = max(1, (os.cpu_count() or 1) // per_node)
+        if num_threads:
+            torch.set_num_threads(num_threads)
         ctx = mp.get_context("spawn")
         for r in local:
             p = ctx.Process(target=worker_main, name=f"kvserve-worker-{r}", daemon=True,
@@ -193,6 +201,7 @@ class MultiProcExecutor:
                 p.join()
         self.procs = []
         ps.destroy_distributed()
+        torch.set_num_threads(self._threads_before)
         atexit.unregister(self.shutdown)
 
     def allreduce_bytes(self) -> int:
@@ -207,7 +216,8 @@ class MultiProcExecutor:
             logits = runner.run(msg)
             work = None
             if self.state.pp_size > 1 and msg.logit_rows:
-                logits = torch.empty(len(msg.logit_rows), self.vocab_size, dtype=torch.float32)
+                logits = torch.empty(len(msg.logit_rows), self.vocab_size, dtype=torch.float32,
+                                     device=self.state.device)
                 work = dist.irecv(logits, self.last_rank, tag=TAG_LOGITS)
             return logits, work
 
@@ -222,7 +232,8 @@ class MultiProcExecutor:
             self._broadcast("prefill_logits", seqs)
             logits = _prefill_logits(model, seqs, self.state)
             if self.state.pp_size > 1:
-                logits = torch.empty(sum(len(s) for s in seqs), self.vocab_size, dtype=torch.float32)
+                logits = torch.empty(sum(len(s) for s in seqs), self.vocab_size, dtype=torch.float32,
+                                     device=self.state.device)
                 dist.irecv(logits, self.last_rank, tag=TAG_LOGITS).wait(self.timeout)
             return logits
 

@@ -168,7 +168,8 @@ class LLMEngine:
     # -- parallel -----------------------------------------------------------------------
 
     def _start_parallel(self, pcfg: ParallelConfig, loaded: LoadedModel | None, dtype: str) -> LoadedModel:
-        """Spawn the workers, then load rank 0's shard here while they load theirs."""
+        """Spawn the workers, then load rank 0's shard here while they load theirs (a `loaded` model only
+        names the checkpoint: every rank, this one included, reads its own slice of it)."""
         from kvserve.distributed.executor import MultiProcExecutor
         from kvserve.loader import default_model_path
         from kvserve.loader.gguf import GGUFFile
@@ -333,7 +334,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs, waits, or has a final output (e.g. after abort) not yet returned."""
-        return self.scheduler.has_unfinished() or bool(self.groups)
+        return self.scheduler.has_unfinished() or bool(self.groups) or bool(self._in_flight)
 
     # -- the step -----------------------------------------------------------------------
 
