@@ -223,3 +223,78 @@ def test_prefix_router():
     assert [rr.route(a) for _ in range(4)] == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="routing policy"):
         PrefixRouter(2, 4, 10, policy="random")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_node_flags_and_torchrun_env(tiny_path):
+    """`--nnodes 2 --node-rank k` (one process per "node") and torchrun's env, on loopback: same text as TP=1."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "kvserve.entrypoints.cli", "generate", "--model", str(tiny_path),
+            "--kv-cache-memory", "1MiB", "--max-tokens", "8", "--ignore-eos"]
+    ref = subprocess.run(base + ["hello there"], capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    nodes = ["-tp", "2", "--nnodes", "2", "--distributed-init-method", f"tcp://127.0.0.1:{_free_port()}"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    for worker_cmd, worker_env, engine_cmd, engine_env in [
+        (base + nodes + ["--node-rank", "1", "hello there"], None, base + nodes + ["hello there"], None),
+        (base + ["-tp", "2", "hello there"], {**env, "RANK": "1"}, base + ["-tp", "2", "hello there"],
+         {**env, "RANK": "0"}),
+    ]:
+        worker = subprocess.Popen(worker_cmd, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            engine = subprocess.run(engine_cmd, env=engine_env, capture_output=True, text=True, timeout=120)
+            assert engine.returncode == 0, engine.stderr
+            assert engine.stdout == ref.stdout
+            assert worker.wait(60) == 0, worker.stdout.read()
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+
+
+def test_shard_loaders_read_each_rank_its_slice(tiny_path):
+    """TP rank 1 of 2, built in this process: every weight is the right slice of the full one."""
+    from kvserve.distributed import parallel_state as ps
+
+    full = load_model(tiny_path).model
+    ps.set_state_for_build(tp_size=2, tp_rank=1)
+    try:
+        shard = load_model(tiny_path).model  # a safetensors dir under TP: read lazily, slice by slice
+    finally:
+        ps.set_current(None)
+    f, s = full.model.layers[1], shard.model.layers[1]
+    fq, fk, fv = f.self_attn.qkv_proj.weight.split([64, 32, 32])  # 4 heads, 2 KV heads, head_dim 16
+    torch.testing.assert_close(s.self_attn.qkv_proj.weight, torch.cat([fq[32:], fk[16:], fv[16:]]), rtol=0, atol=0)
+    torch.testing.assert_close(s.self_attn.o_proj.weight, f.self_attn.o_proj.weight[:, 32:], rtol=0, atol=0)
+    fg, fu = f.mlp.gate_up_proj.weight.split([96, 96])
+    torch.testing.assert_close(s.mlp.gate_up_proj.weight, torch.cat([fg[48:], fu[48:]]), rtol=0, atol=0)
+    torch.testing.assert_close(s.mlp.down_proj.weight, f.mlp.down_proj.weight[:, 48:], rtol=0, atol=0)
+    torch.testing.assert_close(shard.model.embed_tokens.weight, full.model.embed_tokens.weight[160:], rtol=0, atol=0)
+    torch.testing.assert_close(shard.lm_head.weight, full.lm_head.weight[160:], rtol=0, atol=0)
+    assert shard.num_local_kv_heads == 1 and shard.num_local_layers == 2
+    ps.set_state_for_build(pp_size=2, pp_rank=1)  # the last stage: layer 1, the norm and the LM head, no embedding
+    try:
+        stage = load_model(tiny_path).model
+    finally:
+        ps.set_current(None)
+    assert stage.num_local_layers == 1 and isinstance(stage.model.layers[0], torch.nn.Identity)
+    assert not any(n.startswith("model.embed_tokens") for n, _ in stage.named_parameters())
+    torch.testing.assert_close(stage.model.layers[1].mlp.down_proj.weight, f.mlp.down_proj.weight, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_failed_start_leaves_no_workers(tiny_path):
+    import multiprocessing
+
+    with deadline(60), pytest.raises(InvalidRequestError, match="holds no block"):
+        LLMEngine(model=str(tiny_path), kv_cache_memory=10, tensor_parallel_size=2)
+    assert not multiprocessing.active_children()

@@ -124,37 +124,41 @@ class LLMEngine:
         else:
             self.lm = loaded or load_model(config.model, dtype=dtype, device=self.device,
                                             quantization=config.quantization)
-        self.tokenizer = self.lm.tokenizer
-        backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
-        mcfg = self.lm.config
-        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-        if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
-            raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        self.budget = self._plan_memory()
-        logger.info("%s", self.budget.describe())
-        if config.preemption_mode not in ("recompute", "swap", "auto"):
-            raise InvalidRequestError(f"preemption_mode must be recompute, swap or auto, got {config.preemption_mode!r}")
-        num_host_blocks = 0
-        if config.preemption_mode != "recompute":
-            try:
-                num_host_blocks = parse_bytes(config.swap_space) // (self.budget.kv_bytes_per_token * config.block_size)
-            except ValueError:
-                raise InvalidRequestError(f"swap_space: cannot parse {config.swap_space!r}") from None
-        self.kv = KVCacheManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching,
-                                 num_host_blocks)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.preemption_mode), self.kv,
-            make_policy(config.scheduling_policy, config.scheduling_max_wait),
-        )
-        graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
-        if self.executor is not None:
-            self.runner = self.executor.make_runner(self.lm, self.budget.num_blocks, config.block_size, self.kv_dtype,
-                                                    num_host_blocks, config.max_num_seqs, self.max_model_len)
-        else:
-            self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype,
-                                      self.device, num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
-                                      self.max_model_len)
+        try:  # from here on a failure must not leave parallel workers behind
+            self.tokenizer = self.lm.tokenizer
+            backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
+            mcfg = self.lm.config
+            self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+            if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+                raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+            self.budget = self._plan_memory()
+            logger.info("%s", self.budget.describe())
+            if config.preemption_mode not in ("recompute", "swap", "auto"):
+                raise InvalidRequestError(f"preemption_mode must be recompute, swap or auto, got {config.preemption_mode!r}")
+            num_host_blocks = 0
+            if config.preemption_mode != "recompute":
+                try:
+                    num_host_blocks = parse_bytes(config.swap_space) // (self.budget.kv_bytes_per_token * config.block_size)
+                except ValueError:
+                    raise InvalidRequestError(f"swap_space: cannot parse {config.swap_space!r}") from None
+            self.kv = KVCacheManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching,
+                                     num_host_blocks)
+            self.scheduler = Scheduler(
+                SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                                config.preemption_mode), self.kv,
+                make_policy(config.scheduling_policy, config.scheduling_max_wait),
+            )
+            graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
+            if self.executor is not None:
+                self.runner = self.executor.make_runner(self.lm, self.budget.num_blocks, config.block_size, self.kv_dtype,
+                                                        num_host_blocks, config.max_num_seqs, self.max_model_len)
+            else:
+                self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype,
+                                          self.device, num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
+                                          self.max_model_len)
+        except BaseException:
+            self.shutdown()
+            raise
         # pipeline parallelism: up to this many micro-batches in flight (engine/pipeline in step())
         self.pipeline_depth = pcfg.pipeline_parallel_size
         self._in_flight: deque = deque()

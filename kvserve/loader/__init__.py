@@ -130,7 +130,11 @@ def load_model(
         freq_factors = src.rope_freq_factors()
     with torch.device("meta"):
         net = build_model(cfg)
-    net.load_weights(src.weights(cfg), dtype=torch_dtype)
+    from kvserve.distributed.parallel_state import get_state
+
+    # a tensor/pipeline-parallel rank reads only its slices (and its stage's tensors) of a safetensors checkpoint
+    lazy = isinstance(src, HFModelDir) and get_state().world_size > 1
+    net.load_weights(src.weights(cfg, lazy=True) if lazy else src.weights(cfg), dtype=torch_dtype)
     for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
         if hasattr(m, "set_freq_factors"):
             m.set_freq_factors(freq_factors)

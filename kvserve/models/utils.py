@@ -42,6 +42,8 @@ def load_named_weights(
         sharder = getattr(param, "shard_loader", None)  # tensor parallelism: keep this rank's slice only
         if sharder is not None:
             tensor = sharder(tensor, shard_id)
+        if not isinstance(tensor, torch.Tensor):  # a lazy checkpoint slice (loader/hf.py): read it now
+            tensor = tensor.full()
         if shard_id is None:
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ModelLoadError(
