@@ -66,6 +66,19 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # auto (triton on CUDA when installed) | torch | triton
     enforce_eager: bool = False  # no decode CUDA graphs (they need CUDA and the triton backend)
+    # parallelism (kvserve/distributed): one engine over tensor x pipeline ranks
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_init_method: str | None = None  # default: torchrun's env, else loopback
+    nnodes: int = 1
+    node_rank: int = 0
+    distributed_timeout: float = 60.0  # seconds a collective may take before the engine fails
+
+    def parallel_config(self):  # -> kvserve.distributed.parallel_state.ParallelConfig
+        from kvserve.distributed.parallel_state import ParallelConfig
+
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, 1, self.distributed_init_method,
+                              self.nnodes, self.node_rank, self.distributed_timeout)
 
 
 def parse_bytes(value: int | str) -> int:

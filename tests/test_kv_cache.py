@@ -26,8 +26,9 @@ class FakeRunner:
         cfg = self.engine.scheduler.config
         assert 0 <= so.total_num_tokens <= cfg.max_num_batched_tokens
         assert so.scheduled or so.blocks_to_swap_out  # a step does something
-        # a block swapped out and one swapped in are whole requests' tables
-        assert len({d for d, _ in so.blocks_to_swap_out}) == len(so.blocks_to_swap_out)
+        # a block swapped out and one swapped in are whole requests' tables: each lands in its own host
+        # block (a device block may be read twice: two victims sharing a cached prefix block each take a copy)
+        assert len({h for _, h in so.blocks_to_swap_out}) == len(so.blocks_to_swap_out)
         assert len(so.scheduled) <= cfg.max_num_seqs
         ids = [s.request.request_id for s in so.scheduled]
         assert len(ids) == len(set(ids))

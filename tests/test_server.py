@@ -57,9 +57,10 @@ class Server:
         return self.proc.returncode, out
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
+@pytest.fixture(scope="module", params=[1, 2], ids=["dp1", "dp2"])
+def server(request):
+    """The suite runs against one engine, then against 2 data-parallel replicas behind the server."""
+    s = Server() if request.param == 1 else Server("--data-parallel-size", "2")
     yield s
     rc, out = s.stop()
     assert rc == 0, out
@@ -295,3 +296,19 @@ def test_serve_bad_model_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(_free_port()),
                         "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing.gguf: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_parallel_routing_metrics(server, client, request):
+    """Per-replica gauges; with 2 replicas a repeated prompt follows its cached prefix."""
+    long_msg = [{"role": "user", "content": "Describe the colour of the sky on a clear summer day, in detail."}]
+    for _ in range(2):
+        client.chat.completions.create(model=MODEL, messages=long_msg, max_tokens=2, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    if "data-parallel-size" not in " ".join(server.proc.args):
+        assert "kvserve:replica_requests_routed{" not in text
+        return
+    routed = [float(v) for v in re.findall(r'^kvserve:replica_requests_routed\{replica="\d"\} ([0-9.e+-]+)$', text, re.M)]
+    by_prefix = re.findall(r'^kvserve:replica_requests_routed_by_prefix\{replica="\d"\} ([0-9.e+-]+)$', text, re.M)
+    assert len(routed) == 2 and sum(routed) >= 2
+    assert sum(float(v) for v in by_prefix) >= 1
+    assert re.search(r'^kvserve:replica_kv_cache_usage_perc\{replica="1"\} ', text, re.M)

@@ -73,6 +73,8 @@ class AsyncLLMEngine:
                 if busy:
                     for out in self.engine.step():
                         self._deliver(out.request_id, out)
+                else:
+                    self.engine.check_health()  # a dead parallel worker fails the engine even when idle
                 # stats walk the block tables: refresh at most every STATS_PERIOD_S while busy
                 now = time.monotonic()
                 if not busy or now - last_stats >= STATS_PERIOD_S:
@@ -147,3 +149,4 @@ class AsyncLLMEngine:
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        self.engine.shutdown()  # parallel workers, if any

@@ -6,20 +6,23 @@ import dataclasses
 import logging
 import resource
 import time
+from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kvserve.config import EngineConfig, parse_bytes
+from kvserve.distributed.parallel_state import ParallelConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.engine.policy import make_policy
-from kvserve.engine.request import Request
-from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.request import Request, RequestStatus
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.cpu import tune_allocator
-from kvserve.executor.model_runner import ModelRunner
+from kvserve.executor.model_runner import ModelRunner, RunnerOutput
 from kvserve.layers.attention import (
     AttentionMetadata,
     KVCache,
@@ -111,48 +114,111 @@ class LLMEngine:
         dtype = config.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.lm = loaded or load_model(config.model, dtype=dtype, device=self.device,
-                                        quantization=config.quantization)
+        self.executor = None  # MultiProcExecutor when the model is split across processes
+        pcfg = config.parallel_config()
+        pcfg.validate()
+        if pcfg.world_size > 1:
+            self.lm = self._start_parallel(pcfg, loaded, dtype)
+        else:
+            self.lm = loaded or load_model(config.model, dtype=dtype, device=self.device,
+                                            quantization=config.quantization)
         if self.device.type == "cpu":  # after the load, which wants freed buffers returned at once
             tune_allocator()
-        self.tokenizer = self.lm.tokenizer
-        backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
-        mcfg = self.lm.config
-        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-        if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
-            raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        self.budget = self._plan_memory()
-        logger.info("%s", self.budget.describe())
-        if config.preemption_mode not in ("recompute", "swap", "auto"):
-            raise InvalidRequestError(f"preemption_mode must be recompute, swap or auto, got {config.preemption_mode!r}")
-        num_host_blocks = 0
-        if config.preemption_mode != "recompute":
-            try:
-                num_host_blocks = parse_bytes(config.swap_space) // (self.budget.kv_bytes_per_token * config.block_size)
-            except ValueError:
-                raise InvalidRequestError(f"swap_space: cannot parse {config.swap_space!r}") from None
-        self.kv = KVCacheManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching,
-                                 num_host_blocks)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.preemption_mode), self.kv,
-            make_policy(config.scheduling_policy, config.scheduling_max_wait),
-        )
-        graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
-        self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype, self.device,
-                                  num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
-                                  self.max_model_len)
+        try:  # from here on a failure must not leave parallel workers behind
+            self.tokenizer = self.lm.tokenizer
+            backend = set_attention_backend(self.lm.model, make_attention_backend(config.attention_backend, self.device))
+            mcfg = self.lm.config
+            self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+            if config.block_size < 1 or config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+                raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+            self.budget = self._plan_memory()
+            logger.info("%s", self.budget.describe())
+            if config.preemption_mode not in ("recompute", "swap", "auto"):
+                raise InvalidRequestError(f"preemption_mode must be recompute, swap or auto, got {config.preemption_mode!r}")
+            num_host_blocks = 0
+            if config.preemption_mode != "recompute":
+                try:
+                    num_host_blocks = parse_bytes(config.swap_space) // (self.budget.kv_bytes_per_token * config.block_size)
+                except ValueError:
+                    raise InvalidRequestError(f"swap_space: cannot parse {config.swap_space!r}") from None
+            self.kv = KVCacheManager(self.budget.num_blocks, config.block_size, config.enable_prefix_caching,
+                                     num_host_blocks)
+            self.scheduler = Scheduler(
+                SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                                config.preemption_mode), self.kv,
+                make_policy(config.scheduling_policy, config.scheduling_max_wait),
+            )
+            graphs = self.device.type == "cuda" and not config.enforce_eager and getattr(backend, "name", "") == "triton"
+            if self.executor is not None:
+                self.runner = self.executor.make_runner(self.lm, self.budget.num_blocks, config.block_size, self.kv_dtype,
+                                                        num_host_blocks, config.max_num_seqs, self.max_model_len)
+            else:
+                self.runner = ModelRunner(self.lm.model, self.budget.num_blocks, config.block_size, self.kv_dtype,
+                                          self.device, num_host_blocks, "cuda" if graphs else "off", config.max_num_seqs,
+                                          self.max_model_len)
+        except BaseException:
+            self.shutdown()
+            raise
+        # pipeline parallelism: up to this many micro-batches in flight (engine/pipeline in step())
+        self.pipeline_depth = pcfg.pipeline_parallel_size
+        self._in_flight: deque = deque()
+        self._pipe_samples = 0  # micro-batches collected, and the in-flight count summed at each
+        self._pipe_depth_sum = 0
         self.groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self._aborted: set[str] = set()
         self._counter = 0
+
+    # -- parallel -----------------------------------------------------------------------
+
+    def _start_parallel(self, pcfg: ParallelConfig, loaded: LoadedModel | None, dtype: str) -> LoadedModel:
+        """Spawn the workers, then load rank 0's shard here while they load theirs (a `loaded` model only
+        names the checkpoint: every rank, this one included, reads its own slice of it)."""
+        from kvserve.distributed.executor import MultiProcExecutor
+        from kvserve.loader import default_model_path
+        from kvserve.loader.gguf import GGUFFile
+        from kvserve.loader.hf import HFModelDir
+
+        c = self.config
+        path = Path(loaded.path if loaded is not None else (default_model_path() if c.model is None else c.model))
+        src = HFModelDir(path) if path.is_dir() else GGUFFile(path)
+        mcfg = src.model_config()
+        pcfg.validate(mcfg.num_heads, mcfg.num_kv_heads, mcfg.num_layers, mcfg.architecture)
+        quant = loaded.quantization if loaded is not None else c.quantization
+        self.executor = MultiProcExecutor(pcfg, self.device, c.num_threads)
+        try:
+            return self.executor.load(dict(model=str(path), dtype=str(loaded.dtype).removeprefix("torch.")
+                                           if loaded is not None else dtype, quantization=quant,
+                                           attention_backend=c.attention_backend))
+        except BaseException:
+            self.executor.shutdown(graceful=False)
+            raise
+
+    def check_health(self) -> None:
+        """Raise if a parallel worker has died (the server's /health turns 503)."""
+        if self.executor is not None:
+            self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the parallel workers, if any; the engine is unusable afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def pipeline_stats(self) -> dict[str, float]:
+        """Pipeline occupancy: mean micro-batches in flight when one is collected, and the bubble
+        (1 - mean / pipeline_parallel_size: the share of stage slots left idle)."""
+        mean = self._pipe_depth_sum / self._pipe_samples if self._pipe_samples else 0.0
+        return {"pipeline_in_flight_mean": mean,
+                "pipeline_bubble": 1.0 - mean / self.pipeline_depth if self._pipe_samples else 0.0}
 
     # -- memory -------------------------------------------------------------------------
 
     def _plan_memory(self) -> MemoryBudget:
         c, m = self.config, self.lm.config
         self.kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, self.lm.dtype)
-        per_token = m.num_layers * KVCache.bytes_per_token(m.num_kv_heads, m.head_dim, self.kv_dtype)
+        # a rank holds its KV heads of its layers; rank 0 (stage 0) holds the most layers
+        per_token = getattr(self.lm.model, "num_local_layers", m.num_layers) * KVCache.bytes_per_token(
+            getattr(self.lm.model, "num_local_kv_heads", m.num_kv_heads), m.head_dim, self.kv_dtype)
         activations = None
         if c.kv_cache_memory is not None:
             try:
@@ -160,7 +226,8 @@ class LLMEngine:
             except ValueError:
                 raise InvalidRequestError(f"kv_cache_memory: cannot parse {c.kv_cache_memory!r}") from None
         else:
-            activations = self._profile_activations()
+            # a parallel forward needs every rank: not profiled, the share of free memory is the budget
+            activations = self._profile_activations() if self.executor is None else 0
             if self.device.type == "cuda":
                 total = torch.cuda.mem_get_info(self.device)[1]
                 kv_bytes = int(total * c.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - activations
@@ -271,42 +338,20 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs, waits, or has a final output (e.g. after abort) not yet returned."""
-        return self.scheduler.has_unfinished() or bool(self.groups)
+        return self.scheduler.has_unfinished() or bool(self.groups) or bool(self._in_flight)
 
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        so = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
-        if not so.is_empty:
-            ro = self.runner.execute(so)
-            self.scheduler.update(so)
-            now = time.time()
-            for s in so.scheduled:
-                r = s.request
-                group = self._child_group[r.request_id]
-                if r.request_id in ro.prompt_logprobs:
-                    if not r.prompt_logprobs:
-                        r.prompt_logprobs.append(None)  # the first prompt token has no logprob
-                    r.prompt_logprobs.extend(ro.prompt_logprobs[r.request_id])
-                tok = ro.sampled.get(r.request_id)
-                if tok is None:
-                    continue
-                touched[group.request_id] = group
-                r.append_token(tok)
-                if r.first_token_time is None:
-                    r.first_token_time = now
-                if r.request_id in ro.logprobs:
-                    r.logprobs.append(ro.logprobs[r.request_id])
-                detok = group.detoks[group.children.index(r)]
-                stop_str = detok.add(tok)
-                reason = r.check_stop()
-                if stop_str is not None:
-                    r.stop_reason, reason = stop_str, "stop"
-                if reason is not None:
-                    if stop_str is None:
-                        detok.flush()
-                    self.scheduler.finish(r, reason)
+        if self.pipeline_depth > 1:
+            self._step_pipelined(touched)
+        else:
+            so = self.scheduler.schedule()
+            if not so.is_empty:
+                ro = self.runner.execute(so)
+                self.scheduler.update(so)
+                self._apply(so, ro, touched)
         # groups finished by abort since the last step also report
         for gid in self._aborted:
             group = self.groups.get(gid)
@@ -320,6 +365,67 @@ class LLMEngine:
                 for r in group.children:
                     self._child_group.pop(r.request_id, None)
         return outputs
+
+    def _step_pipelined(self, touched: dict[str, _Group]) -> None:
+        """Submit micro-batches until `pipeline_depth` are in flight, then collect the oldest.
+
+        A request is in at most one micro-batch at a time (the scheduler skips `busy` ones: its
+        next tokens depend on this batch's result). One whose batch comes back after it was
+        preempted or aborted meanwhile has its result dropped; its K/V writes are harmless, since
+        every stage runs micro-batches in submission order.
+        """
+        sched = self.scheduler
+        busy = sched.busy
+        # split the work into pipeline_depth micro-batches, so that every stage has one to run
+        sched.max_batch_seqs = max(1, -(-(len(sched.running) + len(sched.waiting)) // self.pipeline_depth))
+        while len(self._in_flight) < self.pipeline_depth:
+            so = sched.schedule()
+            if so.is_empty:
+                break
+            marks = [(s.request, s.request.num_preemptions) for s in so.scheduled]
+            busy.update(s.request.request_id for s in so.scheduled)
+            self._in_flight.append((self.runner.submit(so), marks))
+        if not self._in_flight:
+            return
+        self._pipe_samples += 1
+        self._pipe_depth_sum += len(self._in_flight)
+        pending, marks = self._in_flight.popleft()
+        ro = self.runner.collect(pending)
+        so = pending.so
+        busy.difference_update(s.request.request_id for s in so.scheduled)
+        so.scheduled = [s for s, (r, n) in zip(so.scheduled, marks)
+                        if r.status == RequestStatus.RUNNING and r.num_preemptions == n]
+        self.scheduler.update(so)
+        self._apply(so, ro, touched)
+
+    def _apply(self, so: SchedulerOutput, ro: RunnerOutput, touched: dict[str, _Group]) -> None:
+        """Append a step's tokens and logprobs to its requests and finish those that stop."""
+        now = time.time()
+        for s in so.scheduled:
+            r = s.request
+            group = self._child_group[r.request_id]
+            if r.request_id in ro.prompt_logprobs:
+                if not r.prompt_logprobs:
+                    r.prompt_logprobs.append(None)  # the first prompt token has no logprob
+                r.prompt_logprobs.extend(ro.prompt_logprobs[r.request_id])
+            tok = ro.sampled.get(r.request_id)
+            if tok is None:
+                continue
+            touched[group.request_id] = group
+            r.append_token(tok)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if r.request_id in ro.logprobs:
+                r.logprobs.append(ro.logprobs[r.request_id])
+            detok = group.detoks[group.children.index(r)]
+            stop_str = detok.add(tok)
+            reason = r.check_stop()
+            if stop_str is not None:
+                r.stop_reason, reason = stop_str, "stop"
+            if reason is not None:
+                if stop_str is None:
+                    detok.flush()
+                self.scheduler.finish(r, reason)
 
     def _make_output(self, g: _Group) -> RequestOutput:
         outs = []

@@ -80,6 +80,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_swaps = 0
+        # ids of running requests in a micro-batch still in flight (pipeline parallelism): not scheduled again
+        # until its result is back, since their next tokens depend on it
+        self.busy: set[str] = set()
+        self.max_batch_seqs: int | None = None  # per-step cap (pipeline micro-batches); None: max_num_seqs only
 
     def add(self, req: Request) -> None:
         self.policy.on_add(req)
@@ -167,9 +171,13 @@ class Scheduler:
 
         # 1. Running requests in order (fcfs: oldest first; else by policy key); preempt from the back
         # (the newest, or the worst-ranked) when blocks run out.
+        cap = self.max_batch_seqs or self.config.max_num_seqs
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             req = self.running[i]
+            if self.busy and req.request_id in self.busy:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
@@ -187,7 +195,8 @@ class Scheduler:
         # step that had to preempt for memory: memory is short, admitting would only thrash.
         if len(out.preempted) == policy_preempted:
             skipped: list[Request] = []
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+                   and len(out.scheduled) < cap):
                 req = self.waiting[0]
                 if req.wait_for is not None:
                     parent = req.wait_for

@@ -48,8 +48,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="aging: seconds of waiting after which a request outranks all others (lpf, mlfq default 30)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Tensor / pipeline parallelism and where the ranks meet (kvserve/distributed)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="split each layer over N processes")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="split the layers into M stages")
+    p.add_argument("--distributed-init-method", default=None,
+                   help="rendezvous, e.g. tcp://HOST:PORT (default: torchrun's MASTER_ADDR/PORT env, else loopback)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines the tensor x pipeline ranks span")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index; node 0 runs the engine")
+    p.add_argument("--distributed-timeout", type=float, default=60.0,
+                   help="seconds a collective may take before the engine reports a failed worker")
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+    parallel = {}
+    if hasattr(args, "pipeline_parallel_size"):
+        parallel = dict(tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                        distributed_init_method=args.distributed_init_method, nnodes=args.nnodes,
+                        node_rank=args.node_rank, distributed_timeout=args.distributed_timeout)
+    return dict(**parallel,
         model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
@@ -90,17 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete a prompt (streams tokens as they come)")
     add_engine_args(g)
+    add_parallel_args(g)
     add_sampling_args(g, max_tokens=64)
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
 
     c = sub.add_parser("chat", help="interactive chat in the terminal")
     add_engine_args(c)
+    add_parallel_args(c)
     add_sampling_args(c, max_tokens=512)
     c.add_argument("--system", default=None, help="system prompt")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(sv)
+    add_parallel_args(sv)
+    sv.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                    help="engine replicas behind this one server (requests routed by cached prefix, else load)")
+    sv.add_argument("--routing", choices=("prefix", "round_robin"), default="prefix",
+                    help="data-parallel routing policy")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or set KVSERVE_API_KEY)")
@@ -165,16 +189,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if not args.prompt:
         raise InvalidRequestError("the prompt is empty")
+    from kvserve.distributed.launch import is_worker_node, run_worker_node
+
+    if is_worker_node(args.node_rank):
+        return run_worker_node(args)
     engine = LLMEngine(**engine_kwargs(args))
-    print(engine.lm.describe(), file=sys.stderr)
-    print(engine.budget.describe(), file=sys.stderr)
-    tok = engine.tokenizer
-    if args.chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
-    else:
-        prompt = args.prompt
-        print(args.prompt, end="")
-    _stream(engine, "cli", prompt, params)
+    try:
+        print(engine.lm.describe(), file=sys.stderr)
+        print(engine.budget.describe(), file=sys.stderr)
+        tok = engine.tokenizer
+        if args.chat:
+            prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
+        else:
+            prompt = args.prompt
+            print(args.prompt, end="")
+        _stream(engine, "cli", prompt, params)
+    finally:
+        engine.shutdown()
     return 0
 
 
@@ -272,24 +303,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.entrypoints.openai.metrics import Metrics
     from kvserve.entrypoints.openai.server import build_app, default_api_key
 
+    from kvserve.distributed.data_parallel import DataParallelEngine
+    from kvserve.distributed.launch import is_worker_node, run_worker_node
+
+    if is_worker_node(args.node_rank):
+        return run_worker_node(args)  # this machine only hosts ranks of the engine on node 0
+    dp = args.data_parallel_size
+    if dp < 1:
+        raise InvalidRequestError(f"data_parallel_size must be >= 1, got {dp}")
+    if dp > 1 and args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        raise InvalidRequestError("data parallel replicas of a tensor/pipeline-parallel engine are not supported yet")
     front = _LoadingApp()
-    engines: list[AsyncLLMEngine] = []
+    engines: list = []
 
     def load() -> None:
         try:
             engine = LLMEngine(**engine_kwargs(args))
+            # more replicas share the first one's weights (read-only); each has its own cache and scheduler
+            replicas = [engine] + [LLMEngine(loaded=engine.lm, **engine_kwargs(args)) for _ in range(dp - 1)]
         except KVServeError as e:
             front.error = str(e)
             print(f"kvserve: error: {e}", file=sys.stderr, flush=True)
             server.should_exit = True
             return
         name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
-        async_engine = AsyncLLMEngine(engine, max_waiting_requests=args.max_waiting_requests)
+        fronts = [AsyncLLMEngine(e, max_waiting_requests=args.max_waiting_requests) for e in replicas]
+        async_engine = fronts[0] if dp == 1 else DataParallelEngine(fronts, args.routing)
         engines.append(async_engine)
         app = build_app(async_engine, name, default_api_key(args.api_key), Metrics())
         server.app_state = app.state
         print(f"model: {engine.lm.describe()}", file=sys.stderr)
-        print(engine.budget.describe(), file=sys.stderr)
+        print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         front.app = app
 

@@ -133,6 +133,8 @@ class NativeDecoder:
 
         if not isinstance(model, LlamaForCausalLM) or not kv_caches or not native.available():
             return False
+        if getattr(model.model.embed_tokens, "tp_size", 1) > 1 or not model.is_last_stage or model.model.start_layer:
+            return False  # tensor/pipeline parallel: the torch path with its collectives
         cfg = model.config
         cache = kv_caches[0]
         if (cfg.hidden_act != "silu" or cfg.head_dim % 16 or cfg.num_heads % cfg.num_kv_heads

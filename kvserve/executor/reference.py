@@ -18,7 +18,9 @@ def allocate_kv_caches(
 ) -> list[KVCache]:
     """One KVCache per layer; `dtype` torch.int8 makes a quantized cache with per-token, per-head scales."""
     cfg = model.config
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    # under tensor / pipeline parallelism a rank holds its KV heads of its layers only
+    num_layers = getattr(model, "num_local_layers", cfg.num_layers)
+    shape = (num_blocks, block_size, getattr(model, "num_local_kv_heads", cfg.num_kv_heads), cfg.head_dim)
 
     def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         t = torch.zeros(shape, dtype=dtype, device=device)
@@ -26,8 +28,8 @@ def allocate_kv_caches(
 
     if dtype == torch.int8:
         return [KVCache(buf(shape, dtype), buf(shape, dtype), buf(shape[:3], KV_SCALE_DTYPE), buf(shape[:3], KV_SCALE_DTYPE))
-                for _ in range(cfg.num_layers)]
-    return [KVCache(buf(shape, dtype), buf(shape, dtype)) for _ in range(cfg.num_layers)]
+                for _ in range(num_layers)]
+    return [KVCache(buf(shape, dtype), buf(shape, dtype)) for _ in range(num_layers)]
 
 
 def copy_blocks(src: list[KVCache], dst: list[KVCache], pairs: list[tuple[int, int]]) -> None:

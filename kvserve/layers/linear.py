@@ -1,8 +1,13 @@
 """Linear layers with weight loaders.
 
 Fused projections (QKV, gate+up) are one GEMM; their loader copies each checkpoint tensor
-into its slice so checkpoints with separate q/k/v tensors load unchanged. Tensor-parallel
-sharding and quantized methods hook in here later.
+into its slice so checkpoints with separate q/k/v tensors load unchanged.
+
+Tensor parallelism (Megatron): a column-parallel layer keeps its rank's rows of the output
+(each rank computes its heads / its share of the MLP), a row-parallel layer keeps its rank's
+columns of the input and sums the partial products with one all-reduce. The slicing happens at
+load time, by a `shard_loader` attached to the parameter, so a rank only ever holds its slice;
+quantizing after load quantizes that slice. At TP=1 both are plain `Linear`s.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvserve.distributed.parallel_state import get_state, tp_all_reduce
 from kvserve.errors import ModelLoadError
 from kvserve.quant.int4 import Int4Weight
 from kvserve.quant.int8 import Int8Weight
@@ -69,3 +75,46 @@ class MergedLinear(Linear):
         """Copy one checkpoint tensor (e.g. k_proj) into its rows of the fused parameter."""
         off, size = self.shard_offsets[shard_id]
         _copy_checked(param.data.narrow(0, off, size), loaded, f"shard {shard_id}")
+
+
+class RowParallelLinear(Linear):
+    """Input dim split across TP ranks (o_proj, down_proj); one all-reduce sums the partial outputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        st = get_state()
+        self.tp_size, self.tp_rank = st.tp_size, st.tp_rank
+        super().__init__(in_features // self.tp_size, out_features, bias)
+        self.parallel = st
+        self.weight.shard_loader = self._shard
+
+    def _shard(self, loaded: torch.Tensor, shard_id: object = None) -> torch.Tensor:
+        n = self.in_features
+        return loaded if self.tp_size == 1 else loaded.narrow(1, self.tp_rank * n, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return super().forward(x)
+        y = self.qweight.matmul(x) if self.qweight is not None else F.linear(x, self.weight)
+        tp_all_reduce(y, self.parallel)
+        return y if self.bias is None else y + self.bias  # the bias once, not once per rank
+
+
+class ColumnParallelMergedLinear(MergedLinear):
+    """A fused projection whose every shard (q, k, v / gate, up) is split by rows across TP ranks.
+
+    `shards` maps a shard id to (local width, first checkpoint row of this rank's slice); KV
+    shards replicated over several ranks simply start at the same row on those ranks.
+    """
+
+    def __init__(self, in_features: int, shards: dict[object, tuple[int, int]], bias: bool = False) -> None:
+        super().__init__(in_features, {sid: size for sid, (size, _) in shards.items()}, bias)
+        self.ckpt_start = {sid: start for sid, (_, start) in shards.items()}
+        self.weight.shard_loader = self._shard
+        if self.bias is not None:
+            self.bias.shard_loader = self._shard
+
+    def _shard(self, loaded: torch.Tensor, shard_id: object) -> torch.Tensor:
+        _, size = self.shard_offsets[shard_id]
+        if loaded.shape[0] == size and self.ckpt_start[shard_id] == 0:
+            return loaded
+        return loaded.narrow(0, self.ckpt_start[shard_id], size)

@@ -148,12 +148,15 @@ def load_model(
         if attr == "weight" and isinstance(module, Linear) and not isinstance(module, LMHead):
             module.quantize(method)
 
+    from kvserve.distributed.parallel_state import get_state
     from kvserve.executor.cpu import loading_allocator
 
     with torch.device("meta"):
         net = build_model(cfg)
+    # a tensor/pipeline-parallel rank reads only its slices (and its stage's tensors) of a safetensors checkpoint
+    lazy = isinstance(src, HFModelDir) and get_state().world_size > 1
     with loading_allocator():
-        net.load_weights(src.weights(cfg), dtype=torch_dtype,
+        net.load_weights(src.weights(cfg, lazy=True) if lazy else src.weights(cfg), dtype=torch_dtype,
                          on_loaded=None if method == "none" else quantize_loaded)
         for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
             if hasattr(m, "set_freq_factors"):
@@ -164,7 +167,7 @@ def load_model(
                 if isinstance(m, Linear) and m.qweight is None:  # the LM head feeds the sampler: it keeps 8 bits
                     m.quantize("int8" if isinstance(m, LMHead) else method)
             for m in net.modules():  # after the (possibly tied) LM head has taken its own copy
-                if isinstance(m, VocabEmbedding):
+                if isinstance(m, VocabEmbedding) and m.tp_size == 1:
                     m.quantize()
     loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0, method)
     logger.info("%s", loaded.describe())

@@ -14,6 +14,26 @@ from kvserve.errors import ModelLoadError
 from kvserve.models.registry import resolve_architecture
 
 
+class LazySlice:
+    """A checkpoint tensor not read yet: `narrow` and row slicing read only the part asked for
+    (tensor parallelism: a rank reads its slice of each weight, not the whole)."""
+
+    def __init__(self, sl: Any) -> None:
+        self._sl = sl
+        self.shape = torch.Size(sl.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        idx = [slice(None)] * len(self.shape)
+        idx[dim] = slice(start, start + length)
+        return self._sl[tuple(idx)]
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        return self._sl[key]
+
+    def full(self) -> torch.Tensor:
+        return self._sl[:] if len(self.shape) else self._sl[...]
+
+
 class HFModelDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -93,13 +113,14 @@ class HFModelDir:
         except KeyError as e:
             raise ModelLoadError(self.path / "config.json", f"missing field {e}") from None
 
-    def weights(self, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, cfg: ModelConfig, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
+        """Every checkpoint tensor; `lazy`: as LazySlices, read only when (and as far as) used."""
         from safetensors import SafetensorError, safe_open
 
         for f in self.weight_files:
             try:
                 with safe_open(str(f), framework="pt") as st:
                     for name in st.keys():
-                        yield name, st.get_tensor(name)
+                        yield name, LazySlice(st.get_slice(name)) if lazy else st.get_tensor(name)
             except (SafetensorError, OSError) as e:
                 raise ModelLoadError(f, f"corrupt safetensors file ({e})") from None

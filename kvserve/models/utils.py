@@ -42,6 +42,11 @@ def load_named_weights(
         owner = model.get_submodule(mod_name)
         param = getattr(owner, attr)
         target_dtype = dtype or tensor.dtype
+        sharder = getattr(param, "shard_loader", None)  # tensor parallelism: keep this rank's slice only
+        if sharder is not None:
+            tensor = sharder(tensor, shard_id)
+        if not isinstance(tensor, torch.Tensor):  # a lazy checkpoint slice (loader/hf.py): read it now
+            tensor = tensor.full()
         if shard_id is None:
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ModelLoadError(
@@ -54,6 +59,8 @@ def load_named_weights(
         if param.is_meta:
             param = nn.Parameter(torch.empty(param.shape, dtype=target_dtype), requires_grad=False)
             param.loaded_shards = set()
+            if sharder is not None:
+                param.shard_loader = sharder
             setattr(owner, attr, param)
         owner.weight_loader(param, tensor.to(target_dtype), shard_id)
         param.loaded_shards.add(shard_id)

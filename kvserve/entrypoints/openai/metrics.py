@@ -31,10 +31,23 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kvserve:e2e_request_latency_seconds", "End-to-end request latency",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        # data parallel: the same gauges per replica, and what the router sent where
+        rep = ["replica"]
+        self.rep_running = Gauge("kvserve:replica_num_requests_running", "Running requests per replica", rep, registry=r)
+        self.rep_waiting = Gauge("kvserve:replica_num_requests_waiting", "Waiting requests per replica", rep, registry=r)
+        self.rep_kv_usage = Gauge("kvserve:replica_kv_cache_usage_perc", "KV cache usage per replica", rep, registry=r)
+        self.rep_prefix_queries = Gauge("kvserve:replica_prefix_cache_queries", "Prefix cache queries per replica",
+                                        rep, registry=r)
+        self.rep_prefix_hits = Gauge("kvserve:replica_prefix_cache_hits", "Prefix cache hits per replica", rep,
+                                     registry=r)
+        self.rep_routed = Gauge("kvserve:replica_requests_routed", "Requests the router sent to each replica", rep,
+                                registry=r)
+        self.rep_prefix_routed = Gauge("kvserve:replica_requests_routed_by_prefix",
+                                       "Requests routed to a replica for its cached prefix", rep, registry=r)
         self.queue = Histogram("kvserve:request_queue_time_seconds", "Time from arrival to first scheduling",
                                buckets=_LATENCY_BUCKETS, registry=r)
 
-    def update_gauges(self, st: dict[str, float]) -> None:
+    def update_gauges(self, st: dict) -> None:
         """Set the gauges from a stats snapshot (LLMEngine.stats() taken on the engine thread)."""
         self.running.set(st["num_requests_running"])
         self.waiting.set(st["num_requests_waiting"])
@@ -46,6 +59,15 @@ class Metrics:
         self.waste.set(st["kv_internal_waste_perc"])
         self.prefix_queries.set(st["prefix_cache_queries"])
         self.prefix_hits.set(st["prefix_cache_hits"])
+        for i, rs in enumerate(st.get("per_replica", ())):
+            lab = str(i)
+            self.rep_running.labels(lab).set(rs["num_requests_running"])
+            self.rep_waiting.labels(lab).set(rs["num_requests_waiting"])
+            self.rep_kv_usage.labels(lab).set(rs["kv_cache_usage_perc"])
+            self.rep_prefix_queries.labels(lab).set(rs["prefix_cache_queries"])
+            self.rep_prefix_hits.labels(lab).set(rs["prefix_cache_hits"])
+            self.rep_routed.labels(lab).set(rs["router_routed"])
+            self.rep_prefix_routed.labels(lab).set(rs["router_prefix_routed"])
 
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
