@@ -41,12 +41,12 @@ def load_named_weights(
         mod_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(mod_name)
         param = getattr(owner, attr)
-        target_dtype = dtype or tensor.dtype
         sharder = getattr(param, "shard_loader", None)  # tensor parallelism: keep this rank's slice only
         if sharder is not None:
             tensor = sharder(tensor, shard_id)
         if not isinstance(tensor, torch.Tensor):  # a lazy checkpoint slice (loader/hf.py): read it now
             tensor = tensor.full()
+        target_dtype = dtype or tensor.dtype
         if shard_id is None:
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ModelLoadError(
