@@ -36,7 +36,7 @@ from kvserve.distributed.worker import ShardRunner, _prefill_logits, load_shard,
 from kvserve.engine.request import Logprob
 from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.errors import KVServeError
-from kvserve.executor.model_runner import ModelRunner, RunnerOutput
+from kvserve.executor.model_runner import ModelRunner, RunnerOutput, prompt_logprob_entries
 
 logger = logging.getLogger(__name__)
 
@@ -322,17 +322,7 @@ class ParallelRunner(ModelRunner):
                 continue
             lp = torch.log_softmax(logits[i : i + n - skip], dim=-1)
             i += n - skip
-            found = []
-            k = r.params.prompt_logprobs
-            for j in range(skip, n):
-                tok = r.prompt_token_ids[first + j + 1]
-                row = lp[j - skip]
-                top = []
-                if k:
-                    v, ix = row.topk(k)
-                    top = list(zip(ix.tolist(), v.tolist()))
-                found.append(Logprob(tok, float(row[tok]), top))
-            out.prompt_logprobs[r.request_id] = found
+            out.prompt_logprobs[r.request_id] = prompt_logprob_entries(lp, r, first, skip, n)
         return out
 
     def execute(self, so: SchedulerOutput) -> RunnerOutput:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kvserve.engine.request import Logprob
+from kvserve.engine.request import Logprob, Request
 from kvserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvserve.executor.cpu import NativeDecoder
 from kvserve.executor.reference import allocate_kv_caches, copy_blocks
@@ -31,6 +31,22 @@ class ForwardBatch:
     positions: torch.Tensor
     meta: AttentionMetadata
     last_index: torch.Tensor  # [B] index of each sequence's last token in the flat batch
+
+
+def prompt_logprob_entries(lp: torch.Tensor, r: Request, first: int, skip: int, n: int) -> list[Logprob]:
+    """Logprob entries of prompt positions first+skip .. first+n-1 (the token after each) from their
+    log-softmax rows `lp`, with the request's top-k alternatives."""
+    k = r.params.prompt_logprobs
+    res = []
+    for j in range(skip, n):
+        tok = r.prompt_token_ids[first + j + 1]
+        row = lp[j - skip]
+        top = []
+        if k:
+            v, ix = row.topk(k)
+            top = list(zip(ix.tolist(), v.tolist()))
+        res.append(Logprob(tok, float(row[tok]), top))
+    return res
 
 
 class ModelRunner:
@@ -159,14 +175,4 @@ class ModelRunner:
         if skip >= n:
             return []
         lp = torch.log_softmax(self.model.compute_logits(hidden[skip:n]).float(), dim=-1)
-        k = r.params.prompt_logprobs
-        res = []
-        for j in range(skip, n):
-            tok = r.prompt_token_ids[first + j + 1]
-            row = lp[j - skip]
-            top = []
-            if k:
-                v, ix = row.topk(k)
-                top = list(zip(ix.tolist(), v.tolist()))
-            res.append(Logprob(tok, float(row[tok]), top))
-        return res
+        return prompt_logprob_entries(lp, r, first, skip, n)

@@ -23,27 +23,30 @@ void kv_set_threads(int n) { omp_set_num_threads(n); }
 
 /* x [M, K] float32 -> xq [M, ldx = K rounded up to 32] (round(x / dx) + 128), dx [M, G] = amax / 127
  * per group of 32 (a partial last group is padded with zeros). */
+/* One group of up to 32 values of a row: round(x / d) as two vectors of int32 (zero padded), d = amax / 127. */
+static inline float quantize_group(const float *row, int64_t K, int64_t k0, __m512i *qa, __m512i *qb) {
+    const int64_t na = K - k0 >= 16 ? 16 : K - k0, nb = K - k0 - 16 >= 16 ? 16 : (K - k0 > 16 ? K - k0 - 16 : 0);
+    const __mmask16 ma = (__mmask16)((1u << na) - 1), mb = (__mmask16)((1u << nb) - 1);
+    const __m512 a = _mm512_maskz_loadu_ps(ma, row + k0);
+    const __m512 b = _mm512_maskz_loadu_ps(mb, row + k0 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 vid = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    *qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vid)); /* nearest-even rounding */
+    *qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, vid));
+    return amax / 127.0f;
+}
+
 void kv_quantize_act(const float *x, int64_t M, int64_t K, uint8_t *xq, float *dx) {
     const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
+    const __m512i off = _mm512_set1_epi32(128); /* padded lanes are 0 -> byte 128 */
 #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
-    for (int64_t m = 0; m < M; m++) {
+    for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
-            const int64_t k0 = g * GROUP;
-            const int64_t na = K - k0 >= 16 ? 16 : K - k0, nb = K - k0 - 16 >= 16 ? 16 : (K - k0 > 16 ? K - k0 - 16 : 0);
-            const __mmask16 ma = (__mmask16)((1u << na) - 1), mb = (__mmask16)((1u << nb) - 1);
-            const __m512 a = _mm512_maskz_loadu_ps(ma, x + m * K + k0);
-            const __m512 b = _mm512_maskz_loadu_ps(mb, x + m * K + k0 + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            const __m512 vid = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            const __m512i off = _mm512_set1_epi32(128);
-            dx[m * G + g] = amax / 127.0f;
-            /* nearest-even rounding; padded lanes are 0 -> byte 128 */
-            _mm_storeu_si128((__m128i *)(xq + m * ldx + k0),
-                             _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, vid)), off)));
-            _mm_storeu_si128((__m128i *)(xq + m * ldx + k0 + 16),
-                             _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, vid)), off)));
+            __m512i qa, qb;
+            dx[m * G + g] = quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
+            _mm_storeu_si128((__m128i *)(xq + m * ldx + g * GROUP), _mm512_cvtepi32_epi8(_mm512_add_epi32(qa, off)));
+            _mm_storeu_si128((__m128i *)(xq + m * ldx + g * GROUP + 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(qb, off)));
         }
-    }
 }
 
 /* Weights are packed in blocks of 16 output channels: for each group of 4 k's, 16 channels x
@@ -350,23 +353,15 @@ void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const flo
 void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs) {
     const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
 #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
-    for (int64_t m = 0; m < M; m++) {
+    for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
-            const int64_t k0 = g * GROUP;
-            const int64_t na = K - k0 >= 16 ? 16 : K - k0, nb = K - k0 - 16 >= 16 ? 16 : (K - k0 > 16 ? K - k0 - 16 : 0);
-            const __mmask16 ma = (__mmask16)((1u << na) - 1), mb = (__mmask16)((1u << nb) - 1);
-            const __m512 a = _mm512_maskz_loadu_ps(ma, x + m * K + k0);
-            const __m512 b = _mm512_maskz_loadu_ps(mb, x + m * K + k0 + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            const __m512 vid = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, vid)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, vid));
-            const float d = amax / 127.0f;
+            __m512i qa, qb;
+            const float d = quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
             dx[m * G + g] = d;
             xs[m * G + g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-            _mm_storeu_si128((__m128i *)(xq + m * ldx + k0), _mm512_cvtepi32_epi8(qa));
-            _mm_storeu_si128((__m128i *)(xq + m * ldx + k0 + 16), _mm512_cvtepi32_epi8(qb));
+            _mm_storeu_si128((__m128i *)(xq + m * ldx + g * GROUP), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(xq + m * ldx + g * GROUP + 16), _mm512_cvtepi32_epi8(qb));
         }
-    }
 }
 
 /* q [N, K] uint8 in 0..15, d/m [N, G] fp16 bits -> the packed layout (zero padded) */
