@@ -21,8 +21,6 @@ void kv_set_threads(int n) { omp_set_num_threads(n); }
 
 #define GROUP 32
 
-/* x [M, K] float32 -> xq [M, ldx = K rounded up to 32] (round(x / dx) + 128), dx [M, G] = amax / 127
- * per group of 32 (a partial last group is padded with zeros). */
 /* One group of up to 32 values of a row: round(x / d) as two vectors of int32 (zero padded), d = amax / 127. */
 static inline float quantize_group(const float *row, int64_t K, int64_t k0, __m512i *qa, __m512i *qb) {
     const int64_t na = K - k0 >= 16 ? 16 : K - k0, nb = K - k0 - 16 >= 16 ? 16 : (K - k0 > 16 ? K - k0 - 16 : 0);
@@ -36,6 +34,8 @@ static inline float quantize_group(const float *row, int64_t K, int64_t k0, __m5
     return amax / 127.0f;
 }
 
+/* x [M, K] float32 -> xq [M, ldx = K rounded up to 32] (round(x / dx) + 128), dx [M, G] = amax / 127
+ * per group of 32 (a partial last group is padded with zeros). */
 void kv_quantize_act(const float *x, int64_t M, int64_t K, uint8_t *xq, float *dx) {
     const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
     const __m512i off = _mm512_set1_epi32(128); /* padded lanes are 0 -> byte 128 */
