@@ -63,7 +63,15 @@ class LoadedModel:
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Weights of the model, float or quantized (a quantized one is no parameter any more)."""
+        n = sum(p.numel() for p in self.model.parameters())
+        for m in self.model.modules():
+            q = getattr(m, "qweight", None)
+            if isinstance(q, torch.Tensor):  # int8 embedding table
+                n += q.numel()
+            elif q is not None and not (self.config.tie_word_embeddings and m is getattr(self.model, "lm_head", None)):
+                n += q.out_features * q.in_features  # (a tied LM head's copy is the embedding's)
+        return n
 
     quantization: str = "none"
 
