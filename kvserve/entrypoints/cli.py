@@ -23,7 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", "-q", choices=("auto", "none", "int8", "int4"), default="none",
-                   help="none: float weights; int8: W8A8 VNNI kernel (CPU); auto: int8 for a quantized GGUF on CPU")
+                   help="none: float weights; int8: W8A8, int4: W4A8 (Q4_1-style groups), VNNI kernels (CPU); "
+                        "auto: int4 for a 4-bit GGUF, int8 for another quantized GGUF, on CPU")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
