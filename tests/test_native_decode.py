@@ -10,7 +10,7 @@ from kvserve.kernels import cpu as native
 from kvserve.kernels.testing import clone_cache, make_case
 from kvserve.layers.attention import KVCache
 from kvserve.loader import load_model
-from tests.helpers import make_tiny_hf
+from helpers import make_tiny_hf
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI or no C compiler")
 

@@ -98,7 +98,7 @@ def test_int4_default_model(default_path, smollm):
     """`auto` picks int4 for the Q4_1 GGUF; perplexity stays within 1% of the float model's."""
     from kvserve.eval.perplexity import perplexity
     from kvserve.loader import load_model
-    from tests.test_perplexity import CTX, long_english_text
+    from test_perplexity import CTX, long_english_text
 
     if not native.available():
         pytest.skip("no native kernels")
