@@ -188,6 +188,9 @@ class MultiProcExecutor:
             try:
                 self._broadcast("shutdown", None)
                 self.outbox.drain(timeout=datetime.timedelta(seconds=5))
+                # leave together: a peer that tears its connections down while this rank's gloo
+                # threads still use them makes gloo abort the process (seen as SIGABRT at exit)
+                dist.barrier(group=self.state.cpu_group)
             except Exception:  # noqa: BLE001
                 logger.debug("shutdown message not delivered", exc_info=True)
             for _, p in self.procs:

@@ -115,6 +115,7 @@ def worker_main(rank: int, world_size: int, tp: int, pp: int, init_method: str, 
             elif kind == "stats":
                 send_obj(outbox, {"allreduce_bytes": ps.allreduce_bytes}, 0, group)
         outbox.drain()
+        dist.barrier(group=group)  # rank 0 waits here too before anyone destroys the process group
     except Exception:  # noqa: BLE001 - a worker's failure ends the process; rank 0 notices and reports
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
