@@ -64,13 +64,12 @@ def tune_allocator() -> bool:
     global _done
     if _done:
         return True
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
-    except (OSError, AttributeError):  # not glibc
+    except AttributeError:  # not glibc
         return False
     _done = ok
     logger.info("glibc malloc thresholds raised: %s", ok)
@@ -81,8 +80,8 @@ class NativeDecoder:
     """Decode-only steps of a Llama-family model with int8/int4 weights as one native call
     (`kvserve.kernels.cpu.llama_decode`), instead of ~25 torch ops per layer.
 
-    Built by the model runner when `supports()` holds; the runner uses it for batches in which
-    every sequence has one new token and keeps the torch path for everything else.
+    Built by the model runner when `supports()` holds; the runner sends it the sequences of a step
+    that have one new token and keeps the torch path for longer chunks.
     """
 
     def __init__(self, model: nn.Module, kv_caches: list[KVCache]) -> None:

@@ -46,14 +46,10 @@ class VocabEmbedding(nn.Module):
     def quantize(self) -> None:
         """int8 rows with one scale each (load_model does this for quantized models without TP)."""
         assert self.tp_size == 1, "the int8 table is not sharded"
+        from kvserve.quant.int8 import quantize_rows
+
         w = self.weight
-        self.qweight = torch.empty(w.shape, dtype=torch.int8)
-        self.scale = torch.empty(w.shape[0], dtype=torch.float32)
-        for r in range(0, w.shape[0], 4096):
-            part = w[r : r + 4096].detach().float()
-            s = part.abs().amax(dim=1) / 127.0
-            self.scale[r : r + len(part)] = s
-            self.qweight[r : r + len(part)] = torch.round(part / s.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127)
+        self.qweight, self.scale = quantize_rows(w)
         self.out_dtype = w.dtype
         del self.weight
         self.weight = None

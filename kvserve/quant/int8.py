@@ -16,18 +16,25 @@ QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 ROWS_PER_CHUNK = 4096
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (round(w / scale) int8 [N, K], scale = amax / 127 float32 [N]).
+    Done a chunk of rows at a time, so a big table (an LM head) needs no float copy."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    for r in range(0, weight.shape[0], ROWS_PER_CHUNK):
+        w = weight[r : r + ROWS_PER_CHUNK].detach().float()
+        s = w.abs().amax(dim=1) / 127.0
+        scale[r : r + len(w)] = s
+        q[r : r + len(w)] = torch.round(w / s.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127)
+    return q, scale
+
+
 class Int8Weight:
     """An [N, K] float weight as int8 values with one scale per output channel."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features, self.in_features = weight.shape
-        q = torch.empty(weight.shape, dtype=torch.int8)
-        self.scale = torch.empty(self.out_features)
-        for r in range(0, self.out_features, ROWS_PER_CHUNK):  # in chunks: a big LM head needs no float copy
-            w = weight[r : r + ROWS_PER_CHUNK].detach().float()
-            s = w.abs().amax(dim=1) / 127.0
-            self.scale[r : r + len(w)] = s
-            q[r : r + len(w)] = torch.round(w / s.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127)
+        q, self.scale = quantize_rows(weight)
         self.native = native.available()
         self.corr: torch.Tensor | None = None
         if self.native:
