@@ -1,4 +1,4 @@
-"""The native CPU paged decode attention against the padded SDPA path of the torch backend."""
+"""The native CPU paged attention kernels (decode, and prefill/extend) against the torch backend's SDPA paths."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ CASES = [  # (query lens, seq lens): decodes only, and decodes mixed with prefil
     ([1, 1, 1], [16, 17, 33]),
     ([1, 1, 1, 1], [5, 200, 31, 64]),
     ([3, 1, 7, 1], [3, 40, 20, 9]),
+    ([33, 1, 70, 5], [700, 90, 70, 5]),  # an extend after a long cached prefix, a whole prompt, a short tail
 ]
 
 
@@ -39,11 +40,13 @@ def test_native_decode_matches_sdpa(monkeypatch, cache_dtype, heads, kv_heads, h
     case = make_case(q_lens, seq_lens, heads, kv_heads, head_dim, block_size=16, int8=cache_dtype == torch.int8,
                      seed=len(seq_lens) + heads)
     calls = []
-    real = native.paged_decode_attention
-    monkeypatch.setattr(native, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
+    real, real_pf = native.paged_decode_attention, native.paged_prefill_attention
+    monkeypatch.setattr(native, "paged_decode_attention", lambda *a: calls.append("decode") or real(*a))
+    monkeypatch.setattr(native, "paged_prefill_attention", lambda *a: calls.append("prefill") or real_pf(*a))
     got, got_cache = _run(case, cache_dtype, True, monkeypatch)
     want, want_cache = _run(case, cache_dtype, False, monkeypatch)
-    assert calls, "the native kernel was not used"
+    assert "decode" in calls, "the native decode kernel was not used"
+    assert ("prefill" in calls) == any(n > 1 for n in q_lens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(got_cache.tensors(), want_cache.tensors()))
 
@@ -58,3 +61,38 @@ def test_native_decode_rows_do_not_depend_on_the_batch():
         one = native.paged_decode_attention(q[i : i + 1], cache.k, cache.v, None, None, tables[i : i + 1],
                                             lens[i : i + 1], 0.125)
         assert torch.equal(one, full[i : i + 1])
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_native_prefill_matches_sdpa(monkeypatch, block_size, heads, kv_heads, head_dim):
+    """Prompts and extends of every size around the kernel's 32-token chunks and 64-key panels."""
+    q_lens, seq_lens = [2, 31, 32, 33, 64, 65, 100, 7], [2, 31, 95, 200, 64, 300, 100, 1000]
+    case = make_case(q_lens, seq_lens, heads, kv_heads, head_dim, block_size=block_size, seed=block_size + heads)
+    calls = []
+    real = native.paged_prefill_attention
+    monkeypatch.setattr(native, "paged_prefill_attention", lambda *a: calls.append(1) or real(*a))
+    got, _ = _run(case, torch.float32, True, monkeypatch)
+    want, _ = _run(case, torch.float32, False, monkeypatch)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_prefill_rows_do_not_depend_on_the_chunking():
+    """A prompt attended in one piece, in two chunks, or token by token after a cached prefix gives
+    bit-identical rows (what lets prefix caching and chunked prefill reproduce a whole prefill)."""
+    n = 150
+    case = make_case([n], [n], 9, 3, 64, seed=11)
+    cache = KVCache(*case.kv_cache)
+    q = case.q.contiguous()
+    table = case.meta.block_tables
+
+    def attend(lo: int, hi: int) -> torch.Tensor:
+        out = torch.empty(hi - lo, 9, 64)
+        native.paged_prefill_attention(q[lo:hi].contiguous(), cache.k, cache.v, None, None, table, [0], [hi - lo], [hi],
+                                       0.125, out)
+        return out
+
+    whole = attend(0, n)
+    assert torch.equal(torch.cat([attend(0, 37), attend(37, n)]), whole)
+    assert torch.equal(torch.cat([attend(0, 100)] + [attend(t, t + 2) for t in range(100, n, 2)]), whole)

@@ -189,11 +189,22 @@ class TorchAttentionBackend:
         plan = decode_plan(meta, kv_cache.block_size) if kv_cache is not None else None
         if plan is not None and plan.all_tokens:
             return self._batched_decode(q, kv_cache, plan, scale)
+        done: set[int] = set(plan.seq_index) if plan is not None else set()
+        if kv_cache is not None and native_cpu.decode_attention_supported(q, kv_cache.k):
+            # every multi-token sequence in one native call, reading its context in place
+            assert meta.block_tables is not None
+            qf = q.to(torch.float32).contiguous()
+            out = torch.empty_like(qf)
+            if plan is not None:
+                out[plan.token_index] = self._batched_decode(qf, kv_cache, plan, scale)
+            starts = meta.query_start_loc.tolist()
+            qlens = [0 if i in done else n for i, n in enumerate(meta.query_lens_cpu)]
+            native_cpu.paged_prefill_attention(qf, kv_cache.k, kv_cache.v, kv_cache.k_scale, kv_cache.v_scale,
+                                               meta.block_tables, starts[:-1], qlens, meta.seq_lens_cpu, scale, out)
+            return out.to(q.dtype)
         out = torch.empty_like(q)
-        done: set[int] = set()
         if plan is not None:
             out[plan.token_index] = self._batched_decode(q, kv_cache, plan, scale)
-            done = set(plan.seq_index)
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             end = start + n

@@ -81,6 +81,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.kv_paged_decode_attention.argtypes = [p, p, p, p, p, ctypes.c_int, p, i64, p, i64, i64, i64, i64, i64,
                                               ctypes.c_float, p]
     lib.kv_paged_decode_attention.restype = None
+    lib.kv_paged_prefill_attention.argtypes = [p, p, p, p, p, ctypes.c_int, p, i64, p, p, p, i64, i64, i64, i64, i64,
+                                               ctypes.c_float, p]
+    lib.kv_paged_prefill_attention.restype = None
     lib.kv_set_threads.argtypes = [ctypes.c_int]
     lib.kv_set_threads.restype = None
     lib.kv_quantize_act_s8.argtypes = [p, i64, i64, p, p, p]
@@ -222,6 +225,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                   _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1], sl.data_ptr(), b, h,
                                   k_cache.shape[2], d, k_cache.shape[1], float(scale), out.data_ptr())
     return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_tables: torch.Tensor,
+                            q_start: list[int], q_len: list[int], seq_lens: list[int], scale: float,
+                            out: torch.Tensor) -> None:
+    """Causal attention of several new tokens per sequence over their paged context, into `out`.
+
+    q, out: [T, H, D] float32 (contiguous). Sequence b's new tokens are rows q_start[b] ..
+    q_start[b] + q_len[b] - 1, the last q_len[b] of its seq_lens[b] positions, their K/V already
+    in the cache; q_len[b] == 0 skips it (its rows of `out` are left as they are)."""
+    lib = _ready_lib()
+    assert q.dtype == out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
+    t, h, d = q.shape
+    bt = block_tables.to(torch.int32).contiguous()
+    qs, ql, sl = (torch.tensor(v, dtype=torch.int32) for v in (q_start, q_len, seq_lens))
+    lib.kv_paged_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale), _ptr(v_scale),
+                                   _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1], qs.data_ptr(),
+                                   ql.data_ptr(), sl.data_ptr(), len(q_len), h, k_cache.shape[2], d,
+                                   k_cache.shape[1], float(scale), out.data_ptr())
 
 
 # -- fused decode step (kv_llama_decode) ------------------------------------------------------

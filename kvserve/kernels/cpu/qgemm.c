@@ -320,6 +320,154 @@ void kv_paged_decode_attention(const float *q, const void *k_cache, const void *
     free(first);
 }
 
+/* Paged prefill attention: sequences with several new tokens (a prompt, a chunk of one, or the
+ * tail of a prompt whose prefix is cached), K/V read in place through the block table, causal.
+ * A task is one KV head of up to PF_CHUNK new tokens of one sequence; its rows are (token, head
+ * of the group). Keys come in panels of PF_KEYS (dequantized, scaled, K transposed), and every row
+ * keeps its own running max, sum and output over the panels it can see, PF_TILE rows per register
+ * tile. A row's arithmetic depends only on its position and its sequence's K/V, not on the chunk
+ * or the tile it falls in: a prompt gives the same numbers in one piece, in chunks, or after a
+ * cached prefix. q, out [T, H, D]; sequence b has q_len[b] new tokens from row q_start[b]
+ * (0: skipped), the last of seq_lens[b] positions. */
+#define PF_CHUNK 32
+#define PF_TILE 4
+#define PF_KEYS 64
+#define PF_NV (PF_KEYS / 16)
+
+void kv_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                                const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
+                                const int32_t *q_start, const int32_t *q_len, const int32_t *seq_lens, int64_t B,
+                                int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, float *out) {
+    const int64_t group = H / Hkv, nd = D / 16, maxrows = PF_CHUNK * group;
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (B + 1));
+    double work = 0;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        first[b + 1] = first[b] + (q_len[b] + PF_CHUNK - 1) / PF_CHUNK * Hkv;
+        work += (double)q_len[b] * seq_lens[b];
+    }
+    const int64_t tasks = first[B];
+#pragma omp parallel if (tasks > 1 && work * H * D >= (1 << 18))
+    {
+        float *kt = (float *)aligned_alloc(64, sizeof(float) * D * PF_KEYS); /* [D][PF_KEYS] scaled K^T */
+        float *vb = (float *)aligned_alloc(64, sizeof(float) * PF_KEYS * D); /* [PF_KEYS][D] */
+        float *acc = (float *)malloc(sizeof(float) * maxrows * (D + 2));    /* per row: output, max, sum */
+        float pbuf[PF_TILE][PF_KEYS];
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            int64_t b = 0;
+            while (first[b + 1] <= task) b++;
+            const int64_t kvh = (task - first[b]) % Hkv, chunk = (task - first[b]) / Hkv;
+            const int64_t n = q_len[b], L = seq_lens[b], j0 = chunk * PF_CHUNK;
+            const int64_t nt = n - j0 < PF_CHUNK ? n - j0 : PF_CHUNK, rows = nt * group;
+            const int64_t pos0 = L - n + j0, pmax = pos0 + nt - 1; /* positions of the task's tokens */
+            const int32_t *bt = block_tables + b * bt_stride;
+            float *O = acc, *mx = acc + maxrows * D, *sm = mx + maxrows;
+            for (int64_t r = 0; r < rows; r++) {
+                mx[r] = -INFINITY;
+                sm[r] = 0.0f;
+                for (int64_t d = 0; d < D; d++) O[r * D + d] = 0.0f;
+            }
+            for (int64_t t0 = 0; t0 <= pmax; t0 += PF_KEYS) {
+                const int64_t m = L - t0 < PF_KEYS ? L - t0 : PF_KEYS;
+                for (int64_t j = 0; j < PF_KEYS; j++) {
+                    if (j >= m) {
+                        for (int64_t d = 0; d < D; d++) kt[d * PF_KEYS + j] = vb[j * D + d] = 0.0f;
+                        continue;
+                    }
+                    const int64_t t = t0 + j, row = ((int64_t)bt[t / bs] * bs + t % bs) * Hkv + kvh;
+                    const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale, vs = dtype == 2 ? v_scale[row] : 1.0f;
+                    for (int64_t d = 0; d < nd; d++) {
+                        float tmp[16];
+                        _mm512_storeu_ps(tmp, _mm512_mul_ps(load16(k_cache, row * D + 16 * d, dtype), _mm512_set1_ps(ks)));
+                        for (int e = 0; e < 16; e++) kt[(16 * d + e) * PF_KEYS + j] = tmp[e];
+                        _mm512_store_ps(vb + j * D + 16 * d, _mm512_mul_ps(load16(v_cache, row * D + 16 * d, dtype), _mm512_set1_ps(vs)));
+                    }
+                }
+                /* rows are token-major, so positions grow with the row: skip the rows that see none of this panel */
+                for (int64_t r0 = t0 > pos0 ? (t0 - pos0) * group : 0; r0 < rows; r0 += PF_TILE) {
+                    const int64_t rc = rows - r0 < PF_TILE ? rows - r0 : PF_TILE;
+                    __m512 s[PF_TILE][PF_NV];
+                    const float *qr[PF_TILE];
+                    for (int64_t i = 0; i < rc; i++) {
+                        const int64_t r = r0 + i;
+                        qr[i] = q + ((int64_t)q_start[b] + j0 + r / group) * H * D + (kvh * group + r % group) * D;
+                        for (int v = 0; v < PF_NV; v++) s[i][v] = _mm512_setzero_ps();
+                    }
+                    for (int64_t d = 0; d < D; d++) {
+                        __m512 kd[PF_NV];
+                        for (int v = 0; v < PF_NV; v++) kd[v] = _mm512_load_ps(kt + d * PF_KEYS + 16 * v);
+                        for (int64_t i = 0; i < rc; i++) {
+                            const __m512 qd = _mm512_set1_ps(qr[i][d]);
+                            for (int v = 0; v < PF_NV; v++) s[i][v] = _mm512_fmadd_ps(qd, kd[v], s[i][v]);
+                        }
+                    }
+                    float alpha[PF_TILE];
+                    for (int64_t i = 0; i < rc; i++) {
+                        const int64_t r = r0 + i, see = pos0 + r / group - t0 + 1; /* keys of the panel this row sees */
+                        __mmask16 mk[PF_NV];
+                        __m512 vmax = _mm512_set1_ps(-INFINITY);
+                        for (int v = 0; v < PF_NV; v++) {
+                            const int64_t c = see - 16 * v;
+                            mk[v] = c >= 16 ? 0xFFFF : c <= 0 ? 0 : (__mmask16)((1u << c) - 1);
+                            vmax = _mm512_mask_max_ps(vmax, mk[v], vmax, s[i][v]);
+                        }
+                        const float pm = _mm512_reduce_max_ps(vmax);
+                        const float mnew = pm > mx[r] ? pm : mx[r];
+                        const __m512 mv = _mm512_set1_ps(mnew);
+                        __m512 sum = _mm512_setzero_ps();
+                        for (int v = 0; v < PF_NV; v++) {
+                            const __m512 p = _mm512_maskz_mov_ps(mk[v], exp512(_mm512_sub_ps(s[i][v], mv)));
+                            sum = _mm512_add_ps(sum, p);
+                            _mm512_storeu_ps(pbuf[i] + 16 * v, p);
+                        }
+                        alpha[i] = expf(mx[r] - mnew);
+                        sm[r] = sm[r] * alpha[i] + _mm512_reduce_add_ps(sum);
+                        mx[r] = mnew;
+                    }
+                    const int64_t kend = pos0 + (r0 + rc - 1) / group - t0 + 1; /* keys any row of the tile sees */
+                    const int64_t jn = kend < m ? kend : m;
+                    /* o += p v, 4 x 16 output columns of every row of the tile in registers at a time */
+                    for (int64_t d0 = 0; d0 < nd; d0 += 4) {
+                        const int dc = nd - d0 < 4 ? (int)(nd - d0) : 4;
+                        __m512 o[PF_TILE][4];
+                        for (int64_t i = 0; i < rc; i++)
+                            for (int d = 0; d < dc; d++)
+                                o[i][d] = _mm512_mul_ps(_mm512_loadu_ps(O + (r0 + i) * D + 16 * (d0 + d)), _mm512_set1_ps(alpha[i]));
+                        if (dc == 4 && rc == PF_TILE) {
+                            for (int64_t j = 0; j < jn; j++) {
+                                __m512 v[4];
+                                for (int d = 0; d < 4; d++) v[d] = _mm512_load_ps(vb + j * D + 16 * (d0 + d));
+                                for (int i = 0; i < PF_TILE; i++) {
+                                    const __m512 pj = _mm512_set1_ps(pbuf[i][j]);
+                                    for (int d = 0; d < 4; d++) o[i][d] = _mm512_fmadd_ps(pj, v[d], o[i][d]);
+                                }
+                            }
+                        } else {
+                            for (int64_t j = 0; j < jn; j++)
+                                for (int d = 0; d < dc; d++) {
+                                    const __m512 v = _mm512_load_ps(vb + j * D + 16 * (d0 + d));
+                                    for (int64_t i = 0; i < rc; i++) o[i][d] = _mm512_fmadd_ps(_mm512_set1_ps(pbuf[i][j]), v, o[i][d]);
+                                }
+                        }
+                        for (int64_t i = 0; i < rc; i++)
+                            for (int d = 0; d < dc; d++) _mm512_storeu_ps(O + (r0 + i) * D + 16 * (d0 + d), o[i][d]);
+                    }
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                float *dst = out + ((int64_t)q_start[b] + j0 + r / group) * H * D + (kvh * group + r % group) * D;
+                const __m512 inv = _mm512_set1_ps(1.0f / sm[r]);
+                for (int64_t d = 0; d < nd; d++) _mm512_storeu_ps(dst + 16 * d, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + 16 * d), inv));
+            }
+        }
+        free(kt);
+        free(vb);
+        free(acc);
+    }
+    free(first);
+}
+
 /* x [M, K] float32 -> y [M, N]: quantize the activations (scratch from the heap) and run kv_qgemm,
  * in one call from Python. */
 void kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const float *dw, const int32_t *corr,
