@@ -11,16 +11,18 @@ word, yes/no) mixed with prompts that ask for long answers; greedy, ending at EO
      real time through a fresh engine per policy (the lpf predictor starts cold and learns online);
   2. priority: TTFT of high-priority requests sent into an engine saturated with low-priority long
      ones, against the TTFT of the same requests on an idle engine;
-  3. the simulator, calibrated on pass 0 only, replays step 1's workload for each policy.
+  3. the simulator, calibrated on pass 0 and the synthetic batches of `kvserve simulate --calibrate`
+     (never on the runs it predicts), replays step 1's workload for each policy.
 
 Prints a table per part and one JSON line last. Usage:
-    python benchmarks/scheduling.py [--num-requests 48] [--seats 4] [--load 0.9] [--cap 512]
+    python benchmarks/scheduling.py [--num-requests 300] [--seats 4] [--load 0.9] [--cap 512]
                                     [--policies fcfs,lpf] [--seed 0] [--no-priority]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from collections import deque
@@ -76,6 +78,30 @@ def new_engine(lm, args, policy: str):
                      swap_space=args.swap_space, scheduling_max_wait=args.max_wait)
 
 
+def engine_shape(eng) -> dict:
+    """What the simulator needs to know about an engine's KV cache and limits."""
+    return {"num_blocks": eng.kv.num_blocks, "block_size": eng.kv.block_size, "max_model_len": eng.max_model_len,
+            "num_host_blocks": 0 if eng.kv.host_pool is None else eng.kv.host_pool.num_blocks}
+
+
+def free(eng) -> None:
+    """Drop an engine now (its KV cache and swap space are a GiB or more each; engines hold reference cycles)."""
+    del eng
+    gc.collect()
+
+
+def speed_check(lm, args, cost) -> float:
+    """Measured / modelled seconds of the synthetic `kvserve simulate --calibrate` batches on a
+    throwaway engine, right before a run: how much faster or slower the machine is now than when
+    the cost model was fitted (a shared CPU drifts by several percent over minutes)."""
+    from kvserve.sim.calibrate import calibration_samples
+
+    eng = new_engine(lm, args, "fcfs")
+    samples = calibration_samples(eng, seed=args.seed + 7, max_seqs=args.seats)
+    free(eng)
+    return sum(t for _, t in samples) / sum(cost.step_time(f) for f, _ in samples)
+
+
 def run_open_loop(eng, work, params_of, recorder=None) -> tuple[list, dict]:
     """Feed `work` (WorkItems, arrival seconds from start) in real time; returns records and live Request objects."""
     from kvserve.sim.simulator import RequestRecord
@@ -128,6 +154,7 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
             for o in eng.step():
                 if o.finished:
                     idle.append(o.metrics.ttft)
+    free(eng)
     eng = new_engine(lm, args, "priority")
     lo = SamplingParams(temperature=0, max_tokens=args.cap, ignore_eos=True, priority=1)
     for i in range(2 * args.seats):
@@ -149,6 +176,7 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
         eng.abort_request(gid)
     while eng.has_unfinished_requests():
         eng.step()
+    free(eng)
     return {"idle_ttft_mean_s": sum(idle) / len(idle), "saturated_ttft_mean_s": sum(sat) / len(sat),
             "ttft_ratio": (sum(sat) / len(sat)) / (sum(idle) / len(idle)), "saturated_running_waiting": busy,
             "n": len(sat)}
@@ -187,7 +215,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantization", default="auto", help="kvserve --quantization (auto: int4 for the default GGUF)")
-    ap.add_argument("--num-requests", type=int, default=48)
+    ap.add_argument("--num-requests", type=int, default=300,
+                    help="a few hundred: shorter runs rarely reach the queueing the policies differ on")
     ap.add_argument("--long-frac", type=float, default=0.15)
     ap.add_argument("--seats", type=int, default=4, help="max_num_seqs: the engine's concurrency")
     ap.add_argument("--load", type=float, default=0.9, help="arrival rate as a share of measured capacity")
@@ -204,6 +233,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 keeps step times steady on a CPU shared with other jobs")
     ap.add_argument("--save-workload", default=None, help="write step 1's workload as JSONL (for kvserve simulate)")
+    ap.add_argument("--save-steps", default=None,
+                    help="write every measured step (pass 0 and each policy's run) as JSONL: batch features, seconds")
     ap.add_argument("--no-priority", action="store_true")
     ap.add_argument("--no-sim", action="store_true")
     ap.add_argument("--sweep-requests", type=int, default=400, help="simulated what-if size (0: skip)")
@@ -212,7 +243,7 @@ def main() -> None:
     from kvserve import SamplingParams
     from kvserve.engine.policy import kendall_tau
     from kvserve.loader import load_model
-    from kvserve.sim.calibrate import StepRecorder
+    from kvserve.sim.calibrate import StepRecorder, calibration_samples
     from kvserve.sim.cost_model import LinearCostModel
     from kvserve.sim.simulator import SimConfig, Simulator, summarize
     from kvserve.sim.workload import WorkItem
@@ -241,7 +272,12 @@ def main() -> None:
     mean_len = sum(out_len.values()) / len(out_len)
     capacity = tok_s_full / mean_len  # req/s the engine sustains with every seat busy
     pass0 = summarize(recs0)
-    cost = LinearCostModel.fit(rec.samples, source="scheduling benchmark pass 0")
+    # pass 0 keeps every seat busy, so it has few steps with 1..seats-1 sequences: add the
+    # synthetic batches of `kvserve simulate --calibrate` (1, 2, 4.. sequences; a few seconds)
+    calib = calibration_samples(eng, seed=args.seed, max_seqs=args.seats)
+    shape = engine_shape(eng)
+    free(eng)
+    cost = LinearCostModel.fit(rec.samples + calib, source="scheduling benchmark pass 0 + kvserve simulate --calibrate")
     lens = sorted(out_len.values())
     print(f"pass 0: {len(recs0)} requests in {pass0['duration_s']:.1f} s; answer lengths min {lens[0]} "
           f"median {lens[len(lens) // 2]} max {lens[-1]} mean {mean_len:.1f}; short (<=16 tok) "
@@ -266,9 +302,18 @@ def main() -> None:
     print(f"\nreal engine, {len(work)} Poisson arrivals at {rate:.3f} req/s ({args.load:.0%} of capacity), "
           f"{args.seats} seats, preemption {args.preemption_mode}")
     print(HEADER)
+    step_check, drift = {}, {}
     for name in args.policies.split(","):
+        drift[name] = speed_check(lm, args, cost)
         eng = new_engine(lm, args, name)
-        recs, _ = run_open_loop(eng, work, params)
+        rec_i = StepRecorder(eng)
+        with rec_i.attached():
+            recs, _ = run_open_loop(eng, work, params, rec_i)
+        # the cost model against this run's own steps (reported, never fitted): is a simulator
+        # error the step times' or the queueing's?
+        step_check[name] = (sum(t for _, t in rec_i.samples) / sum(cost.step_time(f) for f, _ in rec_i.samples),
+                            len(rec_i.samples), rec_i.samples)
+        free(eng)
         real[name] = summarize(recs)
         mismatched[name] = sum(r.num_output_tokens != out_len[r.request_id] for r in recs)
         by_kind[name] = {k: round(float(np.mean([r.latency for r in recs if kind[r.request_id] == k])), 3)
@@ -279,6 +324,18 @@ def main() -> None:
             taus["lpf_second_half"] = kendall_tau([r.predicted_output_tokens for r in late],
                                                   [r.num_output_tokens for r in late])
         print(fmt_row(name, real[name]), flush=True)
+    if args.save_steps:
+        from dataclasses import asdict
+
+        with open(args.save_steps, "w") as fh:
+            for run_name, samples in [("pass0", rec.samples), ("calibrate", calib),
+                                      *((k, v[2]) for k, v in step_check.items())]:
+                for f, t in samples:
+                    fh.write(json.dumps({"run": run_name, **asdict(f), "seconds": t}) + "\n")
+    print("measured / modelled step time on each run's own steps (a check, not used): "
+          + ", ".join(f"{k} {v[0]:.3f} ({v[1]} steps)" for k, v in step_check.items())
+          + "; speed check before each run (measured / model): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in drift.items()))
     if any(mismatched.values()):
         print(f"note: answers whose length differed from pass 0 (batch-dependent numerics): {mismatched}")
     result: dict = {"workload": f"{len(work)} chat requests ({args.long_frac:.0%} asking for long answers), greedy, "
@@ -286,7 +343,9 @@ def main() -> None:
                                 f"{args.dtype}, {lm.quantization} weights, {torch.get_num_threads()} threads",
                     "capacity_req_s": round(capacity, 4), "rate_req_s": round(rate, 4),
                     "real": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in real.items()},
-                    "latency_mean_by_prompt_kind_s": by_kind}
+                    "latency_mean_by_prompt_kind_s": by_kind,
+                    "measured_vs_model_steps": {k: round(v[0], 4) for k, v in step_check.items()},
+                    "speed_check": {k: round(v, 4) for k, v in drift.items()}}
     if "fcfs" in real and "lpf" in real:
         f, lp = real["fcfs"], real["lpf"]
         result["lpf_vs_fcfs"] = {
@@ -311,32 +370,35 @@ def main() -> None:
               f"(running, waiting = {pr['saturated_running_waiting']}) {pr['saturated_ttft_mean_s']:.3f} s: "
               f"ratio {pr['ttft_ratio']:.2f} (target <= 2)", flush=True)
 
-    # 3. simulator, calibrated on pass 0 only
+    # 3. simulator: the cost model's shape from pass 0 and the synthetic batches, its speed from
+    # the synthetic batches run just before each policy's run (never from the runs it predicts)
+    sim_kwargs = dict(num_blocks=shape["num_blocks"], block_size=shape["block_size"], max_num_seqs=args.seats,
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=shape["max_model_len"],
+                      preemption_mode=args.preemption_mode, num_host_blocks=shape["num_host_blocks"],
+                      scheduling_max_wait=args.max_wait)
     if not args.no_sim:
-        print("\nsimulator (calibrated on pass 0) on the same workload")
-        print(HEADER + f" {'lat err':>8} {'tput err':>8}")
+        print("\nsimulator on the same workload (cost model fitted on pass 0 + synthetic batches, scaled by the "
+              "speed check before each run; errors unscaled in brackets)")
+        print(HEADER + f" {'speed':>6} {'lat err':>8} {'tput err':>8}")
         result["sim"] = {}
         for name in real:
-            cfg = SimConfig(num_blocks=eng.kv.num_blocks, block_size=eng.kv.block_size, max_num_seqs=args.seats,
-                            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=eng.max_model_len,
-                            preemption_mode=args.preemption_mode, num_host_blocks=0 if eng.kv.host_pool is None
-                            else eng.kv.host_pool.num_blocks, scheduling_policy=name,
-                            scheduling_max_wait=args.max_wait)
-            s = Simulator(cfg, cost).run(work).summary
-            lat_err = s["latency_mean_s"] / real[name]["latency_mean_s"] - 1
-            tput_err = s["throughput_out_tok_s"] / real[name]["throughput_out_tok_s"] - 1
-            result["sim"][name] = {"latency_mean_s": round(s["latency_mean_s"], 4),
-                                   "throughput_out_tok_s": round(s["throughput_out_tok_s"], 2),
-                                   "latency_error": round(lat_err, 4), "throughput_error": round(tput_err, 4)}
-            print(fmt_row(name, s) + f" {100 * lat_err:+7.1f}% {100 * tput_err:+7.1f}%")
+            row = {"speed_factor": round(drift[name], 4)}
+            for tag, model in (("", cost.scaled(drift[name])), ("_unscaled", cost)):
+                s = Simulator(SimConfig(scheduling_policy=name, **sim_kwargs), model).run(work).summary
+                row[f"latency_mean_s{tag}"] = round(s["latency_mean_s"], 4)
+                row[f"throughput_out_tok_s{tag}"] = round(s["throughput_out_tok_s"], 2)
+                row[f"latency_error{tag}"] = round(s["latency_mean_s"] / real[name]["latency_mean_s"] - 1, 4)
+                row[f"throughput_error{tag}"] = round(s["throughput_out_tok_s"] / real[name]["throughput_out_tok_s"] - 1, 4)
+                if not tag:
+                    shown = s
+            result["sim"][name] = row
+            print(fmt_row(name, shown) + f" {row['speed_factor']:6.3f} {100 * row['latency_error']:+7.1f}% "
+                  f"{100 * row['throughput_error']:+7.1f}%  ({100 * row['latency_error_unscaled']:+.1f}%, "
+                  f"{100 * row['throughput_error_unscaled']:+.1f}%)")
     # 4. what-if at scale, on the same calibration
     if not args.no_sim and args.sweep_requests:
         loads = (0.8, 0.9, 0.95)
-        sweep = sim_sweep(cost, dict(num_blocks=cfg.num_blocks, block_size=cfg.block_size, max_num_seqs=args.seats,
-                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                     max_model_len=cfg.max_model_len, preemption_mode=args.preemption_mode,
-                                     num_host_blocks=cfg.num_host_blocks, scheduling_max_wait=args.max_wait),
-                          work, capacity, loads, args.sweep_requests, args.seed)
+        sweep = sim_sweep(cost, sim_kwargs, work, capacity, loads, args.sweep_requests, args.seed)
         result["sim_sweep"] = {str(k): v for k, v in sweep.items()}
         print(f"\nsimulated what-if: {args.sweep_requests} requests, lengths resampled per prompt kind")
         print(f"{'load':>5} {'fcfs lat':>9} {'lpf lat':>8} {'mlfq lat':>9} {'lpf cut':>8} {'fcfs norm':>9} "

@@ -474,6 +474,10 @@ def test_cost_model_fit_recovers_a_linear_law(tmp_path):
     assert load_cost_model(tmp_path / "c.json").coef == m.coef
     with pytest.raises(InvalidRequestError, match="calibrate"):
         load_cost_model(tmp_path / "missing.json")
+    slow = m.scaled(1.25)  # a machine 25% slower: every step 25% longer, the fit's record kept
+    for f, _ in samples[:5]:
+        assert slow.step_time(f) == pytest.approx(1.25 * m.step_time(f), rel=1e-12)
+    assert slow.num_samples == m.num_samples and m.coef["tokens"] == pytest.approx(1e-4, rel=1e-3)
 
 
 def test_calibration_records_real_steps(tiny):

@@ -51,9 +51,10 @@ class StepRecorder:
         return outs
 
 
-def calibrate(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None, prompt_lens: tuple[int, ...] = (16, 96, 384),
-              max_tokens: int = 24) -> LinearCostModel:
-    """Run batches of 1..max_seqs synthetic requests (several prompt lengths) and fit the linear model."""
+def calibration_samples(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None,
+                        prompt_lens: tuple[int, ...] = (16, 96, 384), max_tokens: int = 24
+                        ) -> list[tuple[BatchFeatures, float]]:
+    """Measured steps of batches of 1..max_seqs synthetic requests at several prompt lengths."""
     rng = np.random.default_rng(seed)
     vocab = engine.lm.config.vocab_size
     top = max_seqs or engine.config.max_num_seqs
@@ -73,4 +74,13 @@ def calibrate(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None, pro
                 while engine.has_unfinished_requests():
                     rec.step()
             logger.info("calibrated batch size %d: %d steps so far", b, len(rec.samples))
-    return LinearCostModel.fit(rec.samples, source=f"kvserve simulate --calibrate, batch sizes {sizes}")
+    return rec.samples
+
+
+def calibrate(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None, prompt_lens: tuple[int, ...] = (16, 96, 384),
+              max_tokens: int = 24) -> LinearCostModel:
+    """Run batches of 1..max_seqs synthetic requests (several prompt lengths) and fit the linear model."""
+    top = max_seqs or engine.config.max_num_seqs
+    sizes = sorted({1, 2, 4, 8, 16, 32, 64, top} & set(range(1, top + 1)))
+    return LinearCostModel.fit(calibration_samples(engine, seed, max_seqs, prompt_lens, max_tokens),
+                               source=f"kvserve simulate --calibrate, batch sizes {sizes}")

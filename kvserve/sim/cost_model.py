@@ -75,6 +75,11 @@ class LinearCostModel(CostModel):
     def step_time(self, f: BatchFeatures) -> float:
         return float(sum(self.coef.get(k, 0.0) * v for k, v in zip(FEATURES, f.vector())))
 
+    def scaled(self, factor: float) -> "LinearCostModel":
+        """The same model on a machine `factor` times slower (every step time multiplied)."""
+        return LinearCostModel({k: v * factor for k, v in self.coef.items()}, self.r2, self.mean_abs_rel_error,
+                               self.num_samples, f"{self.source} x {factor:.3f}")
+
     def describe(self) -> str:
         terms = ", ".join(f"{k}={v:.3g}" for k, v in self.coef.items() if v)
         return (f"linear step-time model ({self.num_samples} measured steps, R^2 {self.r2:.3f}, "
