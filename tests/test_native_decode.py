@@ -96,11 +96,39 @@ def test_runner_uses_the_fused_step_only_where_it_applies(tmp_path):
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
     assert len(outs[0].outputs[0].token_ids) == 6
-    assert calls == [1] * 5  # the prefill step ran op by op, the five decode steps fused
+    assert calls == [5] + [1] * 5  # the short prompt fused too, one row per token, then five decode steps
+
+
+def test_prompt_tokens_take_a_path_fixed_by_position(tmp_path):
+    """Prompt tokens below FUSED_PROMPT_POSITIONS (64) go fused, the rest op by op: a 200-token prompt in
+    one chunk or in chunks of 48 (which split differently around the threshold) gives identical
+    tokens and logprobs."""
+    from kvserve import SamplingParams
+    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.executor.model_runner import FUSED_PROMPT_POSITIONS
+
+    path = str(make_tiny_hf(tmp_path, "llama"))
+    prompt = [(7 * i) % 250 + 3 for i in range(200)]
+    params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0, logprobs=3)
+    results = []
+    for budget in (2048, 48):
+        engine = LLMEngine(model=path, quantization="int4", kv_cache_memory="4MiB", max_num_batched_tokens=budget,
+                           enable_prefix_caching=False)
+        calls = []
+        real = engine.runner.native.forward
+        engine.runner.native.forward = lambda *a: calls.append(len(a[0])) or real(*a)
+        engine.add_request("p", prompt, params)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += [o for o in engine.step() if o.finished]
+        c = outs[0].outputs[0]
+        results.append((c.token_ids, [(lp.token_id, lp.logprob, lp.top) for lp in c.logprobs]))
+        assert sum(calls) == FUSED_PROMPT_POSITIONS + 4  # the prompt's first tokens, then 4 decodes
+    assert results[0] == results[1]
 
 
 def test_mixed_step_splits_decodes_from_prefill(tmp_path):
-    """A step holding decodes and a prefill runs the decodes fused and the prefill op by op; the
+    """A step holding decodes and a newcomer's short prompt runs them in one fused call; the
     decodes' tokens equal those of a run without the newcomer."""
     from kvserve import SamplingParams
     from kvserve.engine.llm_engine import LLMEngine
@@ -126,5 +154,6 @@ def test_mixed_step_splits_decodes_from_prefill(tmp_path):
     alone, calls_alone = run(False)
     mixed, calls_mixed = run(True)
     assert mixed == alone
-    assert calls_alone == [1] * 7
-    assert 1 in calls_mixed[:2] and 2 in calls_mixed  # "a" fused beside b's prefill, then both fused
+    assert calls_alone == [5] + [1] * 7
+    # a's decode and b's 30-token prompt in one fused call (one row per token), then both decoding
+    assert calls_mixed[2] == 31 and 2 in calls_mixed

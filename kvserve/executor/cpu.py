@@ -152,7 +152,8 @@ class NativeDecoder:
         return True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final-normed hidden states [B, hidden] of B sequences with one new token each."""
+        """Final-normed hidden states [B, hidden] of B one-token rows: a decode, or a prompt token
+        whose row's block table and seq_len (its position + 1) make its own prefix its context."""
         assert meta.slot_mapping is not None and meta.block_tables is not None
         x = self.embed(input_ids).contiguous()
         self._native.llama_decode(self.model_args, self.layers, x, positions.contiguous(),

@@ -17,6 +17,12 @@ from kvserve.layers.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
+# Prompt tokens at positions below this run in the fused native decode step (CPU, int8/int4), each
+# as a one-token query over its own prefix: a short prompt then costs no second, op-by-op forward.
+# Measured on 2 cores with SmolLM2 int4: a step of 4 decodes + a 40-token prompt 32 ms instead of
+# 39-44 ms; a 512-token prompt unchanged at 64 (5-8% slower at 128).
+FUSED_PROMPT_POSITIONS = 64
+
 
 @dataclass
 class RunnerOutput:
@@ -83,19 +89,23 @@ class ModelRunner:
                 copy_blocks(src_caches, dst_caches, pairs)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
+        return self._prepare([(s.request, s.request.num_computed_tokens, s.num_new_tokens, s.block_ids)
+                              for s in scheduled])
+
+    def _prepare(self, pieces: list[tuple[Request, int, int, list[int]]]) -> ForwardBatch:
+        """A flat batch of (request, first position, token count, block ids) pieces."""
         ids: list[int] = []
         positions: list[int] = []
         qlens: list[int] = []
         slens: list[int] = []
-        for s in scheduled:
-            r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+        for r, start, n, _ in pieces:
+            end = start + n
             ids.extend(r.all_token_ids[start:end])
             positions.extend(range(start, end))
-            qlens.append(s.num_new_tokens)
+            qlens.append(n)
             slens.append(end)
-        width = max(len(s.block_ids) for s in scheduled)
-        table = [s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled]
+        width = max(len(p[3]) for p in pieces)
+        table = [p[3] + [0] * (width - len(p[3])) for p in pieces]
         dev = self.device
         block_tables = torch.tensor(table, dtype=torch.int32)
         pos = torch.tensor(positions, dtype=torch.int64)
@@ -146,23 +156,47 @@ class ModelRunner:
         return out
 
     def _run_native(self, scheduled: list[ScheduledRequest], batch: ForwardBatch) -> torch.Tensor | None:
-        """Single-token sequences through the fused native step; in a mixed step the others go op by
-        op in a second forward. So a decode token takes the same path (and gets the same numbers)
-        whatever else its step holds."""
+        """The fused native step for every decode token and every prompt token at a position below
+        FUSED_PROMPT_POSITIONS (each attends as a one-token query over its own prefix); the other
+        prompt tokens go op by op in a second forward. Which path a token takes depends only on
+        the token itself, never on its batch or on how its prompt was chunked, so it gets the same
+        numbers either way."""
         assert self.native is not None
-        singles = [i for i, s in enumerate(scheduled) if s.num_new_tokens == 1]
-        if not singles:
-            return None
-        if len(singles) == len(scheduled):
-            return self.native.forward(batch.input_ids, batch.positions, batch.meta)
+        fused: list[tuple[int, int]] = []  # (sequence, number of its first tokens that go fused)
+        rest: list[tuple[Request, int, int, list[int]]] = []  # pieces for the op-by-op forward
         starts = batch.meta.query_start_loc.tolist()
-        rest = [i for i in range(len(scheduled)) if scheduled[i].num_new_tokens != 1]
-        hidden = torch.empty(len(batch.input_ids), self.model.config.hidden_size, device=self.device)
-        one = self.prepare([scheduled[i] for i in singles])
-        hidden[[starts[i] for i in singles]] = self.native.forward(one.input_ids, one.positions, one.meta)
-        many = self.prepare([scheduled[i] for i in rest])
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in rest])
-        hidden[rows] = self.model(many.input_ids, many.positions, many.meta, self.kv_caches)
+        rest_rows: list[torch.Tensor] = []
+        for i, s in enumerate(scheduled):
+            first, n = s.request.num_computed_tokens, s.num_new_tokens
+            k = n if n == 1 else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
+            if k:
+                fused.append((i, k))
+            if k < n:
+                rest.append((s.request, first + k, n - k, s.block_ids))
+                rest_rows.append(torch.arange(starts[i] + k, starts[i] + n))
+        if not fused:
+            return None
+        meta = batch.meta
+        if not rest and all(k == 1 for _, k in fused):  # decodes only: the batch is already one row per sequence
+            return self.native.forward(batch.input_ids, batch.positions, meta)
+        rows = torch.cat([torch.arange(starts[i], starts[i] + k) for i, k in fused])
+        seq_of_row = torch.repeat_interleave(torch.tensor([i for i, _ in fused]), torch.tensor([k for _, k in fused]))
+        positions = batch.positions[rows]
+        one = AttentionMetadata(  # one row per token: its own prefix is its context
+            query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+            seq_lens=(positions + 1).to(torch.int32),
+            query_lens_cpu=[1] * len(rows),
+            seq_lens_cpu=(positions + 1).tolist(),
+            slot_mapping=meta.slot_mapping[rows],
+            block_tables=meta.block_tables[seq_of_row],
+        )
+        out = self.native.forward(batch.input_ids[rows], positions, one)
+        hidden = torch.empty(len(batch.input_ids), out.shape[1], device=self.device)
+        hidden[rows] = out
+        if not rest:
+            return hidden
+        many = self._prepare(rest)  # after the fused call: these read its tokens' K/V from the cache
+        hidden[torch.cat(rest_rows)] = self.model(many.input_ids, many.positions, many.meta, self.kv_caches)
         return hidden
 
     def _prompt_logprobs(self, hidden: torch.Tensor, s: ScheduledRequest) -> list[Logprob]:
