@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument("--swap-space", default="1GiB")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 keeps step times steady on a CPU shared with other jobs")
+                    help="torch threads per engine process (two processes run side by side; 1 each fills 2 cores)")
     ap.add_argument("--save-workload", default=None, help="write step 1's workload as JSONL (for kvserve simulate)")
     ap.add_argument("--save-steps", default=None,
                     help="write every measured step (pass 0 and each policy's run) as JSONL: batch features, seconds")
