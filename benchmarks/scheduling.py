@@ -88,11 +88,6 @@ def engine_shape(eng) -> dict:
             "num_host_blocks": 0 if eng.kv.host_pool is None else eng.kv.host_pool.num_blocks}
 
 
-def collect() -> None:
-    """Free dropped engines now (a KV cache and swap space of a GiB or more each; engines hold reference cycles)."""
-    gc.collect()
-
-
 def run_open_loop(eng, work, params_of, recorder=None, t0: float | None = None) -> tuple[list, dict]:
     """Feed `work` (WorkItems, arrival seconds from t0, default now) in real time; returns records and outputs."""
     from kvserve.sim.simulator import RequestRecord
@@ -151,15 +146,15 @@ def worker(conn, args) -> None:
             with rec.attached():
                 recs, _ = run_open_loop(eng, work, params, rec, t0)
             conn.send((recs, rec.samples, engine_shape(eng)))
-            eng = rec = None
-            collect()
+            del eng, rec
+            gc.collect()  # engines hold reference cycles, and a KV cache plus swap space of a GiB or more
         elif cmd == "calibrate":  # (seed, t0) -> the synthetic batches' measured steps, on a throwaway engine
             seed, t0 = payload
             eng = new_engine(lm, args, "fcfs")
             time.sleep(max(0.0, t0 - time.time()))
             conn.send(calibration_samples(eng, seed=seed, max_seqs=args.seats))
-            eng = None
-            collect()
+            del eng
+            gc.collect()
         elif cmd == "priority":
             conn.send(priority_check(lm, args, *payload))
 
@@ -216,8 +211,8 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
             for o in eng.step():
                 if o.finished:
                     idle.append(o.metrics.ttft)
-    eng = None  # noqa: F841
-    collect()
+    del eng
+    gc.collect()
     eng = new_engine(lm, args, "priority")
     lo = SamplingParams(temperature=0, max_tokens=args.cap, ignore_eos=True, priority=1)
     for i in range(2 * args.seats):
@@ -239,8 +234,8 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
         eng.abort_request(gid)
     while eng.has_unfinished_requests():
         eng.step()
-    eng = None  # noqa: F841
-    collect()
+    del eng
+    gc.collect()
     return {"idle_ttft_mean_s": sum(idle) / len(idle), "saturated_ttft_mean_s": sum(sat) / len(sat),
             "ttft_ratio": (sum(sat) / len(sat)) / (sum(idle) / len(idle)), "saturated_running_waiting": busy,
             "n": len(sat)}

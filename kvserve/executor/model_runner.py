@@ -164,16 +164,19 @@ class ModelRunner:
         assert self.native is not None
         fused: list[tuple[int, int]] = []  # (sequence, number of its first tokens that go fused)
         rest: list[tuple[Request, int, int, list[int]]] = []  # pieces for the op-by-op forward
-        starts = batch.meta.query_start_loc.tolist()
+        starts: list[int] = []  # each sequence's first row in the flat batch
         rest_rows: list[torch.Tensor] = []
+        row = 0
         for i, s in enumerate(scheduled):
             first, n = s.request.num_computed_tokens, s.num_new_tokens
+            starts.append(row)
             k = n if n == 1 else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
             if k:
                 fused.append((i, k))
             if k < n:
                 rest.append((s.request, first + k, n - k, s.block_ids))
-                rest_rows.append(torch.arange(starts[i] + k, starts[i] + n))
+                rest_rows.append(torch.arange(row + k, row + n))
+            row += n
         if not fused:
             return None
         meta = batch.meta

@@ -183,28 +183,27 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        num_heads, num_kv_heads = q.shape[1], k.shape[1]
+        num_heads, num_kv_heads, out_dtype = q.shape[1], k.shape[1], q.dtype
         if kv_cache is not None and meta.slot_mapping is not None:
             write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         plan = decode_plan(meta, kv_cache.block_size) if kv_cache is not None else None
         if plan is not None and plan.all_tokens:
             return self._batched_decode(q, kv_cache, plan, scale)
         done: set[int] = set(plan.seq_index) if plan is not None else set()
-        if kv_cache is not None and native_cpu.decode_attention_supported(q, kv_cache.k):
-            # every multi-token sequence in one native call, reading its context in place
-            assert meta.block_tables is not None
-            qf = q.to(torch.float32).contiguous()
-            out = torch.empty_like(qf)
-            if plan is not None:
-                out[plan.token_index] = self._batched_decode(qf, kv_cache, plan, scale)
-            starts = meta.query_start_loc.tolist()
-            qlens = [0 if i in done else n for i, n in enumerate(meta.query_lens_cpu)]
-            native_cpu.paged_prefill_attention(qf, kv_cache.k, kv_cache.v, kv_cache.k_scale, kv_cache.v_scale,
-                                               meta.block_tables, starts[:-1], qlens, meta.seq_lens_cpu, scale, out)
-            return out.to(q.dtype)
+        native = kv_cache is not None and native_cpu.decode_attention_supported(q, kv_cache.k)
+        if native:
+            q = q.to(torch.float32).contiguous()  # the native kernels' input (a no-op for float32)
         out = torch.empty_like(q)
         if plan is not None:
             out[plan.token_index] = self._batched_decode(q, kv_cache, plan, scale)
+        if native:
+            # every multi-token sequence in one native call, reading its context in place
+            assert meta.block_tables is not None
+            starts = meta.query_start_loc.tolist()
+            qlens = [0 if i in done else n for i, n in enumerate(meta.query_lens_cpu)]
+            native_cpu.paged_prefill_attention(q, kv_cache.k, kv_cache.v, kv_cache.k_scale, kv_cache.v_scale,
+                                               meta.block_tables, starts[:-1], qlens, meta.seq_lens_cpu, scale, out)
+            return out.to(out_dtype)
         start = 0
         for i, (n, total) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             end = start + n

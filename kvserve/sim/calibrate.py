@@ -51,14 +51,19 @@ class StepRecorder:
         return outs
 
 
+def calibration_batch_sizes(engine: LLMEngine, max_seqs: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to max_seqs (default the engine's), and max_seqs itself."""
+    top = max_seqs or engine.config.max_num_seqs
+    return sorted({1, 2, 4, 8, 16, 32, 64, top} & set(range(1, top + 1)))
+
+
 def calibration_samples(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None,
                         prompt_lens: tuple[int, ...] = (16, 96, 384), max_tokens: int = 24
                         ) -> list[tuple[BatchFeatures, float]]:
     """Measured steps of batches of 1..max_seqs synthetic requests at several prompt lengths."""
     rng = np.random.default_rng(seed)
     vocab = engine.lm.config.vocab_size
-    top = max_seqs or engine.config.max_num_seqs
-    sizes = sorted({1, 2, 4, 8, 16, 32, 64, top} & set(range(1, top + 1)))
+    sizes = calibration_batch_sizes(engine, max_seqs)
     rec = StepRecorder(engine)
     engine.add_request("calib-warmup", [1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True))
     while engine.has_unfinished_requests():
@@ -80,7 +85,5 @@ def calibration_samples(engine: LLMEngine, seed: int = 0, max_seqs: int | None =
 def calibrate(engine: LLMEngine, seed: int = 0, max_seqs: int | None = None, prompt_lens: tuple[int, ...] = (16, 96, 384),
               max_tokens: int = 24) -> LinearCostModel:
     """Run batches of 1..max_seqs synthetic requests (several prompt lengths) and fit the linear model."""
-    top = max_seqs or engine.config.max_num_seqs
-    sizes = sorted({1, 2, 4, 8, 16, 32, 64, top} & set(range(1, top + 1)))
     return LinearCostModel.fit(calibration_samples(engine, seed, max_seqs, prompt_lens, max_tokens),
-                               source=f"kvserve simulate --calibrate, batch sizes {sizes}")
+                               source=f"kvserve simulate --calibrate, batch sizes {calibration_batch_sizes(engine, max_seqs)}")
