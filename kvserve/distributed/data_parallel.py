@@ -18,9 +18,11 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
+from kvserve.config import ModelConfig
 from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.engine.kv_cache import hash_block
 from kvserve.engine.outputs import RequestOutput
+from kvserve.loader.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,18 @@ class DataParallelEngine:
     @property
     def alive(self) -> bool:
         return all(r.alive for r in self.replicas)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.replicas[0].tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.replicas[0].max_model_len
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.replicas[0].model_config
 
     @property
     def stats(self) -> dict:

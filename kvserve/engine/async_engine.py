@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from kvserve.config import ModelConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.outputs import RequestOutput
 from kvserve.errors import KVServeError
+from kvserve.loader.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,21 @@ class AsyncLLMEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and not self._stop.is_set()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The served model's tokenizer."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus output tokens one request may reach."""
+        return self.engine.max_model_len
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The served model's architecture config."""
+        return self.engine.lm.config
 
     # -- engine thread ------------------------------------------------------------------
 

@@ -302,7 +302,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.engine.async_engine import AsyncLLMEngine
     from kvserve.engine.llm_engine import LLMEngine
     from kvserve.entrypoints.openai.metrics import Metrics
-    from kvserve.entrypoints.openai.server import build_app, default_api_key
+    from kvserve.entrypoints.openai.app import build_app, default_api_key
 
     from kvserve.distributed.data_parallel import DataParallelEngine
     from kvserve.distributed.launch import is_worker_node, run_worker_node

@@ -1,0 +1,86 @@
+"""build_app: the FastAPI app of the OpenAI-compatible server, its guard middleware and error handlers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvserve import __version__
+from kvserve.engine.async_engine import AsyncLLMEngine
+from kvserve.entrypoints.openai import serving_chat, serving_completion, serving_models
+from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
+from kvserve.entrypoints.openai.metrics import Metrics
+from kvserve.entrypoints.openai.state import OpenAIServingState, get_state
+from kvserve.errors import KVServeError
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+              metrics: Metrics | None = None) -> FastAPI:
+    app = FastAPI(title="kvserve", version=__version__)
+    app.state.ready = True  # the CLI turns it False while draining on SIGTERM
+    app.state.serving = OpenAIServingState(engine=engine, served_model_name=served_model_name,
+                                           metrics=metrics or Metrics(), tokenizer=engine.tokenizer,
+                                           max_model_len=engine.max_model_len, api_key=api_key)
+    app.middleware("http")(_guard)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(APIError, _api)
+    app.add_exception_handler(KVServeError, _kv)
+    for module in (serving_models, serving_chat, serving_completion):
+        app.include_router(module.router)
+    return app
+
+
+def default_api_key(flag: str | None) -> str | None:
+    return flag if flag is not None else os.environ.get("KVSERVE_API_KEY") or None
+
+
+async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """/v1 only: the API key, the body size limit, and readiness, before any handler runs."""
+    path = request.url.path
+    if path.startswith("/v1"):
+        st = get_state(request)
+        if st.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            if not secrets.compare_digest(auth, f"Bearer {st.api_key}"):
+                return error_response(401, "invalid or missing API key", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        if not request.app.state.ready or not st.engine.alive:
+            return error_response(503, "server is not ready")
+    return await call_next(request)
+
+
+async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        msg = f"unsupported field {param!r}"
+    elif first.get("type") == "json_invalid":
+        msg = "malformed JSON body"
+    else:
+        msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    return error_response(400, msg, param=param)
+
+
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _api(_: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param)
+
+
+async def _kv(_: Request, exc: KVServeError) -> JSONResponse:
+    return error_response(status_of(exc), str(exc))

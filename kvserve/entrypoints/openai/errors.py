@@ -1,0 +1,35 @@
+"""The OpenAI error envelope: the JSON body, APIError, and the status each engine error maps to."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from kvserve.engine.async_engine import EngineDeadError, QueueFullError
+from kvserve.errors import InvalidRequestError, KVServeError
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
+               500: "internal_server_error"}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code or status}}
+    return JSONResponse(body, status_code=status)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def status_of(e: BaseException) -> int:
+    """The HTTP status for an exception raised while serving a request."""
+    if isinstance(e, QueueFullError):
+        return 429
+    if isinstance(e, EngineDeadError):
+        return 503
+    if isinstance(e, (InvalidRequestError, KVServeError)):
+        return 400
+    return 500

@@ -1,0 +1,77 @@
+"""/v1/chat/completions: a chat template over the messages, then one response or an SSE stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from kvserve.entrypoints.openai.generation import collect, first_outputs, usage
+from kvserve.entrypoints.openai.logprobs import chat_logprobs
+from kvserve.entrypoints.openai.protocol import ChatCompletionRequest
+from kvserve.entrypoints.openai.sse import DONE, error_event, stream_chunk
+from kvserve.entrypoints.openai.state import get_state
+from kvserve.errors import KVServeError
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+    st = get_state(request)
+    engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
+    st.check_model(body.model)
+    params = body.to_sampling_params(default_max_tokens=None)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
+                                           tokenize=True)
+    rid = st.new_id("chatcmpl")
+    created = int(time.time())
+    model = st.served_model_name
+    if not body.stream:
+        out = await collect(engine, request, rid, prompt, params)
+        metrics.observe_finished(out)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(tokenizer, c), "finish_reason": c.finish_reason} for c in out.outputs]
+        n_out = sum(len(c.token_ids) for c in out.outputs)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": choices, "usage": usage(len(out.prompt_token_ids), n_out)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    gen = engine.generate(rid, prompt, params)
+    (first,) = await first_outputs([gen])
+
+    def chunk(choices: list, usage_: dict | None = None) -> str:
+        return stream_chunk(rid, "chat.completion.chunk", created, model, choices, include_usage, usage_)
+
+    async def stream() -> AsyncIterator[str]:
+        sent_lp = [0] * params.n
+        out = first
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(params.n)])
+            while True:
+                for c in out.outputs:
+                    if c.delta_text or c.finish_reason:
+                        lp = chat_logprobs(tokenizer, c, sent_lp[c.index])
+                        if c.logprobs is not None:
+                            sent_lp[c.index] = len(c.logprobs)
+                        delta = {"content": c.delta_text} if c.delta_text else {}
+                        yield chunk([{"index": c.index, "delta": delta, "logprobs": lp,
+                                      "finish_reason": c.finish_reason}])
+                if out.finished:
+                    break
+                out = await gen.__anext__()
+            metrics.observe_finished(out)
+            if include_usage:
+                yield chunk([], usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)))
+        except (KVServeError, StopAsyncIteration) as e:
+            yield error_event(e)
+        finally:
+            await gen.aclose()
+        yield DONE
+
+    return StreamingResponse(stream(), media_type="text/event-stream")

@@ -1,0 +1,115 @@
+"""/v1/completions: one or more prompts, then one response or an SSE stream merging their outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from kvserve.engine.outputs import RequestOutput
+from kvserve.entrypoints.openai.generation import collect, first_outputs, usage
+from kvserve.entrypoints.openai.logprobs import completion_logprobs
+from kvserve.entrypoints.openai.protocol import CompletionRequest
+from kvserve.entrypoints.openai.sse import DONE, error_event, stream_chunk
+from kvserve.entrypoints.openai.state import get_state
+from kvserve.errors import KVServeError
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    st = get_state(request)
+    engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
+    st.check_model(body.model)
+    params = body.to_sampling_params(default_max_tokens=16)
+    prompts = body.prompts()
+    rid = st.new_id("cmpl")
+    created = int(time.time())
+    model = st.served_model_name
+    k = body.logprobs or 0
+    if not body.stream:
+        tasks = [asyncio.ensure_future(collect(engine, request, f"{rid}-{i}", p, params))
+                 for i, p in enumerate(prompts)]
+        try:
+            outs = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # one prompt failed: abort its siblings instead of finishing them for nobody
+                t.cancel()
+            raise
+        choices, n_prompt, n_out = [], 0, 0
+        for i, out in enumerate(outs):
+            metrics.observe_finished(out)
+            n_prompt += len(out.prompt_token_ids)
+            prefix = ""
+            if body.echo:
+                prefix = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+            for c in out.outputs:
+                n_out += len(c.token_ids)
+                choices.append({"index": i * params.n + c.index, "text": prefix + c.text,
+                                "logprobs": completion_logprobs(tokenizer, out, c, body.echo, k),
+                                "finish_reason": c.finish_reason})
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": choices, "usage": usage(n_prompt, n_out)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    gens = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+    firsts = await first_outputs(gens)
+
+    def chunk(choices: list, usage_: dict | None = None) -> str:
+        return stream_chunk(rid, "text_completion", created, model, choices, include_usage, usage_)
+
+    async def stream() -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, g: AsyncGenerator[RequestOutput, None], first: RequestOutput) -> None:
+            try:
+                await queue.put((i, first))
+                if not first.finished:
+                    async for o in g:
+                        await queue.put((i, o))
+            except BaseException as e:  # noqa: BLE001 - forwarded to the stream
+                await queue.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
+        done, n_prompt, n_out = 0, 0, 0
+        sent_lp: dict[tuple[int, int], int] = {}
+        try:
+            while done < len(gens):
+                i, out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                for c in out.outputs:
+                    key = (i, c.index)
+                    text = c.delta_text
+                    echo_now = body.echo and key not in sent_lp
+                    if echo_now:
+                        text = (out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)) + text
+                    if text or c.finish_reason or echo_now:
+                        lp = completion_logprobs(tokenizer, out, c, echo_now, k, sent_lp.get(key, 0))
+                        sent_lp[key] = len(c.logprobs) if c.logprobs is not None else 0
+                        yield chunk([{"index": i * params.n + c.index, "text": text, "logprobs": lp,
+                                      "finish_reason": c.finish_reason}])
+                    else:
+                        sent_lp.setdefault(key, 0)
+                if out.finished:
+                    done += 1
+                    metrics.observe_finished(out)
+                    n_prompt += len(out.prompt_token_ids)
+                    n_out += sum(len(c.token_ids) for c in out.outputs)
+            if include_usage:
+                yield chunk([], usage(n_prompt, n_out))
+        except KVServeError as e:
+            yield error_event(e)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for g in gens:
+                await g.aclose()
+        yield DONE
+
+    return StreamingResponse(stream(), media_type="text/event-stream")

@@ -1,0 +1,29 @@
+"""Server-sent event framing for streamed responses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kvserve.entrypoints.openai.errors import status_of
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list, include_usage: bool,
+                 usage: dict | None = None) -> str:
+    """One SSE event of a streamed response; `usage` is null except in the final usage chunk."""
+    d: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if include_usage:
+        d["usage"] = usage
+    return sse(d)
+
+
+def error_event(e: BaseException) -> str:
+    """An error after the stream started: sent as an event, followed by [DONE]."""
+    return sse({"error": {"message": str(e) or "stream ended", "type": "internal_server_error", "param": None,
+                          "code": status_of(e)}})
