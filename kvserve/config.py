@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from kvserve.errors import InvalidRequestError
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # auto: the model's dtype
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on CPU
+# the loader's other spellings of DTYPES
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+SCHEDULING_POLICIES = ("fcfs", "priority", "lpf", "mlfq")  # engine/policy.py
+ATTENTION_BACKENDS = ("auto", "torch", "triton")  # layers/attention.py
+
+
+def canonical_dtype(name: str) -> str:
+    """'bf16' -> 'bfloat16' (the loader's aliases); other names unchanged."""
+    return DTYPE_ALIASES.get(name, name)
+
+
+def arg(default: Any, *, help: str, choices: tuple[str, ...] | None = None, flag: bool = True,
+        aliases: tuple[str, ...] = (), group: str = "engine", type: Callable[[str], Any] | None = None) -> Any:
+    """A config field with its command-line description (read by kvserve/entrypoints/cli.py).
+
+    flag: False keeps the field off the command line; aliases: extra option strings ("-q");
+    group: "engine" or "parallel" (the subcommands that take parallel flags add that group);
+    type: the CLI's parser of the value when it is not the annotation's (int, float, str).
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "aliases": aliases,
+                                            "group": group, "type": type})
 
 
 @dataclass(frozen=True)
@@ -41,38 +70,159 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    """Engine arguments, named as vLLM names them."""
+    """Engine arguments, named as vLLM names them; the `kvserve` flags are made from these fields.
 
-    model: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
-    device: str = "cpu"
-    quantization: str = "none"  # none | int8 (W8A8, CPU) | auto (int8 for an already-quantized GGUF on CPU)
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's own limit
-    kv_cache_memory: int | str | None = None  # bytes or "2GiB"; default: a fraction of free memory
-    cpu_memory_utilization: float = 0.25  # share of available RAM for the KV cache (CPU)
-    gpu_memory_utilization: float = 0.9
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | float32 | bfloat16 | float16 | int8 (with scales)
-    enable_prefix_caching: bool = True
-    preemption_mode: str = "recompute"  # recompute | swap | auto (swap long requests, recompute short)
-    swap_space: int | str = "1GiB"  # host pool for swap preemption
-    scheduling_policy: str = "fcfs"  # fcfs | priority | lpf | mlfq (engine/policy.py)
-    scheduling_max_wait: float | None = None  # aging bound in seconds; None: the policy's default
-    num_threads: int | None = None
-    seed: int = 0
-    attention_backend: str = "auto"  # auto (triton on CUDA when installed) | torch | triton
-    enforce_eager: bool = False  # no decode CUDA graphs (they need CUDA and the triton backend)
+    `EngineConfig.from_kwargs(**kw).resolve()` checks every value once and returns the resolved,
+    frozen config (dtype "auto" made concrete, byte sizes as ints).
+    """
+
+    model: str | None = arg(None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
+    dtype: str = arg("auto", choices=DTYPES, type=canonical_dtype,
+                     help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = arg("cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    quantization: str = arg("none", choices=QUANTIZATIONS, aliases=("-q",),
+                            help="none: float weights; int8: W8A8, int4: W4A8 (Q4_1-style groups), VNNI kernels "
+                                 "(CPU); auto: int4 for a 4-bit GGUF, int8 for another quantized GGUF, on CPU")
+    block_size: int = arg(16, help="tokens per KV cache block")
+    max_num_seqs: int = arg(256, help="sequences scheduled in one step at most")
+    max_num_batched_tokens: int = arg(2048, help="tokens computed in one step at most (prompt chunks + decodes)")
+    max_model_len: int | None = arg(None, help="longest prompt + output in tokens (default: the model's own limit)")
+    kv_cache_memory: int | str | None = arg(None, help="KV cache size, e.g. 2GiB (default: share of free memory)")
+    cpu_memory_utilization: float = arg(0.25, help="share of available RAM for the KV cache (CPU), in (0, 1]")
+    gpu_memory_utilization: float = arg(0.9, help="share of the GPU's memory for weights, activations and the "
+                                                  "KV cache, in (0, 1]")
+    kv_cache_dtype: str = arg("auto", choices=KV_CACHE_DTYPES,
+                              help="auto: the model's dtype; int8: per-token, per-head float32 scales "
+                                   "(1.9x the tokens of bfloat16 at head_dim 64)")
+    enable_prefix_caching: bool = arg(True, help="reuse the cached KV blocks of a shared prompt prefix")
+    preemption_mode: str = arg("recompute", choices=PREEMPTION_MODES,
+                               help="when the KV cache is full: recompute (drop and prefill again later), swap "
+                                    "(to host memory, --swap-space), auto (swap long requests, recompute short)")
+    swap_space: int | str = arg("1GiB", help="host memory for swapped-out KV blocks")
+    scheduling_policy: str = arg("fcfs", choices=SCHEDULING_POLICIES,
+                                 help="order of admission and preemption: fcfs, priority (lower first), "
+                                      "lpf (length-predicted first), mlfq (skip-join multi-level feedback queue)")
+    scheduling_max_wait: float | None = arg(None, help="aging: seconds of waiting after which a request outranks "
+                                                       "all others (lpf, mlfq default 30)")
+    num_threads: int | None = arg(None, help="torch CPU threads (default: torch's choice)")
+    seed: int = arg(0, flag=False, help="engine seed (no flag: --seed is the sampling seed of generate and chat)")
+    attention_backend: str = arg("auto", choices=ATTENTION_BACKENDS,
+                                 help="auto: Triton kernels on CUDA when triton is installed, else torch")
+    enforce_eager: bool = arg(False, help="no decode CUDA graphs (they need CUDA and the triton backend)")
     # parallelism (kvserve/distributed): one engine over tensor x pipeline ranks
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    distributed_init_method: str | None = None  # default: torchrun's env, else loopback
-    nnodes: int = 1
-    node_rank: int = 0
-    distributed_timeout: float = 60.0  # seconds a collective may take before the engine fails
+    tensor_parallel_size: int = arg(1, group="parallel", aliases=("-tp",), help="split each layer over N processes")
+    pipeline_parallel_size: int = arg(1, group="parallel", aliases=("-pp",), help="split the layers into M stages")
+    distributed_init_method: str | None = arg(None, group="parallel",
+                                              help="rendezvous, e.g. tcp://HOST:PORT (default: torchrun's "
+                                                   "MASTER_ADDR/PORT env, else loopback)")
+    nnodes: int = arg(1, group="parallel", help="machines the tensor x pipeline ranks span")
+    node_rank: int = arg(0, group="parallel", help="this machine's index; node 0 runs the engine")
+    distributed_timeout: float = arg(60.0, group="parallel",
+                                     help="seconds a collective may take before the engine reports a failed worker")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """EngineConfig(**kwargs), rejecting names that are not engine arguments (not yet resolved)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise InvalidRequestError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def resolve(self) -> EngineConfig:
+        """Check every field once; return a copy with dtype "auto" resolved (bfloat16 on CUDA, float32 on
+        CPU), kv_cache_memory and swap_space in bytes (ints) and None quantization as "none".
+
+        Raises InvalidRequestError with a one-line message for the first bad value. Idempotent.
+        """
+        import torch
+
+        def bad(name: str, want: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+            if value not in options:
+                raise InvalidRequestError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+            return value
+
+        def integer(name: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(name, f"an integer >= {low}" + (" or None" if optional else ""))
+
+        def number(name: str, at_most_one: bool = False, optional: bool = False) -> float | None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 \
+                    or (at_most_one and v > 1):
+                want = "a number in (0, 1]" if at_most_one else "a number > 0"
+                raise bad(name, want + (" or None" if optional else ""))
+            return float(v)
+
+        def byte_size(name: str, low: int, optional: bool = False) -> int | None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise bad(name, "a byte size such as 2GiB or 1000000")
+            try:
+                n = parse_bytes(v)
+            except (ValueError, OverflowError):
+                raise InvalidRequestError(f"{name}: cannot parse {v!r} (a byte size such as 2GiB or 1000000)") from None
+            if n < low:
+                raise InvalidRequestError(f"{name} must be a byte size >= {low}, got {v!r}")
+            return n
+
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            raise bad("model", "a path or None")
+        model = None if self.model is None else os.fspath(self.model)
+        device = self.device
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise bad("device", "a torch device such as cpu or cuda:0") from None
+        if not isinstance(device, str):
+            device = str(dev)
+        dtype = self.dtype
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        dtype = choice("dtype", canonical_dtype(dtype) if isinstance(dtype, str) else dtype, DTYPES)
+        if dtype == "auto":
+            dtype = "bfloat16" if dev.type == "cuda" else "float32"
+        quantization = choice("quantization", "none" if self.quantization is None else self.quantization, QUANTIZATIONS)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            integer(name, 1)
+        integer("max_model_len", 0, optional=True)  # 0 or None: the model's own limit
+        integer("num_threads", 0, optional=True)  # 0 or None: torch's choice
+        kv_cache_memory = byte_size("kv_cache_memory", 1, optional=True)
+        swap_space = byte_size("swap_space", 0)
+        cpu_util = number("cpu_memory_utilization", at_most_one=True)
+        gpu_util = number("gpu_memory_utilization", at_most_one=True)
+        choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        choice("scheduling_policy", self.scheduling_policy, SCHEDULING_POLICIES)
+        max_wait = number("scheduling_max_wait", optional=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise bad("seed", "an integer")
+        choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
+            integer(name, 1)
+        integer("node_rank", 0)
+        if self.distributed_init_method is not None and not isinstance(self.distributed_init_method, str):
+            raise bad("distributed_init_method", "a URL such as tcp://HOST:PORT or None")
+        timeout = number("distributed_timeout")
+        self.parallel_config().validate()  # node_rank < nnodes, ranks a multiple of nodes
+        return replace(self, model=model, device=device, dtype=dtype, quantization=quantization,
+                       kv_cache_memory=kv_cache_memory, swap_space=swap_space, cpu_memory_utilization=cpu_util,
+                       gpu_memory_utilization=gpu_util, scheduling_max_wait=max_wait, distributed_timeout=timeout)
 
     def parallel_config(self):  # -> kvserve.distributed.parallel_state.ParallelConfig
         from kvserve.distributed.parallel_state import ParallelConfig

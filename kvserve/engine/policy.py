@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from kvserve.config import SCHEDULING_POLICIES as POLICIES
 from kvserve.engine.length_predictor import LengthPredictor, OnlineLengthPredictor
 from kvserve.engine.request import Request
 from kvserve.errors import InvalidRequestError
 
-POLICIES = ("fcfs", "priority", "lpf", "mlfq")
 
 SortKey = tuple
 

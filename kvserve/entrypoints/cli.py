@@ -4,79 +4,72 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvserve.config import KV_CACHE_DTYPES
+from kvserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 from kvserve.errors import InvalidRequestError, KVServeError
 
 DEFAULT_COST_MODEL = Path.home() / ".cache" / "kvserve" / "cost_model.json"
 
 
+def engine_fields(group: str | None = None) -> list[dataclasses.Field]:
+    """EngineConfig's fields that are flags, in declaration order; `group`: only "engine" or only "parallel"."""
+    return [f for f in dataclasses.fields(EngineConfig) if f.metadata.get("flag", True)
+            and (group is None or f.metadata.get("group", "engine") == group)]
+
+
+def _value_type(hint: object) -> type:
+    """int | None -> int; a union with str (kv_cache_memory: int | str | None) stays a string; bool -> bool."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for kind in (str, bool, float, int):
+        if kind in kinds:
+            return kind
+    raise TypeError(f"EngineConfig field of type {hint!r} has no command-line form")
+
+
+def _add_config_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, group: str) -> None:
+    """One --kebab-case flag per EngineConfig field of `group`: its default, type, help and choices."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in engine_fields(group):
+        md = f.metadata
+        names = (f"--{f.name.replace('_', '-')}", *md.get("aliases", ()))
+        kw: dict = dict(default=f.default, help=md.get("help", "").replace("%", "%%"))
+        kind = _value_type(hints[f.name])
+        if kind is bool:  # default True: --flag / --no-flag; default False: --flag alone
+            kw["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        else:
+            parse = md.get("type") or (None if kind is str else kind)
+            if parse is not None:
+                kw["type"] = parse
+            if md.get("choices"):
+                kw["choices"] = md["choices"]
+        p.add_argument(*names, **kw)
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags, spelled as vLLM spells them."""
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantization", "-q", choices=("auto", "none", "int8", "int4"), default="none",
-                   help="none: float weights; int8: W8A8, int4: W4A8 (Q4_1-style groups), VNNI kernels (CPU); "
-                        "auto: int4 for a 4-bit GGUF, int8 for another quantized GGUF, on CPU")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: share of free memory)")
-    p.add_argument("--cpu-memory-utilization", type=float, default=0.25)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="auto: the model's dtype; int8: per-token, per-head float32 scales "
-                        "(1.9x the tokens of bfloat16 at head_dim 64)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--preemption-mode", choices=("recompute", "swap", "auto"), default="recompute")
-    p.add_argument("--swap-space", default="1GiB", help="host memory for swapped-out KV blocks")
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
-                   help="auto: Triton kernels on CUDA when triton is installed, else torch")
-    p.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority", "lpf", "mlfq"), default="fcfs",
-                   help="order of admission and preemption: fcfs, priority (lower first), "
-                        "lpf (length-predicted first), mlfq (skip-join multi-level feedback queue)")
-    p.add_argument("--scheduling-max-wait", type=float, default=None,
-                   help="aging: seconds of waiting after which a request outranks all others (lpf, mlfq default 30)")
+    """Engine flags, spelled as vLLM spells them (from EngineConfig's fields)."""
+    _add_config_flags(p, "engine")
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     """Tensor / pipeline parallelism and where the ranks meet (kvserve/distributed)."""
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="split each layer over N processes")
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="split the layers into M stages")
-    p.add_argument("--distributed-init-method", default=None,
-                   help="rendezvous, e.g. tcp://HOST:PORT (default: torchrun's MASTER_ADDR/PORT env, else loopback)")
-    p.add_argument("--nnodes", type=int, default=1, help="machines the tensor x pipeline ranks span")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index; node 0 runs the engine")
-    p.add_argument("--distributed-timeout", type=float, default=60.0,
-                   help="seconds a collective may take before the engine reports a failed worker")
+    _add_config_flags(p.add_argument_group("parallelism", "one engine over tensor x pipeline ranks "
+                                                          "(kvserve/distributed)"), "parallel")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    parallel = {}
-    if hasattr(args, "pipeline_parallel_size"):
-        parallel = dict(tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-                        distributed_init_method=args.distributed_init_method, nnodes=args.nnodes,
-                        node_rank=args.node_rank, distributed_timeout=args.distributed_timeout)
-    return dict(**parallel,
-        model=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-        cpu_memory_utilization=args.cpu_memory_utilization, gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, num_threads=args.num_threads,
-        preemption_mode=args.preemption_mode, swap_space=args.swap_space,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-        scheduling_policy=args.scheduling_policy, scheduling_max_wait=args.scheduling_max_wait,
-    )
+    """EngineConfig arguments from parsed flags. A group counts only when the subcommand has all its flags
+    (simulate's own --tensor-parallel-size sizes the roofline, not the engine)."""
+    groups = {f.metadata.get("group", "engine") for f in engine_fields()}
+    present = {g for g in groups if all(hasattr(args, f.name) for f in engine_fields(g))}
+    return {f.name: getattr(args, f.name) for f in engine_fields() if f.metadata.get("group", "engine") in present}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -138,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--calibrate", action="store_true", help="measure engine steps on this machine and save the model")
     sim.add_argument("--cost-model", default=str(DEFAULT_COST_MODEL), help="calibrated model file (JSON)")
     sim.add_argument("--hardware", default=None, help="roofline model instead: h100 | h200 | a100 | l4")
-    sim.add_argument("--sim-model", default="smollm2-135m", help="model shape for --hardware: smollm2-135m | llama-8b | llama-70b")
+    sim.add_argument("--sim-model", default=None,
+                     help="model shape for --hardware: smollm2-135m | llama-8b | llama-70b (default: --model's shape, "
+                          "read from its metadata, else smollm2-135m)")
     sim.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (roofline)")
     sim.add_argument("--replicas", type=int, default=1)
     sim.add_argument("--workload", default=None, help="JSONL workload; default: synthetic")
@@ -156,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
     ppl.add_argument("--model", default=None)
     ppl.add_argument("--dtype", default="float32")
-    ppl.add_argument("--quantization", "-q", choices=("auto", "none", "int8", "int4"), default="none",
+    ppl.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default="none",
                      help="weights as the engine would run them (default none: the float reference)")
     ppl.add_argument("--file", required=True, help="text file")
     ppl.add_argument("--ctx", type=int, default=512)
@@ -372,7 +367,8 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
-    from kvserve.config import parse_bytes
+    import torch
+
     from kvserve.sim import cost_model as cm
     from kvserve.sim.simulator import SimConfig, Simulator
     from kvserve.sim.workload import load_jsonl, scale_rate, synthetic
@@ -387,19 +383,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(model.describe())
         print(f"saved to {args.cost_model}")
         return 0
+    config = EngineConfig.from_kwargs(**engine_kwargs(args)).resolve()  # every engine flag checked once
     if args.hardware:
-        cost, kv_bytes = cm.roofline(args.hardware, args.sim_model, tensor_parallel=args.tensor_parallel_size)
+        # the shape: --sim-model's, else --model's (read from its file's metadata), else SmolLM2-135M's
+        model = args.sim_model or (cm.model_shape(args.model) if args.model is not None else "smollm2-135m")
+        # K/V in --kv-cache-dtype; auto: the roofline's 2-byte (bfloat16) weights
+        kv_dtype = torch.bfloat16 if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
+        cost, kv_bytes = cm.roofline(args.hardware, model, kv_dtype=kv_dtype, tensor_parallel=args.tensor_parallel_size)
         kv_per_token = cost.kv_bytes_per_token
     else:
         cost = cm.load_cost_model(args.cost_model)
         kv_bytes = 2**30
-        m = cm.MODELS["smollm2-135m"]
-        kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * 4  # float32, as calibrated
-    if args.kv_cache_memory is not None:
-        try:
-            kv_bytes = parse_bytes(args.kv_cache_memory)
-        except ValueError:
-            raise InvalidRequestError(f"kv_cache_memory: cannot parse {args.kv_cache_memory!r}") from None
+        kv_per_token = cm.model_kv_bytes_per_token(config)  # --model's shape at --kv-cache-dtype (auto: --dtype)
+    if config.kv_cache_memory is not None:
+        kv_bytes = config.kv_cache_memory
     num_blocks = int(kv_bytes // (kv_per_token * args.block_size))
     if num_blocks < 1:
         raise InvalidRequestError("the KV cache holds no block; raise --kv-cache-memory")
@@ -411,8 +408,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     work = scale_rate(work, args.rate_scale)
     policies = args.policies.split(",") if args.policies else [args.scheduling_policy]
     print(cost.describe(), file=sys.stderr)
-    print(f"{len(work)} requests, {args.replicas} replica(s), {num_blocks} KV blocks of {args.block_size} per replica",
-          file=sys.stderr)
+    print(f"{len(work)} requests, {args.replicas} replica(s), {num_blocks} KV blocks of {args.block_size} per replica, "
+          f"{kv_per_token} bytes of KV per token", file=sys.stderr)
     header = f"{'policy':8} {'req/s':>7} {'tok/s':>8} {'lat mean':>9} {'lat p99':>8} {'ttft mean':>9} " \
              f"{'norm lat':>9} {'worst wait':>10} {'kv mean':>7} {'preempt':>7}"
     if not args.json:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.config import KV_CACHE_DTYPES
+from kvserve.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES
 from kvserve.kernels import cpu as native_cpu
 
 
@@ -297,9 +297,6 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return o.reshape(T, self.num_heads * self.head_dim)
-
-
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 def make_attention_backend(name: str, device: torch.device | str) -> object:

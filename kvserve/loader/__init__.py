@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,10 @@ from torch import nn
 from kvserve.config import ModelConfig
 from kvserve.errors import ModelLoadError
 from kvserve.loader.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.hf import HFModelDir
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,18 @@ def default_model_path() -> Path:
     if not path.exists():
         raise ModelLoadError(path, f"default model file missing; run: {_INSTALL_HINT}")
     return path
+
+
+def model_source(model: str | os.PathLike[str] | None = None) -> GGUFFile | HFModelDir:
+    """The GGUFFile or HFModelDir that `model` names (None: the default model): metadata only, no weights
+    loaded; `.model_config()` gives its shape, `.num_params()` its parameter count."""
+    from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.hf import HFModelDir
+
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(path, "no such file or directory")
+    return HFModelDir(path) if path.is_dir() else GGUFFile(path)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -149,6 +149,10 @@ class GGUFFile:
             name=str(self.get("general.name", self.path.stem)),
         )
 
+    def num_params(self) -> int:
+        """Elements of all tensors, from the header (nothing dequantized)."""
+        return sum(int(t.n_elements) for t in self.reader.tensors)
+
     def tensor_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,16 @@ class HFModelDir:
             )
         except KeyError as e:
             raise ModelLoadError(self.path / "config.json", f"missing field {e}") from None
+
+    def num_params(self) -> int:
+        """Elements of all checkpoint tensors, from the safetensors headers (no tensor read)."""
+        from safetensors import safe_open
+
+        n = 0
+        for f in self.weight_files:
+            with safe_open(str(f), framework="pt") as st:
+                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+        return n
 
     def weights(self, cfg: ModelConfig, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
         """Every checkpoint tensor; `lazy`: as LazySlices, read only when (and as far as) used."""

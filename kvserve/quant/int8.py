@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from kvserve.config import QUANTIZATIONS as QUANTIZATION_METHODS
 from kvserve.kernels import cpu as native
 
-QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 ROWS_PER_CHUNK = 4096
 
 

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from kvserve.config import EngineConfig
 from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.errors import InvalidRequestError
 
@@ -158,26 +160,59 @@ MODELS = {
 }
 
 
-def roofline(hardware: str, model: str, bytes_per_param: float = 2.0, kv_bytes_per_elem: float = 2.0,
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    """K and V bytes one token takes over all layers, as the engine's cache holds them (int8: values plus scales)."""
+    from kvserve.layers.attention import KVCache
+
+    return num_layers * KVCache.bytes_per_token(num_kv_heads, head_dim, kv_dtype)
+
+
+def model_kv_bytes_per_token(cfg: EngineConfig) -> int:
+    """KV bytes per token of the engine `cfg` describes: cfg.model's shape (the default model when
+    None), read from the file's metadata without loading weights, at cfg.kv_cache_dtype ("auto": cfg.dtype)."""
+    from kvserve.layers.attention import resolve_kv_dtype
+    from kvserve.loader import model_source
+
+    cfg = cfg.resolve()  # dtype "auto" made concrete
+    m = model_source(cfg.model).model_config()
+    kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, getattr(torch, cfg.dtype))
+    return kv_bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype)
+
+
+def model_shape(model: str | None) -> dict:
+    """A MODELS-style shape (params, layers, heads) of a model file or directory (None: the default model),
+    from its metadata: the parameters are counted from the tensor headers, no weights are loaded."""
+    from kvserve.loader import model_source
+
+    src = model_source(model)
+    m = src.model_config()
+    return dict(params=float(src.num_params()), num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+                head_dim=m.head_dim, num_heads=m.num_heads, name=Path(src.path).name)
+
+
+def roofline(hardware: str, model: str | dict, bytes_per_param: float = 2.0, kv_dtype: torch.dtype = torch.bfloat16,
              tensor_parallel: int = 1) -> tuple[RooflineCostModel, float]:
-    """A roofline model of `model` on `hardware` (tensor_parallel GPUs); returns it and the KV bytes available."""
+    """A roofline model of `model` (a MODELS name, or a shape from model_shape()) on `hardware` (tensor_parallel
+    GPUs), its K/V cached in `kv_dtype` (default: the 2-byte dtype of the weights); returns it and the KV bytes
+    available."""
     if hardware not in HARDWARE:
         raise InvalidRequestError(f"hardware must be one of {', '.join(HARDWARE)}, got {hardware!r}")
-    if model not in MODELS:
+    if isinstance(model, str) and model not in MODELS:
         raise InvalidRequestError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if tensor_parallel < 1:
         raise InvalidRequestError("tensor_parallel must be >= 1")
-    h, m = HARDWARE[hardware], MODELS[model]
-    kv_per_token = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * kv_bytes_per_elem
+    h = HARDWARE[hardware]
+    m, label = (MODELS[model], model) if isinstance(model, str) else (model, model.get("name", "model"))
+    kv_per_token = kv_bytes_per_token(m["num_layers"], m["num_kv_heads"], m["head_dim"], kv_dtype)
     cm = RooflineCostModel(
         params=m["params"], bytes_per_param=bytes_per_param, kv_bytes_per_token=kv_per_token,
         num_layers=m["num_layers"], q_size=m["num_heads"] * m["head_dim"],
         bandwidth=h["bandwidth"] * tensor_parallel, flops=h["flops"] * tensor_parallel,
-        name=f"roofline {model} on {tensor_parallel}x {hardware}",
+        name=f"roofline {label} on {tensor_parallel}x {hardware}",
     )
     kv_bytes = 0.9 * h["memory"] * tensor_parallel - m["params"] * bytes_per_param
     if kv_bytes <= 0:
-        raise InvalidRequestError(f"{model} does not fit on {tensor_parallel}x {hardware}")
+        raise InvalidRequestError(f"{label} does not fit on {tensor_parallel}x {hardware}")
     return cm, kv_bytes
 
 
