@@ -146,7 +146,7 @@ def kernel_correctness(device: torch.device, tiny: bool) -> dict:
         ref_case = make_case(qlens, slens, h, hkv, d, block_size=16, dtype=torch.float32, int8=int8, seed=1,
                              device=device)
         want, _ = torch_reference(ref_case, d**-0.5)  # fp32 math on the fp32 originals of the bf16 inputs
-        got = TritonAttentionBackend().forward(case.q, case.k, case.v, clone_cache(case.kv_cache), case.meta,
+        got = TritonAttentionBackend().run(case.q, case.k, case.v, clone_cache(case.kv_cache), case.meta,
                                                d**-0.5)
         res[name] = rel_err(got, want)
 

@@ -88,11 +88,10 @@ def engine_shape(eng) -> dict:
             "num_host_blocks": 0 if eng.kv.host_pool is None else eng.kv.host_pool.num_blocks}
 
 
-def run_open_loop(eng, work, params_of, recorder=None, t0: float | None = None) -> tuple[list, dict]:
+def run_open_loop(eng, work, params_of, t0: float | None = None) -> tuple[list, dict]:
     """Feed `work` (WorkItems, arrival seconds from t0, default now) in real time; returns records and outputs."""
     from kvserve.sim.simulator import RequestRecord
 
-    step = recorder.step if recorder is not None else eng.step
     pending = deque(sorted(work, key=lambda w: w.arrival))
     reqs, outs = {}, {}
     t0 = time.time() + 0.01 if t0 is None else t0
@@ -102,9 +101,9 @@ def run_open_loop(eng, work, params_of, recorder=None, t0: float | None = None) 
         while pending and t0 + pending[0].arrival <= now:
             w = pending.popleft()
             eng.add_request(w.request_id, w.prompt_ids, params_of(w), arrival_time=t0 + w.arrival)
-            reqs[w.request_id] = eng.groups[w.request_id].children[0]
+            reqs[w.request_id] = eng.output_processor.parents[w.request_id].children[0]
         if eng.has_unfinished_requests():
-            for o in step():
+            for o in eng.step():
                 if o.finished:
                     outs[o.request_id] = o
         elif pending:
@@ -144,7 +143,7 @@ def worker(conn, args) -> None:
                 eng.step()
             rec = StepRecorder(eng)
             with rec.attached():
-                recs, _ = run_open_loop(eng, work, params, rec, t0)
+                recs, _ = run_open_loop(eng, work, params, t0)
             conn.send((recs, rec.samples, engine_shape(eng)))
             del eng, rec
             gc.collect()  # engines hold reference cycles, and a KV cache plus swap space of a GiB or more
@@ -222,7 +221,7 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
     busy = (len(eng.scheduler.running), len(eng.scheduler.waiting))
     sat, left = [], list(enumerate(prompt_ids))
     steps = 0
-    while left or any(g.startswith("hi") for g in eng.groups):
+    while left or any(g.startswith("hi") for g in eng.output_processor.parents):
         if left and steps % 4 == 0:  # one high-priority request every 4 steps, arriving between steps
             i, ids = left.pop(0)
             eng.add_request(f"hi{i}", ids, hi)
@@ -230,7 +229,7 @@ def priority_check(lm, args, prompt_ids: list[list[int]], long_ids: list[list[in
             if o.finished and o.request_id.startswith("hi"):
                 sat.append(o.metrics.ttft)
         steps += 1
-    for gid in list(eng.groups):
+    for gid in list(eng.output_processor.parents):
         eng.abort_request(gid)
     while eng.has_unfinished_requests():
         eng.step()

@@ -18,7 +18,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 SCHEDULING_POLICIES = ("fcfs", "priority", "lpf", "mlfq")  # engine/policy.py
-ATTENTION_BACKENDS = ("auto", "torch", "triton")  # layers/attention.py
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # layers/attention/registry.py
 
 
 def canonical_dtype(name: str) -> str:
@@ -109,7 +109,8 @@ class EngineConfig:
     num_threads: int | None = arg(None, help="torch CPU threads (default: torch's choice)")
     seed: int = arg(0, flag=False, help="engine seed (no flag: --seed is the sampling seed of generate and chat)")
     attention_backend: str = arg("auto", choices=ATTENTION_BACKENDS,
-                                 help="auto: Triton kernels on CUDA when triton is installed, else torch")
+                                 help="auto: Triton kernels on CUDA when triton is installed, the native kernels (cpu) on a CPU "
+                                      "that has them, else torch (the SDPA reference)")
     enforce_eager: bool = arg(False, help="no decode CUDA graphs (they need CUDA and the triton backend)")
     # parallelism (kvserve/distributed): one engine over tensor x pipeline ranks
     tensor_parallel_size: int = arg(1, group="parallel", aliases=("-tp",), help="split each layer over N processes")

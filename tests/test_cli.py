@@ -92,7 +92,7 @@ def test_engine_kwargs_from_flags():
     (dict(scheduling_max_wait=0), r"scheduling_max_wait must be a number > 0 or None, got 0"),
     (dict(quantization="int3"), "quantization must be one of auto, none, int8, int4, got 'int3'"),
     (dict(preemption_mode="drop"), "preemption_mode must be one of recompute, swap, auto, got 'drop'"),
-    (dict(attention_backend="flash"), "attention_backend must be one of auto, torch, triton, got 'flash'"),
+    (dict(attention_backend="flash"), "attention_backend must be one of auto, torch, cpu, triton, got 'flash'"),
     (dict(block_size=0), "block_size must be an integer >= 1, got 0"),
     (dict(max_num_seqs=-1), "max_num_seqs must be an integer >= 1, got -1"),
     (dict(max_num_batched_tokens=2.5), "max_num_batched_tokens must be an integer >= 1"),

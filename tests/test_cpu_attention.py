@@ -8,6 +8,7 @@ import torch
 from kvserve.kernels import cpu as native
 from kvserve.kernels.testing import clone_cache, make_case
 from kvserve.layers.attention import KVCache, TorchAttentionBackend
+from kvserve.layers.attention.cpu_native import CPUNativeAttentionBackend
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI or no C compiler")
 
@@ -25,11 +26,8 @@ def _run(case, cache_dtype: torch.dtype, use_native: bool, monkeypatch) -> tuple
     if cache_dtype == torch.bfloat16:
         t = tuple(x.to(torch.bfloat16) for x in t)
     cache = KVCache(*t)
-    with monkeypatch.context() as m:
-        if not use_native:
-            m.setattr(native, "decode_attention_supported", lambda *a: False)
-        out = TorchAttentionBackend().forward(case.q, case.k, case.v, cache, case.meta, 0.125)
-    return out, cache
+    backend = CPUNativeAttentionBackend() if use_native else TorchAttentionBackend()
+    return backend.run(case.q, case.k, case.v, cache, case.meta, 0.125), cache
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])

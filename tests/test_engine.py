@@ -135,7 +135,7 @@ def test_int8_quantize_round_trip():
 def test_copy_blocks_between_pools(tiny_loaded):
     import torch
 
-    from kvserve.executor.reference import allocate_kv_caches, copy_blocks
+    from kvserve.layers.attention import allocate_kv_caches, copy_blocks
 
     a = allocate_kv_caches(tiny_loaded.model, 6, 4, torch.float32)
     b = allocate_kv_caches(tiny_loaded.model, 3, 4, torch.float32)
@@ -352,7 +352,11 @@ def test_memory_plan_is_measured_and_reported(tiny_loaded):
 
     eng = Engine(loaded=tiny_loaded, max_num_seqs=4, cpu_memory_utilization=0.01)
     b = eng.budget
-    assert b.activations is not None and b.activations >= 0  # profiled, not given
+    assert isinstance(b.activations, int)  # profiled, not given
+    assert f"activations {b.activations / 2**20:.0f} MiB" in b.describe()
+    given = Engine(loaded=tiny_loaded, max_num_seqs=4, kv_cache_memory="1MiB").budget
+    assert given.activations is None and "activations not measured" in given.describe()
+    assert given.num_blocks == 2**20 // (16 * given.kv_bytes_per_token)
     # capped at every seat filled to max_model_len
     assert b.kv_tokens <= 4 * eng.max_model_len and b.num_blocks == eng.kv.num_blocks
     text = b.describe()
@@ -391,5 +395,5 @@ def test_dtype_auto_is_float32_on_cpu(tiny_path):
     import torch
 
     eng = LLMEngine(model=str(tiny_path), kv_cache_memory="1MiB")
-    assert eng.config.dtype == "auto" and eng.lm.dtype == torch.float32 and eng.kv_dtype == torch.float32
+    assert eng.config.dtype == "float32" and eng.lm.dtype == torch.float32 and eng.kv_dtype == torch.float32
     assert LLMEngine(model=str(tiny_path), kv_cache_memory="1MiB", dtype="bfloat16").lm.dtype == torch.bfloat16

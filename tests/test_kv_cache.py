@@ -11,15 +11,21 @@ from kvserve import SamplingParams
 from kvserve.engine.kv_cache import BlockPool, hash_block
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.errors import InvalidRequestError
-from kvserve.executor.model_runner import RunnerOutput
+from kvserve.engine.scheduler import RunnerOutput
 from kvserve.loader import load_model
 
 
 class FakeRunner:
     """Samples token (position * 7) % 50 for every row that needs one; checks the batch contract."""
 
+    num_in_flight = 0
+
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+
+    def step(self, scheduler):
+        so = scheduler.schedule()
+        return so, self.execute(so) if not so.is_empty else RunnerOutput()
 
     def execute(self, so):
         out = RunnerOutput()
@@ -38,7 +44,7 @@ class FakeRunner:
             assert s.num_new_tokens > 0 and end <= r.num_tokens
             assert len(s.block_ids) * self.engine.kv.block_size >= end  # room for every token written
             if s.samples:
-                out.sampled[r.request_id] = (r.num_tokens * 7) % 50
+                out.sampled[r.request_id] = [(r.num_tokens * 7) % 50]
         return out
 
 

@@ -1,14 +1,15 @@
-"""The fused native decode step (kvserve.executor.cpu.NativeDecoder) against the op-by-op model."""
+"""The fused native decode step (kvserve.executor.native_decoder.NativeDecoder) against the op-by-op model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvserve.executor.cpu import NativeDecoder
+from kvserve.executor.native_decoder import NativeDecoder
 from kvserve.kernels import cpu as native
 from kvserve.kernels.testing import clone_cache, make_case
-from kvserve.layers.attention import KVCache
+from kvserve.layers.attention import KVCache, set_attention_backend
+from kvserve.layers.attention.cpu_native import CPUNativeAttentionBackend
 from kvserve.loader import load_model
 from helpers import make_tiny_hf
 
@@ -38,7 +39,9 @@ def _copy(caches):
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
 def int8_model(request, tmp_path_factory):
     path = make_tiny_hf(tmp_path_factory.mktemp(request.param), request.param)
-    return load_model(str(path), quantization="int8").model
+    model = load_model(str(path), quantization="int8").model
+    set_attention_backend(model, CPUNativeAttentionBackend())  # the fused step stands in for this backend
+    return model
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
@@ -105,7 +108,7 @@ def test_prompt_tokens_take_a_path_fixed_by_position(tmp_path):
     tokens and logprobs."""
     from kvserve import SamplingParams
     from kvserve.engine.llm_engine import LLMEngine
-    from kvserve.executor.model_runner import FUSED_PROMPT_POSITIONS
+    from kvserve.executor.forward_batch import FUSED_PROMPT_POSITIONS
 
     path = str(make_tiny_hf(tmp_path, "llama"))
     prompt = [(7 * i) % 250 + 3 for i in range(200)]

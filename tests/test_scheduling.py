@@ -16,7 +16,7 @@ from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.policy import (LPFPolicy, MLFQPolicy, PriorityPolicy, SchedulingPolicy, kendall_tau,
                                    make_policy)
 from kvserve.engine.request import Request, RequestStatus
-from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.scheduler import RunnerOutput, Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.loader import load_model
 from test_kv_cache import FakeRunner
@@ -57,23 +57,25 @@ def req(rid: str, out_len: int, prompt_len: int = 4, arrival: float = 0.0, prior
         max_tokens: int | None = None) -> Request:
     """A request that finishes after `out_len` tokens (its max_tokens unless given)."""
     prompt = [sum(map(ord, rid)) % 97 + i for i in range(prompt_len)]
-    r = Request(rid, prompt, SamplingParams(max_tokens=max_tokens or out_len, priority=priority), [], 4096, arrival)
+    r = Request(rid, prompt, SamplingParams(max_tokens=max_tokens or out_len, priority=priority), [EOS], 4096, arrival)
     r.target = out_len  # type: ignore[attr-defined]
     return r
 
 
+EOS = 99
+
+
 def step(s: Scheduler, clock: Clock, dt: float = 1.0) -> list[str]:
-    """One step with a fake model: every sampling row gets token 7; returns the ids that finished."""
+    """One step with a fake model: every sampling row gets token 7, or EOS as its target-th token;
+    the scheduler's own update applies them. Returns the ids that finished."""
     so = s.schedule()
-    sampling = [sr.request for sr in so.scheduled if sr.samples]
-    s.update(so)
     clock.t += dt
-    done = []
-    for r in sampling:
-        r.append_token(7)
-        if r.check_stop() is not None or len(r.output_token_ids) >= getattr(r, "target", 1 << 30):
-            s.finish(r, "length")
-            done.append(r.request_id)
+    out = RunnerOutput()
+    for sr in so.scheduled:
+        if sr.samples:
+            r = sr.request
+            out.sampled[r.request_id] = [EOS if len(r.output_token_ids) + 1 >= getattr(r, "target", 1 << 30) else 7]
+    done = [r.request_id for r in s.update_from_output(so, out)]
     s.kv.check_invariants()
     return done
 
@@ -322,7 +324,7 @@ def test_request_metrics_record_queueing_and_normalized_latency(tiny):
 
 
 def test_engine_rejects_an_unknown_policy(tiny):
-    with pytest.raises(InvalidRequestError, match="scheduling policy"):
+    with pytest.raises(InvalidRequestError, match="scheduling_policy must be one of fcfs, priority, lpf, mlfq"):
         _engine(tiny, scheduling_policy="random")
 
 
@@ -481,16 +483,26 @@ def test_cost_model_fit_recovers_a_linear_law(tmp_path):
 
 
 def test_calibration_records_real_steps(tiny):
-    from kvserve.sim.calibrate import calibrate
+    """The recorder keeps exactly the engine's steps that ran a batch while attached (the warm-up's two
+    steps are not among them), with their own batch features, and the fit reports its error on them."""
+    from kvserve.sim.calibrate import calibration_samples
+    from kvserve.sim.cost_model import LinearCostModel, batch_features
 
     eng = _engine(tiny, max_num_seqs=4)
-    m = calibrate(eng, max_seqs=4, prompt_lens=(8, 40), max_tokens=6)
-    # the fit's error depends on machine load (a timing), so only its presence is checked here
-    assert m.num_samples >= 20 and m.mean_abs_rel_error >= 0
-    from kvserve.sim.cost_model import BatchFeatures
-
-    assert m.step_time(BatchFeatures(tokens=1, seqs=1, sampled=1, context=10, pairs=10)) > 0
-    assert not eng.has_unfinished_requests() and "update" not in vars(eng.scheduler)  # the hook is removed
+    seen = []
+    eng.step_observers.append(lambda so, dt: seen.append(batch_features(so)) if so.scheduled else None)
+    samples = calibration_samples(eng, max_seqs=4, prompt_lens=(8, 40), max_tokens=6)
+    assert len(seen) > 20 and [f for f, _ in samples] == seen[2:]  # warm-up: a prefill and one decode
+    assert all(0 < dt < 10 for _, dt in samples)
+    # every calibration request: its prompt (8 or 40 tokens) is computed once, and each step samples once per sequence
+    assert sum(f.tokens for f, _ in samples) == sum(f.sampled for f, _ in samples) + 3 * 4 * 0 + sum(
+        f.tokens - f.sampled for f, _ in samples)
+    assert sum(f.tokens - f.seqs for f, _ in samples) == (1 + 2 + 4) * ((8 - 1) + (40 - 1))
+    m = LinearCostModel.fit(samples)
+    pred = [m.step_time(f) for f, _ in samples]
+    assert m.num_samples == len(samples) and m.mean_abs_rel_error == pytest.approx(
+        sum(abs(p - t) / t for p, (_, t) in zip(pred, samples)) / len(samples), rel=1e-9)
+    assert not eng.has_unfinished_requests() and eng.step_observers[1:] == []  # the recorder detached itself
 
 
 def test_simulate_command(tmp_path, capsys):

@@ -24,6 +24,7 @@ import socket
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -33,10 +34,13 @@ from kvserve.distributed import parallel_state as ps
 from kvserve.distributed.messages import TAG_LOGITS, Outbox, StepMsg, recv_obj, send_obj
 from kvserve.distributed.parallel_state import ParallelConfig
 from kvserve.distributed.worker import ShardRunner, _prefill_logits, load_shard, worker_main
-from kvserve.engine.request import Logprob
-from kvserve.engine.scheduler import SchedulerOutput
+from kvserve.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from kvserve.errors import KVServeError
-from kvserve.executor.model_runner import ModelRunner, RunnerOutput, prompt_logprob_entries
+from kvserve.executor.forward_batch import ForwardBatch
+from kvserve.executor.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from kvserve.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +61,7 @@ class Pending:
 
     so: SchedulerOutput
     msg: StepMsg
-    samplers: list  # the Requests whose logits rows come first, in order
-    prompt_lp: list[tuple[object, int, int, int]]  # (Request, first, skip, n) of prompt-logprob rows, then
+    batch: ForwardBatch | None  # None: block copies only
     logits: torch.Tensor | None = None
     work: object | None = None
 
@@ -250,7 +253,8 @@ class MultiProcExecutor:
 
 class ParallelRunner(ModelRunner):
     """The engine's runner on rank 0 of a parallel engine: same contract as ModelRunner
-    (execute(so) -> RunnerOutput), plus submit/collect for pipelined micro-batches."""
+    (step / execute -> RunnerOutput); under pipeline parallelism `step` keeps up to
+    pipeline_parallel_size micro-batches in flight."""
 
     def __init__(self, executor: MultiProcExecutor, model: torch.nn.Module, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype, device: torch.device, num_host_blocks: int, max_num_seqs: int,
@@ -260,39 +264,59 @@ class ParallelRunner(ModelRunner):
         self.executor = executor
         self.shard = ShardRunner(model, self.kv_caches, self.host_caches, self.device, executor.outbox, executor.state)
         self.in_flight: deque[Pending] = deque()
+        self.pipeline_depth = executor.pcfg.pipeline_parallel_size
+        self._samples = 0  # micro-batches collected, and the in-flight count summed at each
+        self._depth_sum = 0
+
+    def step(self, scheduler: Scheduler) -> tuple[SchedulerOutput, RunnerOutput]:
+        """Submit micro-batches until `pipeline_depth` are in flight, then collect the oldest.
+
+        A request is in at most one micro-batch at a time (the scheduler does not schedule a request
+        in flight again: its next tokens depend on this batch's result). One whose batch comes back
+        after it was preempted or aborted meanwhile has its result dropped by the scheduler's update;
+        its K/V writes are harmless, since every stage runs micro-batches in submission order.
+        """
+        if self.pipeline_depth == 1:
+            return super().step(scheduler)
+        # split the work into pipeline_depth micro-batches, so that every stage has one to run
+        cap = max(1, -(-scheduler.num_unfinished // self.pipeline_depth))
+        while len(self.in_flight) < self.pipeline_depth:
+            so = scheduler.schedule(max_seqs=cap)
+            if so.is_empty:
+                break
+            self.submit(so)
+        if not self.in_flight:
+            return SchedulerOutput(), RunnerOutput()
+        self._samples += 1
+        self._depth_sum += len(self.in_flight)
+        p = self.in_flight[0]
+        return p.so, self.collect(p)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.in_flight)
+
+    def pipeline_stats(self) -> dict[str, float]:
+        """Pipeline occupancy: mean micro-batches in flight when one is collected, and the bubble
+        (1 - mean / pipeline_parallel_size: the share of stage slots left idle)."""
+        mean = self._depth_sum / self._samples if self._samples else 0.0
+        return {"pipeline_in_flight_mean": mean,
+                "pipeline_bubble": 1.0 - mean / self.pipeline_depth if self._samples else 0.0}
 
     def flatten(self, so: SchedulerOutput) -> Pending:
-        """The step as workers need it (tensors, block copies, the rows that need logits), and what
-        rank 0 needs to turn those logits into tokens later, read now: requests may change meanwhile."""
+        """The step as workers need it (tensors, block copies, the rows that need logits); the
+        ForwardBatch keeps what rank 0 needs to turn those logits into tokens later, read now:
+        requests may change meanwhile."""
         if not so.scheduled:
             e = torch.empty(0, dtype=torch.long)
             return Pending(so, StepMsg(e, e, [], [], e, e.int(), [], so.blocks_to_swap_out, so.blocks_to_swap_in),
-                           [], [])
+                           None)
         b = self.prepare(so.scheduled)
-        rows: list[int] = []
-        samplers = []
-        start = 0
-        for s in so.scheduled:
-            if s.samples:
-                rows.append(start + s.num_new_tokens - 1)
-                samplers.append(s.request)
-            start += s.num_new_tokens
-        start = 0
-        prompt_lp = []
-        for s in so.scheduled:  # then each chunk's prompt-logprob rows, as ModelRunner._prompt_logprobs picks them
-            r = s.request
-            if r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens - 1:
-                first = r.num_computed_tokens
-                n = min(s.num_new_tokens, r.num_prompt_tokens - 1 - first)
-                skip = max(0, len(r.prompt_logprobs) - 1 - first)
-                prompt_lp.append((r, first, skip, n))
-                rows.extend(range(start + skip, start + n))
-            start += s.num_new_tokens
         meta = b.meta
         msg = StepMsg(b.input_ids.cpu(), b.positions.cpu(), meta.query_lens_cpu, meta.seq_lens_cpu,
-                      meta.slot_mapping.cpu(), meta.block_tables.cpu(), rows, so.blocks_to_swap_out,
+                      meta.slot_mapping.cpu(), meta.block_tables.cpu(), b.logit_rows, so.blocks_to_swap_out,
                       so.blocks_to_swap_in)
-        return Pending(so, msg, samplers, prompt_lp)
+        return Pending(so, msg, b)
 
     @torch.inference_mode()
     def submit(self, so: SchedulerOutput) -> Pending:
@@ -307,26 +331,17 @@ class ParallelRunner(ModelRunner):
         self.in_flight.remove(p)
         if p.work is not None:
             self.executor.wait(p.work)
-        out = RunnerOutput()
-        if p.logits is None:
-            return out
-        logits = p.logits
-        reqs = p.samplers
-        if reqs:
-            res = self.sampler(logits[: len(reqs)].clone(), reqs)
-            for r, tok, lp in zip(reqs, res.token_ids, res.logprobs):
-                out.sampled[r.request_id] = tok
-                if lp is not None:
-                    out.logprobs[r.request_id] = Logprob(tok, lp[0], lp[1])
-        i = len(reqs)
-        for r, first, skip, n in p.prompt_lp:
-            if skip >= n:
-                out.prompt_logprobs[r.request_id] = []
-                continue
-            lp = torch.log_softmax(logits[i : i + n - skip], dim=-1)
-            i += n - skip
-            out.prompt_logprobs[r.request_id] = prompt_logprob_entries(lp, r, first, skip, n)
-        return out
+        if p.logits is None or p.batch is None:
+            return RunnerOutput()
+        b = p.batch
+        n = len(b.samplers)
+        logits = p.logits[:n].clone() if n else None
+        prompt_logits: list[torch.Tensor | None] = []
+        i = n
+        for sp in b.prompt_spans:
+            prompt_logits.append(p.logits[i : i + sp.num_rows] if sp.num_rows else None)
+            i += sp.num_rows
+        return self.sample(b, logits, prompt_logits)
 
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         return self.collect(self.submit(so))
@@ -334,3 +349,30 @@ class ParallelRunner(ModelRunner):
     def prefill_logits(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         logits = self.executor.prefill_logits(seqs, self.model)
         return list(logits.split([len(s) for s in seqs]))
+
+
+def start_parallel(config: "EngineConfig", loaded: object | None, device: torch.device) -> tuple[MultiProcExecutor, object]:
+    """Spawn the workers, then load rank 0's shard here while they load theirs (a `loaded` model only
+    names the checkpoint: every rank, this one included, reads its own slice of it)."""
+    from pathlib import Path
+
+    from kvserve.loader import default_model_path
+    from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.hf import HFModelDir
+
+    c = config
+    pcfg = c.parallel_config()
+    path = Path(loaded.path if loaded is not None else (default_model_path() if c.model is None else c.model))
+    src = HFModelDir(path) if path.is_dir() else GGUFFile(path)
+    mcfg = src.model_config()
+    pcfg.validate(mcfg.num_heads, mcfg.num_kv_heads, mcfg.num_layers, mcfg.architecture)
+    quant = loaded.quantization if loaded is not None else c.quantization
+    dtype = str(loaded.dtype).removeprefix("torch.") if loaded is not None else c.dtype
+    executor = MultiProcExecutor(pcfg, device, c.num_threads)
+    try:
+        lm = executor.load(dict(model=str(path), dtype=dtype, quantization=quant,
+                                attention_backend=c.attention_backend))
+    except BaseException:
+        executor.shutdown(graceful=False)
+        raise
+    return executor, lm

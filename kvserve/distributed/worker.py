@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from kvserve.distributed import parallel_state as ps
 from kvserve.distributed.messages import TAG_HIDDEN, TAG_LOGITS, Outbox, StepMsg, recv_obj, send_obj
-from kvserve.executor.reference import allocate_kv_caches, copy_blocks
-from kvserve.layers.attention import AttentionMetadata, KVCache
+from kvserve.executor.forward_batch import flat_metadata
+from kvserve.layers.attention import AttentionMetadata, KVCache, allocate_kv_caches, copy_blocks, prepare_attention
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,8 @@ class ShardRunner:
         if not msg.query_lens:
             return None
         dev = self.device
-        qsl = torch.zeros(len(msg.query_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(msg.query_lens, dtype=torch.int32).cumsum(0)
-        meta = AttentionMetadata(query_start_loc=qsl.to(dev), seq_lens=torch.tensor(msg.seq_lens, dtype=torch.int32, device=dev),
-                                 query_lens_cpu=msg.query_lens, seq_lens_cpu=msg.seq_lens,
-                                 slot_mapping=msg.slot_mapping.to(dev), block_tables=msg.block_tables.to(dev))
+        meta = prepare_attention(self.model, flat_metadata(msg.query_lens, msg.seq_lens, msg.slot_mapping,
+                                                           msg.block_tables, dev))
         hidden_in = None
         if not st.is_first_stage:
             hidden_in = torch.empty(len(msg.input_ids), self.model.config.hidden_size, dtype=self.dtype, device=dev)

@@ -109,13 +109,18 @@ class AsyncLLMEngine:
         kind = cmd[0]
         if kind == "add":
             _, rid, prompt, params, fut = cmd
+            if not fut.set_running_or_notify_cancel():  # the caller gave up before the engine got to it
+                with self._lock:
+                    self._streams.pop(rid, None)
+                return
             try:
                 self.engine.add_request(rid, prompt, params)
-                fut.set_result(None)
             except BaseException as e:
                 with self._lock:
                     self._streams.pop(rid, None)
                 fut.set_exception(e)
+                return
+            fut.set_result(None)
         elif kind == "abort":
             self.engine.abort_request(cmd[1])
 
@@ -146,9 +151,15 @@ class AsyncLLMEngine:
             self._streams[request_id] = (loop, q)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt, params, fut))
-        await asyncio.wrap_future(fut)  # validation errors raise here
         finished = False
         try:
+            try:
+                await asyncio.wrap_future(fut)  # validation errors raise here
+            except BaseException:
+                # rejected, or cancelled before the engine took it (it then skips the add): nothing to
+                # abort (the id may even be another request's). Cancelled once taken: the abort follows it.
+                finished = fut.cancelled() or (fut.done() and fut.exception() is not None)
+                raise
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):

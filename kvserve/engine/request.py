@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvserve.engine.detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -65,6 +69,9 @@ class Request:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.logprobs: list[Logprob] = []
+        # text so far and stop strings; None where there is no tokenizer (the simulator)
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self._stop_str: str | None = None  # the stop string the last token completed
         self.prompt_logprobs: list[Logprob | None] = []
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_scheduled_time: float | None = None
@@ -96,15 +103,23 @@ class Request:
         """Total seconds spent in the waiting queue so far (first admission and after preemptions)."""
         return self.queue_time + (now - self.queued_since if self.queued_since is not None else 0.0)
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, logprob: Logprob | None = None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.detokenizer is not None:
+            self._stop_str = self.detokenizer.add(token_id)
 
     def check_stop(self) -> str | None:
-        """Finish reason after the last appended token, token-level rules only (stop strings are textual)."""
+        """Finish reason after the last appended token: a stop string it completed, EOS or a stop
+        id (once min_tokens are out), or the length limit; None to go on."""
         n_out = len(self.output_token_ids)
         if n_out == 0:
             return None
+        if self._stop_str is not None:
+            self.stop_reason = self._stop_str
+            return "stop"
         last = self.output_token_ids[-1]
         if n_out >= self.params.min_tokens:
             if last in self.eos_token_ids:

@@ -23,22 +23,27 @@ from dataclasses import dataclass, field
 
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.policy import FCFSPolicy, SchedulingPolicy
-from kvserve.engine.request import Request, RequestStatus
+from kvserve.engine.request import Logprob, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # tokens computed this step, starting at num_computed_tokens
-    block_ids: list[int]
+    """One request's share of a step, frozen when it was scheduled (the request moves on afterwards)."""
 
-    @property
-    def samples(self) -> bool:
-        """True if this step reaches the end of the request's tokens, so its last logits give a new token."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+    request: Request
+    num_new_tokens: int  # tokens computed this step, starting at `start`
+    block_ids: list[int]
+    start: int = 0  # request.num_computed_tokens when scheduled: the first position computed
+    samples: bool = False  # the step reaches the end of the request's tokens: its last logits give a new token
+    num_preemptions: int = 0  # request.num_preemptions when scheduled: a later preemption voids the result
+
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int, block_ids: list[int]) -> "ScheduledRequest":
+        start = request.num_computed_tokens
+        return cls(request, num_new_tokens, block_ids, start, start + num_new_tokens == request.num_tokens,
+                   request.num_preemptions)
 
 
 @dataclass
@@ -56,6 +61,15 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled and not self.blocks_to_swap_out and not self.blocks_to_swap_in
+
+
+@dataclass
+class RunnerOutput:
+    """What the model runner hands back for one SchedulerOutput."""
+
+    sampled: dict[str, list[int]] = field(default_factory=dict)  # request id -> new tokens (one, or several)
+    logprobs: dict[str, list[Logprob]] = field(default_factory=dict)  # one per sampled token, when asked
+    prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)  # this step's chunk
 
 
 @dataclass
@@ -80,10 +94,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_swaps = 0
-        # ids of running requests in a micro-batch still in flight (pipeline parallelism): not scheduled again
-        # until its result is back, since their next tokens depend on it
-        self.busy: set[str] = set()
-        self.max_batch_seqs: int | None = None  # per-step cap (pipeline micro-batches); None: max_num_seqs only
+        # ids of requests in a batch whose result is not back yet (schedule() adds, update_from_output()
+        # removes): under pipelining several batches are in flight, and a request's next tokens depend on its last
+        self.in_flight: set[str] = set()
 
     def add(self, req: Request) -> None:
         self.policy.on_add(req)
@@ -92,6 +105,10 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
 
     def finish(self, req: Request, reason: str) -> None:
         """Finish (or abort) a request anywhere in its life; frees its blocks."""
@@ -111,6 +128,8 @@ class Scheduler:
         req.finish_time = now
         self.requests.pop(req.request_id, None)
         if reason != "abort":
+            if req.detokenizer is not None:
+                req.detokenizer.flush()  # a trailing partial character is released (no-op after a stop string)
             self.policy.on_finish(req)
 
     def _preempt(self, victim: Request, out: SchedulerOutput, now: float) -> None:
@@ -155,7 +174,10 @@ class Scheduler:
             seats += 1
             blocks += need
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+        """This step's batch; `max_seqs` caps its sequences below max_num_seqs (pipeline micro-batches).
+
+        Every request scheduled is in flight until `update_from_output` gets this output back."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         now = self.clock()
@@ -171,11 +193,11 @@ class Scheduler:
 
         # 1. Running requests in order (fcfs: oldest first; else by policy key); preempt from the back
         # (the newest, or the worst-ranked) when blocks run out.
-        cap = self.max_batch_seqs or self.config.max_num_seqs
+        cap = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             req = self.running[i]
-            if self.busy and req.request_id in self.busy:
+            if self.in_flight and req.request_id in self.in_flight:
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -185,7 +207,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+                out.scheduled.append(ScheduledRequest.of(req, n, self.kv.block_ids(req.request_id)))
                 budget -= n
                 i += 1
                 continue
@@ -228,15 +250,50 @@ class Scheduler:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 self.running.append(req)
-                out.scheduled.append(ScheduledRequest(req, n, self.kv.block_ids(req.request_id)))
+                out.scheduled.append(ScheduledRequest.of(req, n, self.kv.block_ids(req.request_id)))
                 budget -= n
             self.waiting.extendleft(reversed(skipped))
 
         out.total_num_tokens = self.config.max_num_batched_tokens - budget
+
+        self.in_flight.update(x.request.request_id for x in out.scheduled)
         return out
 
-    def update(self, out: SchedulerOutput) -> None:
-        """After the step ran: the scheduled tokens now have K/V in the cache."""
+    def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+        """THE post-step update; returns the requests it finished.
+
+        For each scheduled request: its scheduled tokens now have K/V in the cache; its prompt
+        logprobs of this chunk are kept; each sampled token (one, or several when speculative
+        tokens were accepted) is appended and checked against the stop rules (EOS and stop ids
+        after min_tokens, stop strings through the request's detokenizer, the length limit);
+        at the first stop the request finishes, its blocks freed, and later tokens are dropped.
+        A request preempted or aborted while its batch ran (pipelining) has the result dropped.
+        """
+        now = self.clock()
+        finished: list[Request] = []
         for s in out.scheduled:
-            if s.request.status == RequestStatus.RUNNING:
-                s.request.num_computed_tokens += s.num_new_tokens
+            r = s.request
+            rid = r.request_id
+            self.in_flight.discard(rid)
+            if r.status != RequestStatus.RUNNING or r.num_preemptions != s.num_preemptions:
+                continue
+            r.num_computed_tokens += s.num_new_tokens
+            prompt_lps = result.prompt_logprobs.get(rid)
+            if prompt_lps is not None:
+                if not r.prompt_logprobs:
+                    r.prompt_logprobs.append(None)  # the first prompt token has no logprob
+                r.prompt_logprobs.extend(prompt_lps)
+            tokens = result.sampled.get(rid)
+            if not tokens:
+                continue
+            if r.first_token_time is None:
+                r.first_token_time = now
+            lps = result.logprobs.get(rid)
+            for j, tok in enumerate(tokens):
+                r.append_token(tok, lps[j] if lps else None)
+                reason = r.check_stop()
+                if reason is not None:
+                    self.finish(r, reason)
+                    finished.append(r)
+                    break
+        return finished

@@ -66,12 +66,11 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.engine.tokenizer
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in convs]
+        prompts = [self.engine.input_processor.chat_prompt(c, add_generation_prompt) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _drain(self, ids: set[str]) -> None:
-        while self.engine.has_unfinished_requests() and any(i in self.engine.groups for i in ids):
+        while self.engine.has_unfinished_requests() and any(i in self.engine.output_processor for i in ids):
             self.engine.step()
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.errors import InvalidRequestError
-from kvserve.executor.reference import allocate_kv_caches
-from kvserve.layers.attention import AttentionMetadata, resolve_kv_dtype
+from kvserve.layers.attention import AttentionMetadata, allocate_kv_caches, resolve_kv_dtype
 from kvserve.loader import LoadedModel
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvserve.layers.attention import AttentionMetadata, KVCache
+from kvserve.layers.attention import AttentionMetadata, KVCache, attention_backend_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,11 @@ class DecodeGraphRunner:
     def __init__(self, model: nn.Module, kv_caches: list[KVCache], block_size: int, scratch_block: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device, mode: str = "cuda") -> None:
         from kvserve.kernels.triton.backend import TritonAttentionBackend
-        from kvserve.layers.attention import Attention
 
-        backends = {id(m.backend): m.backend for m in model.modules() if isinstance(m, Attention)}
-        if len(backends) != 1 or not isinstance(next(iter(backends.values())), TritonAttentionBackend):
+        backend = attention_backend_of(model)
+        if not isinstance(backend, TritonAttentionBackend):
             raise ValueError("decode graphs need one shared TritonAttentionBackend on every attention layer")
-        self.backend = next(iter(backends.values()))
+        self.backend = backend
         self.model = model
         self.kv_caches = kv_caches
         self.mode = mode
@@ -76,8 +75,8 @@ class DecodeGraphRunner:
                 query_start_loc=self.query_start_loc[: s + 1], seq_lens=self.seq_lens[:s],
                 query_lens_cpu=[1] * s, seq_lens_cpu=[max_model_len] * s,
                 slot_mapping=self.slot_mapping[:s], block_tables=self.block_tables[:s],
+                plan=self.backend.static_decode_plan(self.decode_ids[:s], max_model_len, num_kv_heads),
             )
-            self.backend.set_static_decode_plan(meta, self.decode_ids[:s], max_model_len, num_kv_heads)
             self.graphs[s] = _Graph(s, meta)
         self.pool = None
         self.capture_seconds = 0.0

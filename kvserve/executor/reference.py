@@ -1,4 +1,5 @@
-"""A minimal generation loop over the paged KV cache: the reference the engine is tested against.
+"""A minimal generation loop over the paged KV cache: the reference the engine is tested against
+(tests only: production code never imports it).
 
 Each sequence gets a fixed run of blocks; every step runs one flat batch (the whole prompts
 first, then one token per sequence). No scheduling, no sampling beyond greedy.
@@ -9,37 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvserve.layers.attention import KV_SCALE_DTYPE, AttentionMetadata, KVCache
-
-
-def allocate_kv_caches(
-    model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-    pin_memory: bool = False,
-) -> list[KVCache]:
-    """One KVCache per layer; `dtype` torch.int8 makes a quantized cache with per-token, per-head scales."""
-    cfg = model.config
-    # under tensor / pipeline parallelism a rank holds its KV heads of its layers only
-    num_layers = getattr(model, "num_local_layers", cfg.num_layers)
-    shape = (num_blocks, block_size, getattr(model, "num_local_kv_heads", cfg.num_kv_heads), cfg.head_dim)
-
-    def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.zeros(shape, dtype=dtype, device=device)
-        return t.pin_memory() if pin_memory else t
-
-    if dtype == torch.int8:
-        return [KVCache(buf(shape, dtype), buf(shape, dtype), buf(shape[:3], KV_SCALE_DTYPE), buf(shape[:3], KV_SCALE_DTYPE))
-                for _ in range(num_layers)]
-    return [KVCache(buf(shape, dtype), buf(shape, dtype)) for _ in range(num_layers)]
-
-
-def copy_blocks(src: list[KVCache], dst: list[KVCache], pairs: list[tuple[int, int]]) -> None:
-    """Copy whole blocks between two pools (any devices): pairs of (source block, destination block)."""
-    src_ids = torch.tensor([a for a, _ in pairs], dtype=torch.long)
-    dst_ids = torch.tensor([b for _, b in pairs], dtype=torch.long)
-    for s_cache, d_cache in zip(src, dst):
-        for s, d in zip(s_cache.tensors(), d_cache.tensors(), strict=True):
-            s_idx, d_idx = src_ids.to(s.device), dst_ids.to(d.device)
-            d.index_copy_(0, d_idx, s.index_select(0, s_idx).to(d.device, non_blocking=True))
+from kvserve.layers.attention import AttentionMetadata, allocate_kv_caches
 
 
 @torch.inference_mode()

@@ -84,7 +84,7 @@ def torch_reference(case: PagedCase, scale: float) -> tuple[torch.Tensor, tuple[
     attended dequantized, in float32."""
     cache = clone_cache(case.kv_cache)
     if len(cache) == 2:
-        out = TorchAttentionBackend().forward(case.q, case.k, case.v, KVCache(*cache), case.meta, scale)
+        out = TorchAttentionBackend().run(case.q, case.k, case.v, KVCache(*cache), case.meta, scale)
         return out, cache
     kq, vq, ks, vs = cache
     slots = case.meta.slot_mapping
@@ -95,5 +95,5 @@ def torch_reference(case: PagedCase, scale: float) -> tuple[torch.Tensor, tuple[
     deq = (dequantize_int8(kq, ks), dequantize_int8(vq, vs))
     meta = AttentionMetadata(case.meta.query_start_loc, case.meta.seq_lens, case.meta.query_lens_cpu,
                              case.meta.seq_lens_cpu, None, case.meta.block_tables)
-    out = TorchAttentionBackend().forward(case.q.float(), case.k.float(), case.v.float(), KVCache(*deq), meta, scale)
+    out = TorchAttentionBackend().run(case.q.float(), case.k.float(), case.v.float(), KVCache(*deq), meta, scale)
     return out.to(case.q.dtype), (kq, vq, ks, vs)

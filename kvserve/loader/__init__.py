@@ -174,7 +174,7 @@ def load_model(
             module.quantize(method)
 
     from kvserve.distributed.parallel_state import get_state
-    from kvserve.executor.cpu import loading_allocator
+    from kvserve.platform import loading_allocator
 
     with torch.device("meta"):
         net = build_model(cfg)

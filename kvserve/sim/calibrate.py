@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 
 import numpy as np
 
 from kvserve.engine.llm_engine import LLMEngine
-from kvserve.engine.outputs import RequestOutput
+from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.sim.cost_model import BatchFeatures, LinearCostModel, batch_features
 
@@ -18,37 +17,24 @@ logger = logging.getLogger(__name__)
 
 
 class StepRecorder:
-    """Times `engine.step()` and keeps (batch features, seconds) per step that ran a batch."""
+    """Keeps (batch features, seconds) of every engine step that ran a batch, through the engine's
+    step-observer hook, while attached."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.samples: list[tuple[BatchFeatures, float]] = []
-        self._pending: BatchFeatures | None = None
+
+    def observe(self, so: SchedulerOutput, seconds: float) -> None:
+        if so.scheduled:
+            self.samples.append((batch_features(so), seconds))
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["StepRecorder"]:
-        """Read each step's batch in the scheduler's update (before computed counts move)."""
-        sched = self.engine.scheduler
-        original = sched.update
-
-        def update(so):  # type: ignore[no-untyped-def]
-            self._pending = batch_features(so) if so.scheduled else None
-            original(so)
-
-        sched.update = update  # type: ignore[method-assign]
+        self.engine.step_observers.append(self.observe)
         try:
             yield self
         finally:
-            del sched.update  # back to the class's method
-
-    def step(self) -> list[RequestOutput]:
-        self._pending = None
-        t0 = time.perf_counter()
-        outs = self.engine.step()
-        dt = time.perf_counter() - t0
-        if self._pending is not None:
-            self.samples.append((self._pending, dt))
-        return outs
+            self.engine.step_observers.remove(self.observe)
 
 
 def calibration_batch_sizes(engine: LLMEngine, max_seqs: int | None = None) -> list[int]:
@@ -77,7 +63,7 @@ def calibration_samples(engine: LLMEngine, seed: int = 0, max_seqs: int | None =
                     engine.add_request(f"calib-{b}-{plen}-{i}", ids,
                                        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
                 while engine.has_unfinished_requests():
-                    rec.step()
+                    engine.step()
             logger.info("calibrated batch size %d: %d steps so far", b, len(rec.samples))
     return rec.samples
 

@@ -44,11 +44,11 @@ class BatchFeatures:
 
 
 def batch_features(so: SchedulerOutput) -> BatchFeatures:
-    """Features of a scheduled batch, taken before the scheduler's update (computed counts not yet advanced)."""
+    """Features of a scheduled batch (from what it froze when scheduled: valid before and after the update)."""
     tokens = seqs = sampled = context = pairs = singles = 0
     for s in so.scheduled:
         singles += s.num_new_tokens == 1
-        start = s.request.num_computed_tokens
+        start = s.start
         end = start + s.num_new_tokens
         tokens += s.num_new_tokens
         seqs += 1

@@ -2,8 +2,9 @@
 
 Nothing about scheduling is re-implemented here. Each replica owns a `Scheduler` (with the
 chosen policy) and a `KVCacheManager`; a step is `schedule()`, a step time from the cost
-model, `update()`, then every sampling row gets a placeholder token, and a request finishes
-when it has produced its workload output length (or hits max_tokens). Arrivals are added
+model, then the scheduler's own `update_from_output()` with a placeholder token for every
+sampling row — the EOS token when it is the request's last of its workload output length, so
+the real stop rules finish it (or max_tokens does). Arrivals are added
 between steps, as the real engine adds them, with their true arrival times. Deterministic: the
 same workload and configuration give the same result.
 """
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.policy import make_policy
 from kvserve.engine.request import Request
-from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.scheduler import RunnerOutput, Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.sampling_params import SamplingParams
 from kvserve.sim.cost_model import CostModel, batch_features, percentile
 from kvserve.sim.workload import WorkItem
 
 PLACEHOLDER_TOKEN = 0
+EOS_TOKEN = 1  # a simulated request's last token: the real stop rules end it
 
 
 @dataclass
@@ -126,26 +128,19 @@ class _Replica:
             # only when a waiting request can never fit (add_request-like validation failed upstream)
             raise RuntimeError("simulated engine cannot schedule its waiting requests")
         dt = max(self.cost.step_time(batch_features(so)), 1e-6)
-        sampling = [x.request for x in so.scheduled if x.samples]
-        s.update(so)
-        usage = self.kv.usage()
+        usage = self.kv.usage()  # the step's blocks, before finished requests free theirs
         self.t += dt
         self.num_steps += 1
         self.busy += dt
         self.kv_area += usage * dt
         self.kv_max = max(self.kv_max, usage)
-        done = []
-        for r in sampling:
-            r.append_token(PLACEHOLDER_TOKEN)
-            if r.first_token_time is None:
-                r.first_token_time = self.t
-            if len(r.output_token_ids) >= self.targets[r.request_id]:
-                s.finish(r, "stop")
-                done.append(r)
-            elif r.num_tokens >= r.max_total_tokens:
-                s.finish(r, "length")
-                done.append(r)
-        return done
+        result = RunnerOutput()
+        for x in so.scheduled:
+            if x.samples:
+                r = x.request
+                last = len(r.output_token_ids) + 1 >= self.targets[r.request_id]
+                result.sampled[r.request_id] = [EOS_TOKEN if last else PLACEHOLDER_TOKEN]
+        return s.update_from_output(so, result)
 
 
 class Simulator:
@@ -163,7 +158,8 @@ class Simulator:
         if -(-(w.num_prompt_tokens + max_tokens) // cfg.block_size) > cfg.num_blocks:
             raise InvalidRequestError(f"workload item {i}: needs more KV blocks than the cache holds")
         params = SamplingParams(max_tokens=max_tokens, priority=w.priority, temperature=0.0)
-        return Request(w.request_id or f"sim-{i}", w.prompt_token_ids(i), params, [], cfg.max_model_len, w.arrival)
+        return Request(w.request_id or f"sim-{i}", w.prompt_token_ids(i), params, [EOS_TOKEN], cfg.max_model_len,
+                       w.arrival)
 
     def run(self, workload: list[WorkItem]) -> SimResult:
         replicas = [_Replica(self.cfg, self.cost) for _ in range(self.cfg.replicas)]

@@ -25,7 +25,7 @@ def make_case(*args, **kw):
 
 def run_triton(case, scale, **backend_kw):
     cache = clone_cache(case.kv_cache)
-    out = TritonAttentionBackend(**backend_kw).forward(case.q, case.k, case.v, cache, case.meta, scale)
+    out = TritonAttentionBackend(**backend_kw).run(case.q, case.k, case.v, cache, case.meta, scale)
     return out, cache
 
 
@@ -180,8 +180,8 @@ def test_no_cache_falls_back_to_torch():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(9, h, 64, generator=g).to(DEVICE) for h in (4, 2, 2))
     meta = AttentionMetadata.for_prefill([4, 5], DEVICE)
-    want = TorchAttentionBackend().forward(q, k, v, None, meta, 0.125)
-    assert torch.equal(TritonAttentionBackend().forward(q, k, v, None, meta, 0.125), want)
+    want = TorchAttentionBackend().run(q, k, v, None, meta, 0.125)
+    assert torch.equal(TritonAttentionBackend().run(q, k, v, None, meta, 0.125), want)
 
 
 def test_int8_cache_without_scales_is_rejected():
@@ -189,4 +189,4 @@ def test_int8_cache_without_scales_is_rejected():
 
     case = make_case([1], [4], 2, 2, 64, int8=True)
     with pytest.raises(InvalidRequestError):
-        TritonAttentionBackend().forward(case.q, case.k, case.v, case.kv_cache[:2], case.meta, 0.1)
+        TritonAttentionBackend().run(case.q, case.k, case.v, case.kv_cache[:2], case.meta, 0.1)

@@ -42,14 +42,13 @@ def generate(loaded, backend: str, prompts: list[list[int]]) -> tuple[list[list[
 
 def test_engine_greedy_tokens_match_torch_backend(tiny_loaded, monkeypatch):
     plans = []
-    original = TritonAttentionBackend._step_plan
+    original = TritonAttentionBackend.prepare
 
-    def spy(self, meta, device):
-        plan = original(self, meta, device)
+    def spy(self, meta):
         plans.append((meta.query_lens_cpu, meta.seq_lens_cpu))
-        return plan
+        return original(self, meta)
 
-    monkeypatch.setattr(TritonAttentionBackend, "_step_plan", spy)
+    monkeypatch.setattr(TritonAttentionBackend, "prepare", spy)
     shared = random_ids(11, TINY_VOCAB, seed=99)
     prompts = [random_ids(n, TINY_VOCAB, seed=n) for n in (1, 9, 30)] + [shared + [5], shared + [7, 8]]
     want, _ = generate(tiny_loaded, "torch", prompts)

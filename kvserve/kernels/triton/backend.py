@@ -1,4 +1,4 @@
-"""TritonAttentionBackend: the torch backend's interface, run by the paged Triton kernels."""
+"""TritonAttentionBackend: the AttentionBackend interface, run by the paged Triton kernels."""
 
 from __future__ import annotations
 
@@ -10,18 +10,22 @@ from kvserve.errors import InvalidRequestError
 from kvserve.kernels.triton.decode_attention import num_decode_splits, paged_decode_attention
 from kvserve.kernels.triton.extend_attention import paged_extend_attention
 from kvserve.kernels.triton.kv_write import write_kv
-from kvserve.layers.attention import AttentionMetadata, KVCache, TorchAttentionBackend
+from kvserve.layers.attention.base import AttentionBackend
+from kvserve.layers.attention.kv_cache import KVCache
+from kvserve.layers.attention.metadata import AttentionMetadata, AttentionPlan
+from kvserve.layers.attention.torch_backend import TorchAttentionBackend
 
 
 @dataclass
-class _StepPlan:
-    """Which sequences go to which kernel; built once per step and shared by every layer."""
+class TritonPlan(AttentionPlan):
+    """Which sequences go to which kernel."""
 
     decode_ids: torch.Tensor | None  # [Bd] int32 sequences with exactly one new token
     extend_ids: torch.Tensor | None  # [Be] int32 sequences with more than one
     max_extend_query_len: int
     max_decode_seq_len: int
-    num_splits: int = 0  # chosen on the first layer (needs the KV head count)
+    num_splits: int = 0  # 0: chosen on the first layer (it needs the KV head count)
+    max_splits: int = 16
 
 
 def split_kv_cache(kv_cache: KVCache | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor,
@@ -38,10 +42,9 @@ def split_kv_cache(kv_cache: KVCache | tuple[torch.Tensor, ...]) -> tuple[torch.
     return k_cache, v_cache, k_scale, v_scale
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(AttentionBackend):
     """Writes the new K/V with one kernel, then runs decodes and extends through their own kernels.
 
-    One instance is shared by all layers of a model so the step plan is built once per step.
     A forward without a KV cache (a one-shot prefill, the memory profile) takes the torch path.
     """
 
@@ -50,57 +53,40 @@ class TritonAttentionBackend:
     def __init__(self, max_splits: int = 16) -> None:
         self.max_splits = max_splits
         self._torch = TorchAttentionBackend()
-        self._plan_meta: AttentionMetadata | None = None  # held so `is` cannot match a recycled id
-        self._plan: _StepPlan | None = None
-        # CUDA-graph metadata: id -> (metadata, plan); the metadata is held so its id stays unique
-        self._static_plans: dict[int, tuple[AttentionMetadata, _StepPlan]] = {}
 
-    def set_static_decode_plan(self, meta: AttentionMetadata, decode_ids: torch.Tensor, max_seq_len: int,
-                               num_kv_heads: int) -> None:
-        """Fix the plan of a captured decode batch: every row decodes, split count sized for max_seq_len.
+    def prepare(self, meta: AttentionMetadata) -> TritonPlan:
+        qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
+        decodes = [i for i, n in enumerate(qlens) if n == 1]
+        extends = [i for i, n in enumerate(qlens) if n > 1]
+        device = meta.query_start_loc.device
+
+        def ids(xs: list[int]) -> torch.Tensor | None:
+            return torch.tensor(xs, dtype=torch.int32, device=device) if xs else None
+
+        return TritonPlan(
+            decode_ids=ids(decodes),
+            extend_ids=ids(extends),
+            max_extend_query_len=max((qlens[i] for i in extends), default=0),
+            max_decode_seq_len=max((slens[i] for i in decodes), default=0),
+            max_splits=self.max_splits,
+        )
+
+    def static_decode_plan(self, decode_ids: torch.Tensor, max_seq_len: int, num_kv_heads: int) -> TritonPlan:
+        """The plan of a captured decode batch: every row decodes, split count sized for max_seq_len.
 
         A graph replays with whatever lengths its buffers hold, so the split count cannot follow
         the step's longest sequence; splits past a shorter sequence's end are empty and merge as zero.
         """
         n = decode_ids.numel()
-        plan = _StepPlan(decode_ids=decode_ids, extend_ids=None, max_extend_query_len=0, max_decode_seq_len=max_seq_len,
-                         num_splits=num_decode_splits(n, num_kv_heads, max_seq_len, decode_ids.device,
-                                                      max_splits=self.max_splits))
-        self._static_plans[id(meta)] = (meta, plan)
+        return TritonPlan(decode_ids=decode_ids, extend_ids=None, max_extend_query_len=0, max_decode_seq_len=max_seq_len,
+                          num_splits=num_decode_splits(n, num_kv_heads, max_seq_len, decode_ids.device,
+                                                       max_splits=self.max_splits))
 
-    def _step_plan(self, meta: AttentionMetadata, device: torch.device) -> _StepPlan:
-        static = self._static_plans.get(id(meta))
-        if static is not None and static[0] is meta:
-            return static[1]
-        if meta is self._plan_meta and self._plan is not None:
-            return self._plan
-        qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
-        decodes = [i for i, n in enumerate(qlens) if n == 1]
-        extends = [i for i, n in enumerate(qlens) if n > 1]
-
-        def ids(xs: list[int]) -> torch.Tensor | None:
-            return torch.tensor(xs, dtype=torch.int32, device=device) if xs else None
-
-        plan = _StepPlan(
-            decode_ids=ids(decodes),
-            extend_ids=ids(extends),
-            max_extend_query_len=max((qlens[i] for i in extends), default=0),
-            max_decode_seq_len=max((slens[i] for i in decodes), default=0),
-        )
-        self._plan_meta, self._plan = meta, plan
-        return plan
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, ...] | None,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: KVCache | tuple[torch.Tensor, ...] | None, meta: AttentionMetadata, plan: TritonPlan,
+                scale: float) -> torch.Tensor:
         if kv_cache is None:
-            return self._torch.forward(q, k, v, None, meta, scale)
+            return self._torch.run(q, k, v, None, meta, scale)
         k_cache, v_cache, k_scale, v_scale = split_kv_cache(kv_cache)
         if meta.slot_mapping is not None:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
@@ -108,12 +94,11 @@ class TritonAttentionBackend:
             raise InvalidRequestError("attention over a KV cache needs block_tables")
         if q.stride(-1) != 1:
             q = q.contiguous()
-        plan = self._step_plan(meta, q.device)
         out = torch.empty_like(q)
         if plan.decode_ids is not None:
             if not plan.num_splits:
                 plan.num_splits = num_decode_splits(plan.decode_ids.numel(), k_cache.shape[2],
-                                                    plan.max_decode_seq_len, q.device, max_splits=self.max_splits)
+                                                    plan.max_decode_seq_len, q.device, max_splits=plan.max_splits)
             paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                    plan.decode_ids, out, scale, plan.num_splits, k_scale, v_scale)
         if plan.extend_ids is not None:

@@ -1,79 +1,12 @@
-"""CPU process settings that the engine applies once at start-up."""
+"""NativeDecoder: a Llama-family decode step with int8/int4 weights as one native CPU call."""
 
 from __future__ import annotations
-
-import ctypes
-import ctypes.util
-import logging
 
 import torch
 from torch import nn
 
 from kvserve.layers.attention import AttentionMetadata, KVCache
 from kvserve.quant.int4 import Int4Weight
-
-logger = logging.getLogger(__name__)
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_done = False
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-class loading_allocator:
-    """While a model loads, hand every freed buffer of 1 MiB or more back to the OS at once.
-
-    A load makes and drops a float copy of each weight on its way to the quantized one; with
-    glibc's adaptive thresholds those land in the heap and stay, so the process would keep
-    (and peak at) several hundred MB it no longer uses. On exit the heap is trimmed.
-    """
-
-    def __enter__(self) -> "loading_allocator":
-        libc = _libc()
-        if libc is not None and not _done:
-            try:
-                libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-            except AttributeError:  # not glibc
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        libc = _libc()
-        try:
-            if libc is not None:
-                libc.malloc_trim(0)
-        except AttributeError:
-            pass
-
-
-def tune_allocator() -> bool:
-    """Keep freed memory in glibc's heap instead of returning it to the OS.
-
-    A decode step allocates and frees the same large temporaries (gathered K/V, GEMM outputs)
-    every layer. With glibc's defaults each one above the mmap threshold is a fresh mapping,
-    and the page faults of touching it cost more than the work itself (a 31 MB gather: 12 ms
-    vs 2 ms measured here). Raising both thresholds makes the buffers reusable.
-    """
-    global _done
-    if _done:
-        return True
-    libc = _libc()
-    if libc is None:
-        return False
-    try:
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
-    except AttributeError:  # not glibc
-        return False
-    _done = ok
-    logger.info("glibc malloc thresholds raised: %s", ok)
-    return ok
 
 
 class NativeDecoder:
@@ -127,7 +60,7 @@ class NativeDecoder:
     def supports(model: nn.Module, kv_caches: list[KVCache]) -> bool:
         """Llama-family, float32 activations, native int8/int4 weights on every layer's linears, CPU caches."""
         from kvserve.kernels import cpu as native
-        from kvserve.layers.attention import TorchAttentionBackend
+        from kvserve.layers.attention.cpu_native import CPUNativeAttentionBackend
         from kvserve.models.llama import LlamaForCausalLM
 
         if not isinstance(model, LlamaForCausalLM) or not kv_caches or not native.available():
@@ -142,7 +75,7 @@ class NativeDecoder:
             return False
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if not isinstance(attn.attn.backend, TorchAttentionBackend):
+            if not isinstance(attn.attn.backend, CPUNativeAttentionBackend):
                 return False
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
                 if lin.qweight is None or not lin.qweight.native:
