@@ -1,7 +1,13 @@
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# tests/ mirrors the package in subfolders; their shared fakes and builders live in tests/helpers.py
+sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

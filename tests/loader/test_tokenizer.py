@@ -11,7 +11,7 @@ from kvserve.errors import InvalidRequestError
 from kvserve.loader.gguf import GGUFFile
 from kvserve.loader.tokenizer import Tokenizer
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_tokens_smollm2.json").read_text())
+GOLDEN = json.loads((Path(__file__).parents[1] / "data" / "golden_tokens_smollm2.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TINY_VOCAB, make_tiny_hf, random_ids
+from helpers import TINY_VOCAB, FakeRunner, make_tiny_hf, random_ids
 from kvserve import SamplingParams
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.length_predictor import OnlineLengthPredictor
@@ -19,7 +19,6 @@ from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import RunnerOutput, Scheduler, SchedulerConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.loader import load_model
-from test_kv_cache import FakeRunner
 
 
 class Clock:

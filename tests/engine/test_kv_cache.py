@@ -6,46 +6,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import make_tiny_hf
+from helpers import FakeRunner, make_tiny_hf
 from kvserve import SamplingParams
 from kvserve.engine.kv_cache import BlockPool, hash_block
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.errors import InvalidRequestError
-from kvserve.engine.scheduler import RunnerOutput
 from kvserve.loader import load_model
-
-
-class FakeRunner:
-    """Samples token (position * 7) % 50 for every row that needs one; checks the batch contract."""
-
-    num_in_flight = 0
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-
-    def step(self, scheduler):
-        so = scheduler.schedule()
-        return so, self.execute(so) if not so.is_empty else RunnerOutput()
-
-    def execute(self, so):
-        out = RunnerOutput()
-        cfg = self.engine.scheduler.config
-        assert 0 <= so.total_num_tokens <= cfg.max_num_batched_tokens
-        assert so.scheduled or so.blocks_to_swap_out  # a step does something
-        # a block swapped out and one swapped in are whole requests' tables: each lands in its own host
-        # block (a device block may be read twice: two victims sharing a cached prefix block each take a copy)
-        assert len({h for _, h in so.blocks_to_swap_out}) == len(so.blocks_to_swap_out)
-        assert len(so.scheduled) <= cfg.max_num_seqs
-        ids = [s.request.request_id for s in so.scheduled]
-        assert len(ids) == len(set(ids))
-        for s in so.scheduled:
-            r = s.request
-            end = r.num_computed_tokens + s.num_new_tokens
-            assert s.num_new_tokens > 0 and end <= r.num_tokens
-            assert len(s.block_ids) * self.engine.kv.block_size >= end  # room for every token written
-            if s.samples:
-                out.sampled[r.request_id] = [(r.num_tokens * 7) % 50]
-        return out
 
 
 @pytest.fixture(scope="module")
