@@ -196,3 +196,14 @@ class FakeRunner:
             if s.samples:
                 out.sampled[r.request_id] = [(r.num_tokens * 7) % 50]
         return out
+
+
+CTX = 512
+
+
+def long_english_text() -> str:
+    """Several thousand words of English prose from the Python reference manual (ships with CPython)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in ("assignment", "class", "exceptions", "execmodel", "function", "naming"))
+    return text + "\n"

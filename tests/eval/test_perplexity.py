@@ -11,16 +11,9 @@ import torch
 from kvserve.entrypoints.cli import main
 from kvserve.eval.perplexity import perplexity, prepare_text
 
+from helpers import CTX, long_english_text
+
 pytestmark = pytest.mark.slow
-CTX = 512
-
-
-def long_english_text() -> str:
-    """Several thousand words of English prose from the Python reference manual (ships with CPython)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in ("assignment", "class", "exceptions", "execmodel", "function", "naming"))
-    return text + "\n"
 
 
 def hf_reference_ppl(hf, tokens: list[int], ctx: int) -> float:

@@ -13,7 +13,7 @@ from kvserve.layers.attention.cpu_native import CPUNativeAttentionBackend
 from kvserve.loader import load_model
 from helpers import make_tiny_hf
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI or no C compiler")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler or no SIMD ISA (AVX-512, AVX2, NEON)")
 
 SEQ_LENS = [1, 17, 40, 5, 33]
 
@@ -69,17 +69,36 @@ def test_fused_decode_matches_op_by_op(int8_model, cache_dtype):
                 torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.03 * float(y.float().abs().max()))
 
 
-def test_fused_decode_rows_do_not_depend_on_the_batch(int8_model):
+@pytest.mark.parametrize("isa", native.supported_isas())
+def test_fused_decode_rows_do_not_depend_on_the_batch(int8_model, isa):
     meta, caches = _caches(int8_model, torch.int8, seed=11)
     ids = torch.tensor([5, 77, 300, 12, 9])
     pos = meta.seq_lens.long() - 1
-    with torch.inference_mode():
+    with torch.inference_mode(), native.use_isa(isa):
         full = NativeDecoder(int8_model, _copy(caches)).forward(ids, pos, meta)
         for i in range(len(SEQ_LENS)):
             sub = type(meta)(meta.query_start_loc[: 2] * 1, meta.seq_lens[i : i + 1], [1], [SEQ_LENS[i]],
                              meta.slot_mapping[i : i + 1], meta.block_tables[i : i + 1])
             one = NativeDecoder(int8_model, _copy(caches)).forward(ids[i : i + 1], pos[i : i + 1], sub)
             assert torch.equal(one, full[i : i + 1])
+
+
+@pytest.mark.parametrize("isa", [i for i in native.supported_isas() if i != "scalar"])
+def test_fused_decode_variants_match_scalar(int8_model, isa):
+    """Each SIMD variant's fused step against the portable scalar build (lane sums differ in order only)."""
+    meta, caches = _caches(int8_model, torch.bfloat16, seed=5)
+    ids = torch.tensor([5, 77, 300, 12, 9])
+    pos = meta.seq_lens.long() - 1
+    outs = []
+    for variant in (isa, "scalar"):
+        with torch.inference_mode(), native.use_isa(variant):
+            c = _copy(caches)
+            outs.append((NativeDecoder(int8_model, c).forward(ids, pos, meta), c))
+    (got, got_c), (want, want_c) = outs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got_c, want_c):
+        for x, y in zip(a.tensors(), b.tensors()):
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_runner_uses_the_fused_step_only_where_it_applies(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from kvserve.kernels import cpu as native
 from kvserve.quant.int4 import Int4Weight, dequantize_q4, quantize_q4, reference_q4gemm
 
-needs_native = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI or no C compiler")
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler or no SIMD ISA (AVX-512, AVX2, NEON)")
 
 SHAPES = [(1, 576, 960), (4, 64, 16), (5, 64, 12), (7, 100, 9), (3, 17, 5), (13, 1536, 49), (64, 96, 80)]
 
@@ -98,7 +98,7 @@ def test_int4_default_model(default_path, smollm):
     """`auto` picks int4 for the Q4_1 GGUF; perplexity stays within 1% of the float model's."""
     from kvserve.eval.perplexity import perplexity
     from kvserve.loader import load_model
-    from test_perplexity import CTX, long_english_text
+    from helpers import CTX, long_english_text
 
     if not native.available():
         pytest.skip("no native kernels")

@@ -10,7 +10,7 @@ from kvserve.kernels.testing import clone_cache, make_case
 from kvserve.layers.attention import KVCache, TorchAttentionBackend
 from kvserve.layers.attention.cpu_native import CPUNativeAttentionBackend
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX-512 VNNI or no C compiler")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler or no SIMD ISA (AVX-512, AVX2, NEON)")
 
 CASES = [  # (query lens, seq lens): decodes only, and decodes mixed with prefill/extend
     ([1], [1]),

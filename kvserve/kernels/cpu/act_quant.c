@@ -1,0 +1,44 @@
+/* Activations per token in groups of 32 values, each group with its own scale dx = amax / 127:
+ * unsigned bytes round(x / dx) + 128 for the int8 GEMM, signed bytes for the int4 one. */
+#include "common.h"
+
+/* One group of up to 32 values of a row: round(x / d) as two vectors of int32 (zero padded), d = amax / 127. */
+float kv_quantize_group(const float *row, int64_t K, int64_t k0, vi *qa, vi *qb) {
+    const int64_t left = K - k0;
+    const vf a = vf_load_n(row + k0, left), b = vf_load_n(row + k0 + 16, left - 16);
+    const float amax = vf_reduce_max(vf_max(vf_abs(a), vf_abs(b)));
+    const vf vid = vf_set1(amax > 0.0f ? 127.0f / amax : 0.0f);
+    *qa = vf_to_vi(vf_mul(a, vid)); /* nearest-even rounding */
+    *qb = vf_to_vi(vf_mul(b, vid));
+    return amax / 127.0f;
+}
+
+/* x [M, K] float32 -> xq [M, ldx = K rounded up to 32] (round(x / dx) + 128), dx [M, G] = amax / 127
+ * per group of 32 (a partial last group is padded with zeros). */
+void kv_quantize_act(const float *x, int64_t M, int64_t K, uint8_t *xq, float *dx) {
+    const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
+    const vi off = vi_set1(128); /* padded lanes are 0 -> byte 128 */
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            vi qa, qb;
+            dx[m * G + g] = kv_quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
+            vi_store_bytes(xq + m * ldx + g * GROUP, vi_add(qa, off));
+            vi_store_bytes(xq + m * ldx + g * GROUP + 16, vi_add(qb, off));
+        }
+}
+
+/* x [M, K] -> xq [M, G*32] int8 = round(x / dx), dx [M, G] = amax / 127, xs [M, G] = dx * sum(xq) */
+void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs) {
+    const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            vi qa, qb;
+            const float d = kv_quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
+            dx[m * G + g] = d;
+            xs[m * G + g] = d * (float)vi_reduce_add(vi_add(qa, qb));
+            vi_store_bytes(xq + m * ldx + g * GROUP, qa);
+            vi_store_bytes(xq + m * ldx + g * GROUP + 16, qb);
+        }
+}

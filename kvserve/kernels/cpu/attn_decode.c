@@ -1,0 +1,155 @@
+/* Paged decode attention: one query token per sequence, K/V read in place through the block
+ * table (no gathered copy). The result of a sequence depends only on its own context.
+ * Cache element types: 0 float32, 1 bfloat16, 2 int8 with one float32 scale per token and head. */
+#include <math.h>
+
+#include "common.h"
+
+/* The cache is cold when a decode step reaches a layer (the layer's weights have streamed through
+ * since): ask for the next block while this one is being used. */
+static inline void prefetch_bytes(const char *p, int64_t n) {
+    for (int64_t c = 0; c < n; c += 64) kv_prefetch(p + c);
+}
+
+#define MAX_ACC 16     /* pass 2 keeps up to this many 16-float accumulators live */
+#define SPLIT_BLOCKS 8 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
+
+/* A task is one part of one sequence (SPLIT_BLOCKS blocks, all heads), so a block's rows are read
+ * front to back once for K and once for V, and a long context spreads over threads. Each part
+ * keeps per head its max score, its sum of exponentials and its unnormalised output; the parts
+ * are merged in order. The parts depend only on the sequence's own length, so its result does
+ * not depend on the batch or the thread count. Returns 0, or -1 when scratch memory ran out. */
+int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                              const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
+                              const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                              float scale, float *out) {
+    const int64_t group = H / Hkv, nd = D / 16, esz = dtype == 0 ? 4 : dtype == 1 ? 2 : 1;
+    const int64_t rowb = Hkv * D * esz; /* one token's K (or V) row, all heads */
+    int64_t hstep = MAX_ACC / nd;
+    hstep = hstep < 1 ? 1 : (hstep > group ? group : hstep);
+    int64_t *first = KV_ALLOC(int64_t, B + 1); /* first task of each sequence */
+    if (!first) return -1;
+    int64_t work = 0;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t nblk = (seq_lens[b] + bs - 1) / bs;
+        first[b + 1] = first[b] + (nblk + SPLIT_BLOCKS - 1) / SPLIT_BLOCKS;
+        work += seq_lens[b];
+    }
+    const int64_t tasks = first[B];
+    /* per task and head: max, sum, then D outputs */
+    float *part = KV_ALLOC(float, tasks * H * (D + 2));
+    if (!part) {
+        free(first);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel if (tasks > 1 && work * H * D >= (1 << 16))
+    {
+        float *scores = KV_ALLOC(float, H * SPLIT_BLOCKS * bs);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!scores) continue;
+            int64_t b = 0;
+            while (first[b + 1] <= task) b++;
+            const int64_t L = seq_lens[b], blk0 = (task - first[b]) * SPLIT_BLOCKS;
+            const int64_t t0 = blk0 * bs, t1 = L < t0 + SPLIT_BLOCKS * bs ? L : t0 + SPLIT_BLOCKS * bs, n = t1 - t0;
+            const int32_t *bt = block_tables + b * bt_stride;
+            const float *qb = q + b * H * D;
+            float *pm = part + task * H * (D + 2), *pl = pm + H, *po = pl + H;
+            prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
+            prefetch_bytes((const char *)v_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
+            /* pass 1: scores[h * n + t] = scale * q_h . k_t */
+            for (int64_t t = 0; t < n; t += bs) {
+                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
+                if (t + bs < n) prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
+                for (int64_t o = 0; o < m; o++) {
+                    for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                        const int64_t row = (slot0 + o) * Hkv + kvh;
+                        const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;
+                        const int64_t kidx = row * D;
+                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                            vf acc = vf_zero();
+                            for (int64_t d = 0; d < nd; d++)
+                                acc = vf_fmadd(vf_load(qb + h * D + 16 * d), vf_load_cache(k_cache, kidx + 16 * d, dtype), acc);
+                            scores[h * n + t + o] = vf_reduce_add(acc) * ks;
+                        }
+                    }
+                }
+            }
+            /* local softmax statistics per head; scores become exp(s - max) */
+            for (int64_t h = 0; h < H; h++) {
+                float *s = scores + h * n;
+                vf mx = vf_set1(-INFINITY);
+                for (int64_t t = 0; t < n; t += 16) mx = vf_max(mx, vf_first_n(vf_load_n(s + t, n - t), n - t, -INFINITY));
+                const float mxs = vf_reduce_max(mx);
+                const vf m = vf_set1(mxs);
+                vf sum = vf_zero();
+                for (int64_t t = 0; t < n; t += 16) {
+                    const vf e = vf_first_n(vf_exp(vf_sub(vf_load_n(s + t, n - t), m)), n - t, 0.0f);
+                    sum = vf_add(sum, e);
+                    vf_store_n(s + t, e, n - t);
+                }
+                pm[h] = mxs;
+                pl[h] = vf_reduce_add(sum);
+            }
+            /* pass 2: po_h = sum_t p[h, t] * v_t, block by block (a block's V rows stay in L1 while
+             * each head group sweeps them), a few heads' accumulators in registers at a time */
+            for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
+            for (int64_t t = 0; t < n; t += bs) {
+                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
+                if (t + bs < n) prefetch_bytes((const char *)v_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
+                for (int64_t kvh = 0; kvh < Hkv; kvh++)
+                    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += hstep) {
+                        const int64_t hc = (kvh + 1) * group - h0 < hstep ? (kvh + 1) * group - h0 : hstep;
+                        vf acc[MAX_ACC];
+                        for (int64_t h = 0; h < hc; h++)
+                            for (int64_t d = 0; d < nd; d++) acc[h * nd + d] = vf_load(po + (h0 + h) * D + 16 * d);
+                        for (int64_t o = 0; o < m; o++) {
+                            const int64_t row = (slot0 + o) * Hkv + kvh;
+                            const float vs = dtype == 2 ? v_scale[row] : 1.0f;
+                            for (int64_t d = 0; d < nd; d++) {
+                                const vf v = vf_load_cache(v_cache, row * D + 16 * d, dtype);
+                                for (int64_t h = 0; h < hc; h++)
+                                    acc[h * nd + d] = vf_fmadd(vf_set1(scores[(h0 + h) * n + t + o] * vs), v, acc[h * nd + d]);
+                            }
+                        }
+                        for (int64_t h = 0; h < hc; h++)
+                            for (int64_t d = 0; d < nd; d++) vf_store(po + (h0 + h) * D + 16 * d, acc[h * nd + d]);
+                    }
+            }
+        }
+        free(scores);
+    }
+    if (failed) {
+        free(part), free(first);
+        return -1;
+    }
+    /* merge each sequence's parts in order: out_h = sum_p e^(m_p - M) o_p / sum_p e^(m_p - M) l_p */
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float M = -INFINITY;
+            for (int64_t t = first[b]; t < first[b + 1]; t++) {
+                const float mt = part[t * H * (D + 2) + h];
+                M = mt > M ? mt : M;
+            }
+            float l = 0.0f;
+            float *o = out + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t t = first[b]; t < first[b + 1]; t++) {
+                const float *pm = part + t * H * (D + 2);
+                const float w = expf(pm[h] - M);
+                l += w * pm[H + h];
+                const float *po = pm + 2 * H + h * D;
+                for (int64_t d = 0; d < D; d++) o[d] += w * po[d];
+            }
+            const float inv = 1.0f / l;
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+    free(part), free(first);
+    return 0;
+}

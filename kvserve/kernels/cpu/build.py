@@ -1,0 +1,112 @@
+"""Compiling the kernels: which ISA variants this CPU runs, their compiler flags, the cached .so."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_DIR = Path(__file__).parent
+_SOURCES = ("runtime.c", "act_quant.c", "gemm_q8.c", "gemm_q4.c", "attn_decode.c", "attn_prefill.c", "llama_decode.c")
+_HEADERS = ("simd.h", "common.h")
+_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# ISA -> (compiler flags, /proc/cpuinfo flags the CPU must report), best first
+_X86 = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+}
+ISAS = ("avx512", "avx2", "neon", "scalar")
+SIMD_ISAS = ("avx512", "avx2", "neon")  # what the engine runs; scalar is the reference
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 "flags", ARM "Features") from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+NEON_FLAGS = {True: ["-march=armv8.2-a+dotprod"], False: ["-march=armv8-a"]}  # with / without the dot product
+
+
+def _isa_flags(isa: str) -> list[str] | None:
+    """Compiler flags of a variant this CPU can run, or None when it cannot."""
+    machine = platform.machine().lower()
+    if isa == "scalar":
+        return []
+    if isa in _X86:
+        flags, need = _X86[isa]
+        return flags if machine in ("x86_64", "amd64") and set(need) <= _cpu_flags() else None
+    if isa == "neon":
+        return NEON_FLAGS["asimddp" in _cpu_flags()] if machine in ("aarch64", "arm64") else None
+    raise ValueError(f"unknown ISA {isa!r} (one of {', '.join(ISAS)})")
+
+
+def compile_command(cc: str, isa: str, flags: list[str]) -> list[str]:
+    """The compiler invocation for the kernel sources of `isa` (without sources and output)."""
+    return [cc, *_BASE_FLAGS, *flags, f"-DKV_ISA_{isa.upper()}"]
+
+
+def build_check_driver(out: Path, isa: str, cc: str, flags: list[str]) -> None:
+    """Compile check_kernels.c with the kernel sources into an executable (cross-ISA tests: any
+    compiler and target, e.g. aarch64-linux-gnu-gcc for NEON under qemu-user; no OpenMP)."""
+    cmd = [cc, "-O2", "-ffp-contract=off", "-static", *flags, f"-DKV_ISA_{isa.upper()}", f"-I{_DIR}",
+           str(_DIR / "check_kernels.c"), *(str(_DIR / s) for s in _SOURCES if s != "runtime.c"), "-o", str(out), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"compiling the {isa} check driver failed:\n{res.stderr.strip()}")
+
+
+def supported_isas() -> list[str]:
+    """The variants this CPU runs, best first (scalar always last)."""
+    return [isa for isa in ISAS if _isa_flags(isa) is not None]
+
+
+def best_isa() -> str:
+    return supported_isas()[0]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
+
+
+def build(isa: str | None = None, force: bool = False) -> Path:
+    """Compile the kernels for `isa` (default: the best this CPU runs), if not cached; the .so's path."""
+    isa = isa or best_isa()
+    flags = _isa_flags(isa)
+    if flags is None:
+        raise RuntimeError(f"this CPU cannot run the {isa} kernels")
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    cmd = compile_command(cc, isa, flags)
+    digest = hashlib.sha256(" ".join(cmd).encode())
+    for name in (*_HEADERS, *_SOURCES):
+        digest.update((_DIR / name).read_bytes())
+    out = _cache_dir() / f"kvserve_cpu_{isa}_{digest.hexdigest()[:16]}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        res = subprocess.run([*cmd, *(str(_DIR / s) for s in _SOURCES), "-o", str(tmp_so), "-lm"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling the {isa} kernels failed:\n{res.stderr.strip()}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never see half a file
+    logger.info("built %s", out)
+    return out

@@ -1,0 +1,60 @@
+/* What the kernel files share: the activation group size, the fused step's argument structs
+ * (mirrored by ctypes structures in __init__.py, checked by kv_struct_sizes at load) and the
+ * kernels one file calls in another. */
+#ifndef KV_COMMON_H
+#define KV_COMMON_H
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+#define GROUP 32 /* activation values per scale */
+
+#ifndef PARALLEL_MIN_MACS
+#define PARALLEL_MIN_MACS (1 << 16) /* smaller products run on the calling thread */
+#endif
+
+typedef struct {
+    int64_t kind; /* 0: int8 (wp, dw, corr), 1: int4 (wp) */
+    const void *wp;
+    const float *dw;
+    const int32_t *corr;
+    const float *bias; /* or NULL */
+    int64_t N, K;
+} kv_qlinear_t;
+
+typedef struct {
+    const float *ln1, *ln2;
+    const float *q_norm, *k_norm; /* per-head RMSNorm weights (Qwen3) or NULL */
+    kv_qlinear_t qkv, o, gate_up, down;
+    void *k_cache, *v_cache;
+    float *k_scale, *v_scale; /* int8 caches */
+} kv_layer_t;
+
+typedef struct {
+    int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter, block_size;
+    float eps, attn_scale;
+    int32_t cache_dtype; /* 0 float32, 1 bfloat16, 2 int8 */
+    const float *cos, *sin; /* [max_position, rot_dim] */
+} kv_model_t;
+
+/* malloc that reports failure to the caller through a NULL check at one place */
+#define KV_ALLOC(T, n) ((T *)malloc(sizeof(T) * (size_t)(n)))
+
+float kv_quantize_group(const float *row, int64_t K, int64_t k0, vi *qa, vi *qb);
+void kv_quantize_act(const float *x, int64_t M, int64_t K, uint8_t *xq, float *dx);
+void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs);
+void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const int8_t *wp, const float *dw,
+              const int32_t *corr, int64_t N, float *y);
+void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t K, const uint8_t *wp,
+               int64_t N, float *y);
+int kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const float *dw, const int32_t *corr,
+              int64_t N, float *y);
+int kv_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t N, float *y);
+int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                              const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
+                              const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                              float scale, float *out);
+
+#endif

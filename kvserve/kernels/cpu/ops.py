@@ -1,0 +1,153 @@
+"""The kernels on torch tensors: quantizers, packers, GEMMs, paged attention, the fused decode step."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kvserve.kernels.cpu.library import ModelArgs, _check, _lib, _ptr, _ready_lib, available
+
+GROUP = 32  # activation values per scale
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (round(x / scale) + 128 as uint8 [M, K padded to 32], scales [M, K/32])."""
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.is_contiguous()
+    m, k = x.shape
+    g = -(-k // GROUP)
+    xq = torch.empty((m, g * GROUP), dtype=torch.uint8)
+    dx = torch.empty((m, g), dtype=torch.float32)
+    lib.kv_quantize_act(x.data_ptr(), m, k, xq.data_ptr(), dx.data_ptr())
+    return xq, dx
+
+
+def pack_weight(wq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [N, K] -> the kernel's layout (blocks of 16 channels x groups of 4 k's, zero padded)
+    and the offset correction -128 x each 32-group's sum, [N/16, K/32, 16] int32."""
+    lib = _lib()
+    assert lib is not None and wq.dtype == torch.int8
+    wq = wq.contiguous()
+    n, k = wq.shape
+    n16, g = -(-n // 16), -(-k // GROUP)
+    wp = torch.empty(n16 * g * GROUP * 16, dtype=torch.int8)
+    lib.kv_pack_weight(wq.data_ptr(), n, k, wp.data_ptr())
+    # -128 x each group's sum, computed a chunk of rows at a time (no int32 copy of a big weight)
+    sums = torch.zeros(n16 * 16, g, dtype=torch.int32)
+    for r in range(0, n, 4096):
+        part = torch.nn.functional.pad(wq[r : r + 4096].to(torch.int32), (0, g * GROUP - k))
+        sums[r : r + len(part)] = part.view(len(part), g, GROUP).sum(-1, dtype=torch.int32)
+    corr = (-128 * sums.view(n16, 16, g)).transpose(1, 2).contiguous()
+    return wp, corr
+
+
+def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
+    """float32 [M, K] @ (int8 W [N, K] * dw [N])^T -> float32 [M, N], activations quantized per
+    token in groups of 32. `wp`, `corr` come from `pack_weight`."""
+    lib = _ready_lib()
+    m, k = x.shape
+    n = dw.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.kv_linear(x.data_ptr(), m, k, wp.data_ptr(), dw.data_ptr(), corr.data_ptr(), n, y.data_ptr()),
+           "int8 GEMM")
+    return y
+
+
+Q4_GROUP_BYTES = 320  # per 16 channels x 32 inputs: 256 bytes of nibbles, 16 fp16 scales, 16 fp16 minimums
+
+
+def quantize_act_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (round(x / scale) int8 [M, K padded to 32], scales [M, G], scale x group sums [M, G])."""
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.is_contiguous()
+    m, k = x.shape
+    g = -(-k // GROUP)
+    xq = torch.empty((m, g * GROUP), dtype=torch.int8)
+    dx = torch.empty((m, g), dtype=torch.float32)
+    xs = torch.empty((m, g), dtype=torch.float32)
+    lib.kv_quantize_act_s8(x.data_ptr(), m, k, xq.data_ptr(), dx.data_ptr(), xs.data_ptr())
+    return xq, dx, xs
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """4-bit codes q [N, K] (uint8, 0..15) with fp16 scales d and minimums m [N, K/32] -> the
+    int4 kernel's interleaved layout (uint8)."""
+    lib = _lib()
+    assert lib is not None and q.dtype == torch.uint8 and d.dtype == m.dtype == torch.float16
+    q, d, m = q.contiguous(), d.contiguous(), m.contiguous()
+    n, k = q.shape
+    out = torch.empty(-(-n // 16) * -(-k // GROUP) * Q4_GROUP_BYTES, dtype=torch.uint8)
+    lib.kv_pack_q4(q.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def q4gemm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 [M, K] @ (int4 W [N, K], packed by `pack_q4`)^T -> float32 [M, N]."""
+    lib = _ready_lib()
+    m, k = x.shape
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.kv_linear_q4(x.data_ptr(), m, k, wp.data_ptr(), n, y.data_ptr()), "int4 GEMM")
+    return y
+
+
+_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (available() and q.device.type == "cpu" and k_cache.dtype in _CACHE_DTYPES and q.shape[-1] % 16 == 0
+            and q.shape[1] % k_cache.shape[2] == 0)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, q [B, H, D] -> [B, H, D] (float32), reading the paged cache
+    [num_blocks, block_size, Hkv, D] in place through block_tables [B, W] int32 and seq_lens [B] int32."""
+    lib = _ready_lib()
+    qf = q.to(torch.float32).contiguous()  # both return their input unchanged when it already fits
+    b, h, d = qf.shape
+    out = torch.empty_like(qf)
+    bt = block_tables.to(torch.int32).contiguous()
+    sl = seq_lens.to(torch.int32).contiguous()
+    _check(lib.kv_paged_decode_attention(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                                         _ptr(v_scale), _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1],
+                                         sl.data_ptr(), b, h, k_cache.shape[2], d, k_cache.shape[1], float(scale),
+                                         out.data_ptr()), "decode attention")
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_tables: torch.Tensor,
+                            q_start: list[int], q_len: list[int], seq_lens: list[int], scale: float,
+                            out: torch.Tensor) -> None:
+    """Causal attention of several new tokens per sequence over their paged context, into `out`.
+
+    q, out: [T, H, D] float32 (contiguous). Sequence b's new tokens are rows q_start[b] ..
+    q_start[b] + q_len[b] - 1, the last q_len[b] of its seq_lens[b] positions, their K/V already
+    in the cache; q_len[b] == 0 skips it (its rows of `out` are left as they are)."""
+    lib = _ready_lib()
+    assert q.dtype == out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
+    t, h, d = q.shape
+    bt = block_tables.to(torch.int32).contiguous()
+    qs, ql, sl = (torch.tensor(v, dtype=torch.int32) for v in (q_start, q_len, seq_lens))
+    _check(lib.kv_paged_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_scale),
+                                          _ptr(v_scale), _CACHE_DTYPES[k_cache.dtype], bt.data_ptr(), bt.shape[1],
+                                          qs.data_ptr(), ql.data_ptr(), sl.data_ptr(), len(q_len), h,
+                                          k_cache.shape[2], d, k_cache.shape[1], float(scale), out.data_ptr()),
+           "prefill attention")
+
+
+def cache_dtype_code(dtype: torch.dtype) -> int | None:
+    return _CACHE_DTYPES.get(dtype)
+
+
+def llama_decode(model: ModelArgs, layers: ctypes.Array, x: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Run every layer of a batch of single-token sequences in place on the residual stream
+    x [M, hidden] float32 (see kv_llama_decode in llama_decode.c). positions/slots int64 [M],
+    block_tables int32 [M, W], seq_lens int32 [M]; all contiguous."""
+    lib = _ready_lib()
+    _check(lib.kv_llama_decode(ctypes.byref(model), layers, len(layers), x.data_ptr(), x.shape[0], positions.data_ptr(),
+                               slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr()),
+           "fused decode step")

@@ -1,0 +1,155 @@
+"""Every native CPU kernel variant this machine runs (AVX-512, AVX2, NEON) against the portable
+scalar build of the same sources, on random data, and the dispatch's choice of variant.
+
+The integer dot products are exact on every ISA and each output lane takes the same float
+operations in the same order, so quantizers and GEMMs must agree bit for bit; attention sums
+over lanes in a tree that differs by ISA, so it agrees to rounding.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvserve.kernels import cpu as native
+from kvserve.kernels.testing import clone_cache, make_case
+from kvserve.layers.attention import KVCache
+from kvserve.quant.int4 import quantize_q4
+from kvserve.quant.int8 import quantize_rows
+
+VARIANTS = [isa for isa in native.supported_isas() if isa != "scalar"]
+pytestmark = pytest.mark.skipif(not VARIANTS, reason="this CPU runs no SIMD variant (scalar only)")
+
+
+def _flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def test_dispatch_picks_the_best_isa_the_cpu_reports(monkeypatch):
+    flags, machine = _flags(), platform.machine().lower()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags:
+        want = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        want = "avx2"
+    elif machine in ("aarch64", "arm64"):
+        want = "neon"
+    else:
+        want = None
+    monkeypatch.delenv("KVSERVE_CPU_ISA", raising=False)
+    assert native.engine_isa() == want
+    assert native.supported_isas()[-1] == "scalar" and native.supported_isas()[0] == (want or "scalar")
+    if want is not None:
+        assert native.isa() == want  # the library the engine loaded is that variant
+    monkeypatch.setenv("KVSERVE_CPU_ISA", "scalar")
+    assert native.engine_isa() == "scalar"  # forced, for benchmarks: any variant the CPU runs
+
+
+def _both(isa: str, fn):
+    """fn() under the variant and under the scalar reference."""
+    with native.use_isa(isa):
+        got = fn()
+    with native.use_isa("scalar"):
+        want = fn()
+    return got, want
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m, k", [(1, 576), (5, 100), (3, 17), (8, 1536)])
+def test_activation_quantizers_bit_identical(isa, m, k):
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 3
+    x[0, :10] = 0
+    got, want = _both(isa, lambda: (native.quantize_act(x), native.quantize_act_s8(x)))
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (4, 64, 16), (7, 100, 9), (13, 1536, 49), (64, 96, 80)])
+def test_gemms_bit_identical(isa, m, k, n):
+    g = torch.Generator().manual_seed(m * 7 + k + n)
+    x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4
+    w = torch.randn(n, k, generator=g)
+    q8, s8 = quantize_rows(w)
+    q4, d4, m4 = quantize_q4(w)
+
+    def run():
+        wp, corr = native.pack_weight(q8)
+        w4 = native.pack_q4(q4, d4, m4)
+        return native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, n)
+
+    (y8, y4), (r8, r4) = _both(isa, run)
+    assert torch.equal(y8, r8) and torch.equal(y4, r4)
+    assert float((y8 - x @ (q8.float() * s8[:, None]).T).abs().max()) < 0.03 * float(r8.abs().max())
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("q_lens, seq_lens", [([1] * 5, [1, 17, 200, 33, 64]), ([33, 1, 70, 5], [700, 90, 70, 5]),
+                                              ([2, 31, 65], [2, 95, 300])])
+def test_attention_matches_scalar(isa, cache_dtype, q_lens, seq_lens):
+    case = make_case(q_lens, seq_lens, 9, 3, 64, block_size=16, int8=cache_dtype == torch.int8, seed=len(q_lens))
+    t = clone_cache(case.kv_cache)
+    if cache_dtype == torch.bfloat16:
+        t = tuple(x.to(torch.bfloat16) for x in t)
+    cache = KVCache(*t)
+    q, meta = case.q.contiguous(), case.meta
+    decodes = [i for i, n in enumerate(q_lens) if n == 1]
+    starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
+
+    def run():
+        out = torch.zeros_like(q)
+        if decodes:
+            rows = torch.tensor([starts[i] for i in decodes])
+            out[rows] = native.paged_decode_attention(q[rows].contiguous(), cache.k, cache.v, cache.k_scale,
+                                                      cache.v_scale, meta.block_tables[decodes],
+                                                      meta.seq_lens[decodes], 0.125)
+        ext = [0 if n == 1 else n for n in q_lens]
+        native.paged_prefill_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, meta.block_tables, starts,
+                                       ext, seq_lens, 0.125, out)
+        return out
+
+    got, want = _both(isa, run)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("isa", [*VARIANTS, "scalar"])
+def test_invariances_hold_on_every_variant(isa):
+    """Batched == alone (decode attention, both GEMMs) and chunked == whole (prefill attention), bit for bit."""
+    with native.use_isa(isa):
+        case = make_case([1] * 6, [3, 50, 17, 16, 90, 1], 9, 3, 64, seed=3)
+        cache = KVCache(*case.kv_cache)
+        q, tables, lens = case.q.contiguous(), case.meta.block_tables, case.meta.seq_lens
+        full = native.paged_decode_attention(q, cache.k, cache.v, None, None, tables, lens, 0.125)
+        for i in range(6):
+            one = native.paged_decode_attention(q[i : i + 1], cache.k, cache.v, None, None, tables[i : i + 1],
+                                                lens[i : i + 1], 0.125)
+            assert torch.equal(one, full[i : i + 1])
+        x, w = torch.randn(23, 576), torch.randn(200, 576)
+        q8, s8 = quantize_rows(w)
+        wp, corr = native.pack_weight(q8)
+        w4 = native.pack_q4(*quantize_q4(w))
+        y8, y4 = native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, 200)
+        for rows in ([0], [5, 6, 7], list(range(4, 12)), [22, 0, 13, 1, 2]):
+            assert torch.equal(native.qgemm(x[rows].contiguous(), wp, s8, corr), y8[rows])
+            assert torch.equal(native.q4gemm(x[rows].contiguous(), w4, 200), y4[rows])
+        n = 150
+        pcase = make_case([n], [n], 9, 3, 64, seed=11)
+        pc, pq, table = KVCache(*pcase.kv_cache), pcase.q.contiguous(), pcase.meta.block_tables
+
+        def attend(lo: int, hi: int) -> torch.Tensor:
+            out = torch.empty(hi - lo, 9, 64)
+            native.paged_prefill_attention(pq[lo:hi].contiguous(), pc.k, pc.v, None, None, table, [0], [hi - lo], [hi],
+                                           0.125, out)
+            return out
+
+        whole = attend(0, n)
+        assert torch.equal(torch.cat([attend(0, 37), attend(37, n)]), whole)
+        assert torch.equal(torch.cat([attend(0, 100)] + [attend(t, t + 2) for t in range(100, n, 2)]), whole)
