@@ -8,10 +8,16 @@ and every process runs the three workloads after a warm-up:
 and reports its peak RSS. Medians and kvserve/llama.cpp ratios are printed, plus a roofline line
 (weight bytes streamed per token at batch 1 against the measured memory bandwidth).
 
-The llama.cpp side is llama-cpp-python (`pip install -e .[bench]`; it compiles llama.cpp, ~6 min),
+kvserve runs as installed: its default engine (no flags: `quantization` auto, float32 activations
+and KV cache, the default KV budget), except that prefix caching is off, since llama.cpp keeps no
+prefix across requests here; `--extra-q none int8` adds a kvserve row per explicit --quantization.
+The CPU's ISA and the kernel variant kvserve picked are printed with the figures.
+
+The llama.cpp side is llama-cpp-python (`pip install -e .[bench]`; it compiles llama.cpp, ~8 min),
 driven through its low-level batch API so both engines do the same work.
 
     python benchmarks/cpu_vs_llamacpp.py            # default model, 2 threads, 3 repetitions
+    KVSERVE_CPU_ISA=avx2 python benchmarks/cpu_vs_llamacpp.py   # kvserve's AVX2 kernels on an AVX-512 CPU
 """
 
 from __future__ import annotations
@@ -71,20 +77,16 @@ def workloads(run, prompts: dict[str, list]) -> dict:
 # -- kvserve ---------------------------------------------------------------------------------
 
 
-def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization: str) -> dict:
+def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization: str | None) -> dict:
     import torch
 
     from kvserve import SamplingParams
     from kvserve.engine.llm_engine import LLMEngine
-    from kvserve.loader import load_model
+    from kvserve.kernels import cpu as native
 
     torch.set_num_threads(threads)
-    # the same KV room as the llama.cpp context below (n_ctx tokens of f16 K/V): bfloat16, sized alike
-    lm = load_model(model, quantization=quantization)
-    c = lm.config
-    eng = LLMEngine(loaded=lm, num_threads=threads, kv_cache_dtype="bfloat16",
-                    kv_cache_memory=N_CTX * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2, max_num_seqs=NSEQ,
-                    max_num_batched_tokens=2048, enable_prefix_caching=False)
+    flags = {} if quantization is None else {"quantization": quantization}
+    eng = LLMEngine(model=model, num_threads=threads, enable_prefix_caching=False, **flags)
 
     def run(batch: list[list[int]], new: int) -> tuple[float, float]:
         """Wall time to the first token of the last sequence and to the end."""
@@ -100,7 +102,20 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
         return first - t0, time.perf_counter() - t0
 
     return {**workloads(run, prompts), "weight_bytes": streamed_bytes(eng.lm.model),
-            "weights": eng.lm.describe()}
+            "weights": eng.lm.describe(), "kernels": native.isa() or "torch", "kv": eng.budget.describe()}
+
+
+def cpu_isa() -> str:
+    """The CPU's model and the SIMD extensions that matter here, from /proc/cpuinfo."""
+    name, flags = "?", set()
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == "?":
+            name = value.strip()
+        if key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    wanted = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "bf16")
+    return f"{name}: {' '.join(f for f in wanted if f in flags)}"
 
 
 def streamed_bytes(model) -> int:
@@ -203,9 +218,10 @@ def worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def spawn(kind: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads),
-           "--quantization", args.quantization]
+def spawn(kind: str, args: argparse.Namespace, quantization: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads)]
+    if quantization is not None:
+        cmd += ["--quantization", quantization]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     for line in out.stdout.splitlines():
@@ -219,7 +235,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M Q4_1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--quantization", default="auto", help="kvserve --quantization")
+    p.add_argument("--quantization", default=None, help=argparse.SUPPRESS)  # a worker's explicit -q
+    p.add_argument("--extra-q", nargs="*", default=[], help="also run kvserve with each of these --quantization")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model is None:
@@ -229,28 +246,36 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    runs: dict[str, list[dict]] = {"kvserve": [], "llamacpp": []}
+    rows = ["kvserve", *(f"kvserve -q {q}" for q in args.extra_q)]
+    runs: dict[str, list[dict]] = {"llamacpp": [], **{r: [] for r in rows}}
     for rep in range(args.reps):
-        for kind in ("kvserve", "llamacpp") if rep % 2 == 0 else ("llamacpp", "kvserve"):
-            r = spawn(kind, args)
+        order = [*rows, "llamacpp"] if rep % 2 == 0 else ["llamacpp", *rows]
+        for kind in order:
+            q = kind.split(" -q ")[1] if " -q " in kind else None
+            r = spawn("llamacpp" if kind == "llamacpp" else "kvserve", args, q)
             runs[kind].append(r)
             print(f"rep {rep} {kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if isinstance(v, float)),
                   flush=True)
     bw = spawn("bandwidth", args)["bandwidth_gb_s"]
     keys = ("decode_tok_s", "prompt_tok_s", "batch_total_tok_s", "batch_gen_tok_s", "peak_rss_mib")
     med = {k: {kind: statistics.median(r[k] for r in runs[kind]) for kind in runs} for k in keys}
-    print(f"\nkvserve: {runs['kvserve'][0]['weights']}; llama-cpp-python {runs['llamacpp'][0]['version']}; "
-          f"{args.threads} threads, {args.reps} repetitions (medians)")
-    print(f"{'':28s}{'kvserve':>10s}{'llama.cpp':>11s}{'ratio':>8s}")
+    print(f"\nCPU: {cpu_isa()}; {args.threads} threads, {args.reps} repetitions (medians)")
+    for r in rows:
+        print(f"{r}: {runs[r][0]['weights']}; kernels {runs[r][0]['kernels']}")
+    print(f"llama-cpp-python {runs['llamacpp'][0]['version']}")
+    print(f"{'':22s}" + "".join(f"{r:>22s}" for r in rows) + f"{'llama.cpp':>11s}")
     for k in keys:
-        a, b = med[k]["kvserve"], med[k]["llamacpp"]
-        print(f"{k:28s}{a:10.1f}{b:11.1f}{a / b:8.2f}x")
-    streamed = runs["kvserve"][0]["weight_bytes"] * med["decode_tok_s"]["kvserve"] / 1e9
+        b = med[k]["llamacpp"]
+        cells = "".join(f"{med[k][r]:12.1f} ({med[k][r] / b:5.2f}x)" for r in rows)
+        print(f"{k:22s}{cells}{b:11.1f}")
+    first = runs["kvserve"][0]
+    streamed = first["weight_bytes"] * med["decode_tok_s"]["kvserve"] / 1e9
     print(f"roofline: batch-1 decode streams {streamed:.1f} GB/s of weights "
-          f"({runs['kvserve'][0]['weight_bytes'] / 2**20:.0f} MiB per token) against {bw:.1f} GB/s measured read "
+          f"({first['weight_bytes'] / 2**20:.0f} MiB per token) against {bw:.1f} GB/s measured read "
           f"bandwidth ({streamed / bw:.0%})")
     summary = {k: {**med[k], "ratio": med[k]["kvserve"] / med[k]["llamacpp"]} for k in keys}
-    print(json.dumps({"threads": args.threads, "reps": args.reps, "bandwidth_gb_s": bw, **summary}))
+    print(json.dumps({"cpu": cpu_isa(), "kernels": first["kernels"], "threads": args.threads, "reps": args.reps,
+                      "bandwidth_gb_s": bw, **summary}))
 
 
 if __name__ == "__main__":

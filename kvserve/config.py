@@ -82,9 +82,10 @@ class EngineConfig:
     dtype: str = arg("auto", choices=DTYPES, type=canonical_dtype,
                      help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
     device: str = arg("cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    quantization: str = arg("none", choices=QUANTIZATIONS, aliases=("-q",),
-                            help="none: float weights; int8: W8A8, int4: W4A8 (Q4_1-style groups), VNNI kernels "
-                                 "(CPU); auto: int4 for a 4-bit GGUF, int8 for another quantized GGUF, on CPU")
+    quantization: str = arg("auto", choices=QUANTIZATIONS, aliases=("-q",),
+                            help="auto (default): a quantized GGUF runs quantized on a CPU with the native kernels "
+                                 "(int4 for 4-bit layers, else int8), a float checkpoint stays float; none: float "
+                                 "weights; int8: W8A8; int4: W4A8 (Q4_1-style groups of 32); int8/int4 are CPU only")
     block_size: int = arg(16, help="tokens per KV cache block")
     max_num_seqs: int = arg(256, help="sequences scheduled in one step at most")
     max_num_batched_tokens: int = arg(2048, help="tokens computed in one step at most (prompt chunks + decodes)")
@@ -134,7 +135,7 @@ class EngineConfig:
 
     def resolve(self) -> EngineConfig:
         """Check every field once; return a copy with dtype "auto" resolved (bfloat16 on CUDA, float32 on
-        CPU), kv_cache_memory and swap_space in bytes (ints) and None quantization as "none".
+        CPU), kv_cache_memory and swap_space in bytes (ints) and None quantization as the default, "auto".
 
         Raises InvalidRequestError with a one-line message for the first bad value. Idempotent.
         """
@@ -195,7 +196,7 @@ class EngineConfig:
         dtype = choice("dtype", canonical_dtype(dtype) if isinstance(dtype, str) else dtype, DTYPES)
         if dtype == "auto":
             dtype = "bfloat16" if dev.type == "cuda" else "float32"
-        quantization = choice("quantization", "none" if self.quantization is None else self.quantization, QUANTIZATIONS)
+        quantization = choice("quantization", "auto" if self.quantization is None else self.quantization, QUANTIZATIONS)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             integer(name, 1)
         integer("max_model_len", 0, optional=True)  # 0 or None: the model's own limit

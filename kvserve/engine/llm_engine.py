@@ -18,6 +18,7 @@ from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.memory import plan_memory
 from kvserve.executor.model_runner import ModelRunner
+from kvserve.kernels.cpu.build import cpu_has_fast_bf16
 from kvserve.layers.attention import make_attention_backend, resolve_kv_dtype, set_attention_backend
 from kvserve.loader import LoadedModel, load_model
 from kvserve.platform import tune_allocator
@@ -60,6 +61,10 @@ class LLMEngine:
         backend = set_attention_backend(model, make_attention_backend(c.attention_backend, self.device))
         self.max_model_len = min(c.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, self.lm.dtype)
+        if self.device.type == "cpu" and torch.bfloat16 in (self.lm.dtype, self.kv_dtype) and not cpu_has_fast_bf16():
+            logger.warning("bfloat16 %s on a CPU without native bfloat16 (no AVX512-BF16 / ARM BF16): torch's bf16 "
+                           "kernels run far slower than float32 here", "weights" if self.lm.dtype == torch.bfloat16
+                           else "KV cache")
         self.budget = plan_memory(c, model, self.lm.weight_bytes, self.kv_dtype, self.max_model_len, self.device,
                                   profile=self.executor is None)
         logger.info("%s", self.budget.describe())

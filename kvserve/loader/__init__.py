@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,19 @@ def resolve_quantization(quantization: str | None, src: object, device: torch.de
     if q == "auto":
         quantized_file = bool(getattr(src, "has_quantized_weights", lambda: False)())
         four_bit = bool(getattr(src, "four_bit_weights", lambda: False)())
-        q = ("int4" if four_bit else "int8") if quantized_file and device.type == "cpu" and native.available() else "none"
+        if not quantized_file:
+            q, why = "none", "a float checkpoint stays float (-q int8 or int4 quantizes it)"
+        elif device.type != "cpu":
+            q, why = "none", f"the quantized kernels run on the CPU only; weights dequantized for {device.type}"
+        elif not native.available():
+            q, why = "none", (f"no native CPU kernels here ({platform.machine()}, no supported SIMD ISA or no C "
+                              "compiler): the GGUF's weights are dequantized to float")
+            logger.warning("quantization auto -> none: %s", why)
+            return q
+        else:
+            q = "int4" if four_bit else "int8"
+            why = (f"the GGUF's layers are {'4' if four_bit else '8 or more'}-bit; {native.isa()} kernels")
+        logger.info("quantization auto -> %s: %s", q, why)
     return q
 
 

@@ -40,6 +40,12 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX-BF16, ARM BF16); without it torch's
+    bf16 GEMMs run about 100x slower than float32 (measured on Zen 3)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
+
+
 NEON_FLAGS = {True: ["-march=armv8.2-a+dotprod"], False: ["-march=armv8-a"]}  # with / without the dot product
 
 

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +93,14 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(KV_SCALE_DTYPE)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose pages the OS commits as they are first written (calloc of fresh
+    pages), so a KV cache's resident memory follows the blocks in use rather than the budget;
+    torch.zeros writes, and so commits, every page at once."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 def allocate_kv_caches(
     model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
     pin_memory: bool = False,
@@ -102,6 +112,8 @@ def allocate_kv_caches(
     shape = (num_blocks, block_size, getattr(model, "num_local_kv_heads", cfg.num_kv_heads), cfg.head_dim)
 
     def buf(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if torch.device(device).type == "cpu" and not pin_memory:
+            return lazy_zeros(shape, dtype)
         t = torch.zeros(shape, dtype=dtype, device=device)
         return t.pin_memory() if pin_memory else t
 

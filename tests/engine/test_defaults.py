@@ -1,0 +1,49 @@
+"""What a user gets with no flags: quantization chosen (and said) by the checkpoint, a KV cache whose
+resident memory follows its use rather than its budget."""
+
+from __future__ import annotations
+
+import logging
+
+from helpers import make_tiny_hf, write_tiny_llama_gguf
+from kvserve import SamplingParams
+from kvserve.config import EngineConfig
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.kernels import cpu as native
+
+
+def test_auto_is_the_default_and_says_what_it_chose(tmp_path, caplog):
+    assert EngineConfig().quantization == "auto"
+    hf = make_tiny_hf(tmp_path / "hf", "llama")
+    with caplog.at_level(logging.INFO, logger="kvserve.loader"):
+        float_engine = LLMEngine(model=str(hf), kv_cache_memory="1MiB")
+    assert float_engine.lm.quantization == "none"
+    assert "quantization auto -> none: a float checkpoint stays float" in caplog.text
+    caplog.clear()
+    gguf = write_tiny_llama_gguf(hf, tmp_path / "tiny-q8.gguf", qtype="Q8_0")
+    with caplog.at_level(logging.INFO, logger="kvserve.loader"):
+        q_engine = LLMEngine(model=str(gguf), kv_cache_memory="1MiB")
+    if native.available():
+        assert q_engine.lm.quantization == "int8"
+        assert f"quantization auto -> int8: the GGUF's layers are 8 or more-bit; {native.isa()} kernels" in caplog.text
+    else:
+        assert q_engine.lm.quantization == "none" and "no native CPU kernels here" in caplog.text
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_kv_cache_memory_is_committed_as_blocks_are_used(tmp_path):
+    hf = make_tiny_hf(tmp_path / "hf", "llama")
+    before = _rss_mib()
+    eng = LLMEngine(model=str(hf), kv_cache_memory="1GiB", enable_prefix_caching=False)
+    assert eng.budget.kv_cache > 0.99 * 2**30
+    after_start = _rss_mib()
+    assert after_start - before < 200  # a 1 GiB budget, almost none of it resident
+    eng.add_request("a", list(range(1, 200)), SamplingParams(max_tokens=8, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    # the blocks handed out first are the lowest ids: a short request touches the start of each layer's cache
+    assert _rss_mib() - before < 250
