@@ -47,9 +47,23 @@ class Linear(nn.Module):
     def quantize(self, method: str) -> None:
         if method not in ("int8", "int4"):
             raise ValueError(f"unknown quantization method {method!r}")
-        self.qweight = Int8Weight(self.weight) if method == "int8" else Int4Weight(self.weight)
+        if method == "int8":
+            self.qweight = Int8Weight(self.weight)
+        else:  # a 4-bit checkpoint's own codes when every row has them, else quantized from the floats
+            self.qweight = Int4Weight(self.weight, parts=self._q4_parts())
         del self.weight
         self.weight = None
+
+    def _q4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        parts = getattr(self.weight, "q4_parts", None)
+        shards = getattr(self.weight, "q4_shards", None)
+        offsets = getattr(self, "shard_offsets", None)
+        if parts is None and shards is not None and offsets is not None and set(shards) == set(offsets):
+            order = sorted(offsets, key=lambda sid: offsets[sid][0])
+            parts = tuple(torch.cat([shards[sid][i] for sid in order]) for i in range(3))
+        if parts is None or parts[0].shape != (self.out_features, self.in_features):
+            return None
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
@@ -75,6 +89,10 @@ class MergedLinear(Linear):
         """Copy one checkpoint tensor (e.g. k_proj) into its rows of the fused parameter."""
         off, size = self.shard_offsets[shard_id]
         _copy_checked(param.data.narrow(0, off, size), loaded, f"shard {shard_id}")
+        if hasattr(loaded, "q4_parts"):  # kept for quantize("int4"): the checkpoint's own 4-bit codes
+            if not hasattr(param, "q4_shards"):
+                param.q4_shards = {}
+            param.q4_shards[shard_id] = loaded.q4_parts
 
 
 class RowParallelLinear(Linear):

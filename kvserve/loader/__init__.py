@@ -194,8 +194,13 @@ def load_model(
     # a tensor/pipeline-parallel rank reads only its slices (and its stage's tensors) of a safetensors checkpoint
     lazy = isinstance(src, HFModelDir) and get_state().world_size > 1
     with loading_allocator():
-        net.load_weights(src.weights(cfg, lazy=True) if lazy else src.weights(cfg), dtype=torch_dtype,
-                         on_loaded=None if method == "none" else quantize_loaded)
+        if lazy:
+            weights = src.weights(cfg, lazy=True)
+        elif isinstance(src, GGUFFile):  # int4 takes a 4-bit GGUF's own codes and scales
+            weights = src.weights(cfg, native_q4=method == "int4")
+        else:
+            weights = src.weights(cfg)
+        net.load_weights(weights, dtype=torch_dtype, on_loaded=None if method == "none" else quantize_loaded)
         for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
             if hasattr(m, "set_freq_factors"):
                 m.set_freq_factors(freq_factors)

@@ -52,7 +52,10 @@ def load_named_weights(
                 raise ModelLoadError(
                     name, f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}"
                 )
-            setattr(owner, attr, nn.Parameter(tensor.to(target_dtype).contiguous(), requires_grad=False))
+            new = nn.Parameter(tensor.to(target_dtype).contiguous(), requires_grad=False)
+            if hasattr(tensor, "q4_parts"):  # a 4-bit checkpoint's own codes (loader/gguf.py)
+                new.q4_parts = tensor.q4_parts
+            setattr(owner, attr, new)
             if on_loaded is not None:
                 on_loaded(owner, attr)
             continue
@@ -62,7 +65,10 @@ def load_named_weights(
             if sharder is not None:
                 param.shard_loader = sharder
             setattr(owner, attr, param)
-        owner.weight_loader(param, tensor.to(target_dtype), shard_id)
+        converted = tensor.to(target_dtype)
+        if hasattr(tensor, "q4_parts") and converted is not tensor:
+            converted.q4_parts = tensor.q4_parts
+        owner.weight_loader(param, converted, shard_id)
         param.loaded_shards.add(shard_id)
         if on_loaded is not None and param.loaded_shards == set(owner.shard_offsets):
             on_loaded(owner, attr)

@@ -62,9 +62,12 @@ def reference_q4gemm(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch
 class Int4Weight:
     """An [N, K] float weight as 4-bit codes with an fp16 scale and minimum per 32 inputs."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.out_features, self.in_features = weight.shape
-        q, self.d, self.m = quantize_q4(weight)
+    def __init__(self, weight: torch.Tensor | None = None,
+                 parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """From a float weight (quantized by its groups' min and max), or from `parts` = (codes, d, m)
+        as a 4-bit GGUF stores them (kvserve.quant.gguf.q4_parts): then no float round trip."""
+        q, self.d, self.m = parts if parts is not None else quantize_q4(weight)
+        self.out_features, self.in_features = q.shape
         self.native = native.available()
         self.q = native.pack_q4(q, self.d, self.m) if self.native else q
 
