@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from kvserve.distributed import parallel_state as ps
 from kvserve.distributed.messages import TAG_HIDDEN, TAG_LOGITS, Outbox, StepMsg, recv_obj, send_obj
-from kvserve.executor.forward_batch import flat_metadata
 from kvserve.layers.attention import AttentionMetadata, KVCache, allocate_kv_caches, copy_blocks, prepare_attention
 
 logger = logging.getLogger(__name__)
@@ -49,8 +48,8 @@ class ShardRunner:
         if not msg.query_lens:
             return None
         dev = self.device
-        meta = prepare_attention(self.model, flat_metadata(msg.query_lens, msg.seq_lens, msg.slot_mapping,
-                                                           msg.block_tables, dev))
+        meta = prepare_attention(self.model, AttentionMetadata.flat(msg.query_lens, msg.seq_lens, msg.slot_mapping,
+                                                                    msg.block_tables, dev))
         hidden_in = None
         if not st.is_first_stage:
             hidden_in = torch.empty(len(msg.input_ids), self.model.config.hidden_size, dtype=self.dtype, device=dev)

@@ -77,20 +77,6 @@ class ForwardBatch(FlatBatch):
         return self.sample_rows + [i for sp in self.prompt_spans for i in range(sp.rows.start, sp.rows.stop)]
 
 
-def flat_metadata(query_lens: list[int], seq_lens: list[int], slot_mapping: torch.Tensor | None,
-                  block_tables: torch.Tensor | None, device: torch.device | str) -> AttentionMetadata:
-    qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
-    return AttentionMetadata(
-        query_start_loc=qsl.to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        query_lens_cpu=list(query_lens),
-        seq_lens_cpu=list(seq_lens),
-        slot_mapping=None if slot_mapping is None else slot_mapping.to(device),
-        block_tables=None if block_tables is None else block_tables.to(device),
-    )
-
-
 def flatten(pieces: list[Piece], block_size: int, device: torch.device) -> FlatBatch:
     """One flat batch (no padding) of the given pieces, with each new token's cache slot."""
     ids: list[int] = []
@@ -108,7 +94,7 @@ def flatten(pieces: list[Piece], block_size: int, device: torch.device) -> FlatB
     pos = torch.tensor(positions, dtype=torch.int64)
     seq_of_token = torch.repeat_interleave(torch.arange(len(qlens)), torch.tensor(qlens, dtype=torch.int64))
     slots = block_tables[seq_of_token, pos // block_size].long() * block_size + pos % block_size
-    meta = flat_metadata(qlens, slens, slots, block_tables, device)
+    meta = AttentionMetadata.flat(qlens, slens, slots, block_tables, device)
     return FlatBatch(torch.tensor(ids, device=device), pos.to(device), meta)
 
 

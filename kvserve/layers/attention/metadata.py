@@ -36,13 +36,21 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
     @classmethod
-    def for_prefill(cls, lens: list[int], device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Metadata for whole sequences run once with no KV cache."""
-        qsl = torch.zeros(len(lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+    def flat(cls, query_lens: list[int], seq_lens: list[int], slot_mapping: torch.Tensor | None,
+             block_tables: torch.Tensor | None, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Metadata of a flat batch from its host-side lengths (the tensors moved to `device`)."""
+        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        qsl[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
         return cls(
             query_start_loc=qsl.to(device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-            query_lens_cpu=list(lens),
-            seq_lens_cpu=list(lens),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            slot_mapping=None if slot_mapping is None else slot_mapping.to(device),
+            block_tables=None if block_tables is None else block_tables.to(device),
         )
+
+    @classmethod
+    def for_prefill(cls, lens: list[int], device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Metadata for whole sequences run once with no KV cache."""
+        return cls.flat(lens, lens, None, None, device)

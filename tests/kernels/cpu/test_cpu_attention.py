@@ -49,18 +49,6 @@ def test_native_decode_matches_sdpa(monkeypatch, cache_dtype, heads, kv_heads, h
     assert all(torch.equal(a, b) for a, b in zip(got_cache.tensors(), want_cache.tensors()))
 
 
-def test_native_decode_rows_do_not_depend_on_the_batch():
-    case = make_case([1] * 6, [3, 50, 17, 16, 90, 1], 9, 3, 64, seed=3)
-    cache = KVCache(*case.kv_cache)
-    q = case.q.contiguous()
-    tables, lens = case.meta.block_tables, case.meta.seq_lens
-    full = native.paged_decode_attention(q, cache.k, cache.v, None, None, tables, lens, 0.125)
-    for i in range(6):
-        one = native.paged_decode_attention(q[i : i + 1], cache.k, cache.v, None, None, tables[i : i + 1],
-                                            lens[i : i + 1], 0.125)
-        assert torch.equal(one, full[i : i + 1])
-
-
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
 def test_native_prefill_matches_sdpa(monkeypatch, block_size, heads, kv_heads, head_dim):
@@ -74,23 +62,3 @@ def test_native_prefill_matches_sdpa(monkeypatch, block_size, heads, kv_heads, h
     want, _ = _run(case, torch.float32, False, monkeypatch)
     assert calls == [1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_native_prefill_rows_do_not_depend_on_the_chunking():
-    """A prompt attended in one piece, in two chunks, or token by token after a cached prefix gives
-    bit-identical rows (what lets prefix caching and chunked prefill reproduce a whole prefill)."""
-    n = 150
-    case = make_case([n], [n], 9, 3, 64, seed=11)
-    cache = KVCache(*case.kv_cache)
-    q = case.q.contiguous()
-    table = case.meta.block_tables
-
-    def attend(lo: int, hi: int) -> torch.Tensor:
-        out = torch.empty(hi - lo, 9, 64)
-        native.paged_prefill_attention(q[lo:hi].contiguous(), cache.k, cache.v, None, None, table, [0], [hi - lo], [hi],
-                                       0.125, out)
-        return out
-
-    whole = attend(0, n)
-    assert torch.equal(torch.cat([attend(0, 37), attend(37, n)]), whole)
-    assert torch.equal(torch.cat([attend(0, 100)] + [attend(t, t + 2) for t in range(100, n, 2)]), whole)
