@@ -128,8 +128,10 @@ def free_port() -> int:
 
 def launch(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port), "--dtype", args.dtype,
-           "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(max(args.concurrency, 1))]
+    cmd = [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port)]
+    if not getattr(args, "defaults", False):  # --defaults: kvserve serve as installed, no flags
+        cmd += ["--dtype", args.dtype, "--kv-cache-memory", args.kv_cache_memory,
+                "--max-num-seqs", str(max(args.concurrency, 1))]
     if getattr(args, "kv_cache_dtype", None):
         cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
     if args.threads:
@@ -150,7 +152,9 @@ def launch_llamacpp(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model or str(default_model_path()),
            "--port", str(port), "--n_threads", str(args.threads or 2), "--n_threads_batch", str(args.threads or 2),
-           "--n_ctx", str(LLAMA_N_CTX), "--n_batch", "512", "--interrupt_requests", "False"]
+           "--interrupt_requests", "False"]
+    if not getattr(args, "defaults", False):
+        cmd += ["--n_ctx", str(LLAMA_N_CTX), "--n_batch", "512"]
     return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
 
@@ -209,7 +213,9 @@ def main() -> None:
     ap.add_argument("--no-offline", action="store_true")
     ap.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp's server, then kvserve's")
     ap.add_argument("--threads", type=int, default=None, help="threads for the launched servers")
-    ap.add_argument("--quantization", default=None, help="kvserve serve --quantization (--vs-llamacpp: auto)")
+    ap.add_argument("--quantization", default=None, help="kvserve serve --quantization (default: its own, auto)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="--vs-llamacpp: both servers at their defaults (no KV room, dtype or batch flags)")
     args = ap.parse_args()
     if args.vs_llamacpp:
         compare_llamacpp(args)
@@ -241,13 +247,12 @@ def main() -> None:
 
 def compare_llamacpp(args) -> None:
     reqs = text_workload(args.num_requests, args.input_len, args.output_len, args.model)
+    room = "both at their defaults" if args.defaults else f"KV room {LLAMA_N_CTX} tokens of 16-bit K/V each"
     res: dict = {"workload": f"{args.num_requests} text prompts of ~{args.input_len} tokens + {args.output_len} out, "
-                             f"concurrency {args.concurrency}, threads {args.threads or 2}, "
-                             f"KV room {LLAMA_N_CTX} tokens of 16-bit K/V each"}
+                             f"concurrency {args.concurrency}, threads {args.threads or 2}, {room}"}
     for name, start in (("llamacpp", launch_llamacpp), ("kvserve", launch)):
-        if name == "kvserve":
+        if name == "kvserve" and not args.defaults:
             args.threads = args.threads or 2
-            args.quantization = args.quantization or "auto"
             # the same KV room as llama.cpp's server: LLAMA_N_CTX tokens of 16-bit K/V
             import torch
 
@@ -259,6 +264,8 @@ def compare_llamacpp(args) -> None:
             per_token = cfg.num_layers * KVCache.bytes_per_token(cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)
             args.kv_cache_dtype = "bfloat16"
             args.kv_cache_memory = str(LLAMA_N_CTX * per_token)
+        if name == "kvserve":
+            args.threads = args.threads or 2
         proc, url = start(args)
         try:
             r = asyncio.run(run_load(url, args.served_model, reqs, args.concurrency, args.request_rate, args.seed))

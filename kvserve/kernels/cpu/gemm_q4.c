@@ -38,6 +38,25 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
         }
 }
 
+/* A group's 8 dot steps (4 k-steps x low and high nibbles) accumulate in int32, or where the ISA
+ * has it (KV_DOT16) in int16 lanes widened once per group: both exact (see simd.h). */
+#if KV_DOT16
+#define KV_Q4_ACC_DECL(MR, NR)                                                                                    \
+    vs acc16[MR][NR];                                                                                       \
+    for (int i = 0; i < MR; i++)                                                                            \
+        for (int j = 0; j < NR; j++) acc16[i][j] = vs_zero();
+#define KV_Q4_DOT(i, j, a, b) (acc16[i][j] = vs_dot_u8s8(acc16[i][j], a, b))
+#define KV_Q4_ACC_DONE(MR, NR)                                                                                    \
+    for (int i = 0; i < MR; i++)                                                                            \
+        for (int j = 0; j < NR; j++) acc[i][j] = vs_widen(acc16[i][j]);
+#else
+#define KV_Q4_ACC_DECL(MR, NR)                                                                                    \
+    for (int i = 0; i < MR; i++)                                                                            \
+        for (int j = 0; j < NR; j++) acc[i][j] = vi_zero();
+#define KV_Q4_DOT(i, j, a, b) (acc[i][j] = vi_dot_u8s8(acc[i][j], a, b))
+#define KV_Q4_ACC_DONE(MR, NR)
+#endif
+
 #define TILE4(NAME, MR, NR)                                                                                 \
     static void NAME(const int8_t *xq, int64_t ldx, const float *dx, const float *xs, int64_t G,            \
                      const uint8_t *wp, int64_t n0, int64_t N, float *y, int64_t ldy) {                      \
@@ -49,8 +68,7 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
             for (int j = 0; j < NR; j++) /* stream ahead: one core's misses alone do not fill the bus */  \
                 for (int c = 0; c < Q4_GROUP_BYTES; c += 64)                                                \
                     kv_prefetch((const char *)wp + (j * G + g + Q4_PREFETCH) * Q4_GROUP_BYTES + c);        \
-            for (int i = 0; i < MR; i++)                                                                    \
-                for (int j = 0; j < NR; j++) acc[i][j] = vi_zero();                                         \
+            KV_Q4_ACC_DECL(MR, NR)                                                                          \
             for (int s = 0; s < 4; s++) {                                                                   \
                 vb lo[NR], hi[NR];                                                                          \
                 for (int j = 0; j < NR; j++) {                                                              \
@@ -62,11 +80,12 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
                     const int8_t *xr = xq + i * ldx + g * GROUP + s * 4;                                    \
                     const vb xa = vb_bcast4(xr), xb = vb_bcast4(xr + 16);                                   \
                     for (int j = 0; j < NR; j++) {                                                          \
-                        acc[i][j] = vi_dot_u8s8(acc[i][j], lo[j], xa);                                      \
-                        acc[i][j] = vi_dot_u8s8(acc[i][j], hi[j], xb);                                      \
+                        KV_Q4_DOT(i, j, lo[j], xa);                                                         \
+                        KV_Q4_DOT(i, j, hi[j], xb);                                                         \
                     }                                                                                       \
                 }                                                                                           \
             }                                                                                               \
+            KV_Q4_ACC_DONE(MR, NR)                                                                          \
             for (int j = 0; j < NR; j++) {                                                                  \
                 const uint16_t *sc = (const uint16_t *)(wp + (j * G + g) * Q4_GROUP_BYTES + 256);           \
                 const vf dv = vf_load_f16(sc), mv = vf_load_f16(sc + 16);                                   \
