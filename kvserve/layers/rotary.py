@@ -24,7 +24,9 @@ def rope_inv_freq(
     freq_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse frequencies, with the scaling variants Llama checkpoints use."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    # built on the CPU even while a model is constructed under torch.device("meta") (a meta tensor's
+    # arithmetic would pull in torch._dynamo, and triton with it: 1.4 s and ~70 MB resident)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
     if freq_factors is not None:  # GGUF stores Llama-3 scaling as a tensor of per-frequency divisors
         return inv_freq / freq_factors.float()
     if not scaling:
@@ -73,7 +75,7 @@ class RotaryEmbedding(nn.Module):
 
     def set_freq_factors(self, freq_factors: torch.Tensor | None) -> None:
         inv_freq = rope_inv_freq(self.rotary_dim, self.theta, self.scaling, freq_factors)
-        t = torch.arange(self.max_position, dtype=torch.float32)
+        t = torch.arange(self.max_position, dtype=torch.float32, device=inv_freq.device)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         # Not a parameter: rebuilt from the config, never loaded, kept float32.
