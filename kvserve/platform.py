@@ -90,3 +90,14 @@ def available_memory(device: torch.device) -> int:
 def peak_rss() -> int:
     """The process's peak resident set size in bytes (it only grows)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def trim_heap() -> None:
+    """Return the heap's free memory to the OS now (glibc; a no-op elsewhere): after a one-off peak
+    such as the activation profile, which the raised trim threshold would otherwise keep resident."""
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:
+        pass

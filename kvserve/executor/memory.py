@@ -10,7 +10,7 @@ from torch import nn
 from kvserve.config import EngineConfig
 from kvserve.errors import InvalidRequestError
 from kvserve.layers.attention import AttentionMetadata, KVCache
-from kvserve.platform import available_memory, peak_rss
+from kvserve.platform import available_memory, peak_rss, trim_heap
 
 
 @dataclass
@@ -94,5 +94,7 @@ def profile_activations(model: nn.Module, num_tokens: int, device: torch.device)
     before = peak_rss()
     h = model(ids, pos, meta)
     model.compute_logits(h[-1:])
+    del h
+    trim_heap()  # the profile's buffers go back to the OS: resident memory follows the load
     # ru_maxrss only grows: this is a lower bound when an earlier peak was higher.
     return max(peak_rss() - before, 0)
