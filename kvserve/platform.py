@@ -42,12 +42,7 @@ class loading_allocator:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        libc = _libc()
-        try:
-            if libc is not None:
-                libc.malloc_trim(0)
-        except AttributeError:
-            pass
+        trim_heap()
 
 
 def tune_allocator() -> bool:
