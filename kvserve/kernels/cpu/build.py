@@ -21,10 +21,12 @@ _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _X86 = {
     "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
                ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+    # AVX2 with VPDPBUSD on 256-bit registers (Intel Alder Lake and later): simd.h's AVX2 layer
+    "avxvnni": (["-mavx2", "-mfma", "-mf16c", "-mavxvnni"], ("avx2", "fma", "f16c", "avx_vnni")),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
-ISAS = ("avx512", "avx2", "neon", "scalar")
-SIMD_ISAS = ("avx512", "avx2", "neon")  # what the engine runs; scalar is the reference
+ISAS = ("avx512", "avxvnni", "avx2", "neon", "scalar")
+SIMD_ISAS = ("avx512", "avxvnni", "avx2", "neon")  # what the engine runs; scalar is the reference
 
 
 def _cpu_flags() -> set[str]:
@@ -46,6 +48,8 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
 
 
+_SOURCE_ISA = {"avxvnni": "avx2"}  # variants that are another ISA's source with more compiler flags
+
 NEON_FLAGS = {True: ["-march=armv8.2-a+dotprod"], False: ["-march=armv8-a"]}  # with / without the dot product
 
 
@@ -64,13 +68,14 @@ def _isa_flags(isa: str) -> list[str] | None:
 
 def compile_command(cc: str, isa: str, flags: list[str]) -> list[str]:
     """The compiler invocation for the kernel sources of `isa` (without sources and output)."""
-    return [cc, *_BASE_FLAGS, *flags, f"-DKV_ISA_{isa.upper()}"]
+    return [cc, *_BASE_FLAGS, *flags, f"-DKV_ISA_{_SOURCE_ISA.get(isa, isa).upper()}"]
 
 
 def build_check_driver(out: Path, isa: str, cc: str, flags: list[str]) -> None:
     """Compile check_kernels.c with the kernel sources into an executable (cross-ISA tests: any
     compiler and target, e.g. aarch64-linux-gnu-gcc for NEON under qemu-user; no OpenMP)."""
-    cmd = [cc, "-O2", "-ffp-contract=off", "-static", *flags, f"-DKV_ISA_{isa.upper()}", f"-I{_DIR}",
+    cmd = [cc, "-O2", "-ffp-contract=off", "-static", *flags, f"-DKV_ISA_{_SOURCE_ISA.get(isa, isa).upper()}",
+           f"-I{_DIR}",
            str(_DIR / "check_kernels.c"), *(str(_DIR / s) for s in _SOURCES if s != "runtime.c"), "-o", str(out), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

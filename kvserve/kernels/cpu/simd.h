@@ -2,7 +2,8 @@
  * 64 bytes (vb), one implementation per ISA, chosen at compile time:
  *
  *   KV_ISA_AVX512  AVX-512 F/BW/VL/DQ + VNNI: one register per vector
- *   KV_ISA_AVX2    AVX2 + FMA + F16C: two 256-bit registers per vector
+ *   KV_ISA_AVX2    AVX2 + FMA + F16C: two 256-bit registers per vector (with __AVXVNNI__, the
+ *                  "avxvnni" variant: VPDPBUSD on 256-bit registers, Alder Lake and later)
  *   KV_ISA_NEON    AArch64 Advanced SIMD (+ dotprod where present): four 128-bit registers
  *   (none)         portable scalar C: the reference every variant is tested against
  *
@@ -28,6 +29,8 @@
 
 #if defined(KV_ISA_AVX512)
 #define KV_ISA_NAME "avx512"
+#elif defined(KV_ISA_AVX2) && defined(__AVXVNNI__)
+#define KV_ISA_NAME "avxvnni"
 #elif defined(KV_ISA_AVX2)
 #define KV_ISA_NAME "avx2"
 #elif defined(KV_ISA_NEON)
@@ -207,6 +210,14 @@ static inline __m256i kv_dot8_u8s8(__m256i acc, __m256i a, __m256i b) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
 }
 static inline vi vi_dot_u8s8(vi acc, vb a, vb b) { return vi_make(kv_dot8_u8s8(acc.lo, a.lo, b.lo), kv_dot8_u8s8(acc.hi, a.hi, b.hi)); }
+#if defined(__AVXVNNI__)
+/* one VPDPBUSD per 32 bytes: the int4 and int8 GEMMs take the AVX-512 path's arithmetic */
+#define KV_DOT_Q8_NEEDS_CORR 1
+static inline vi vi_dot_q8(vi acc, vb a, vb b) {
+    return vi_make(_mm256_dpbusd_avx_epi32(acc.lo, a.lo, b.lo), _mm256_dpbusd_avx_epi32(acc.hi, a.hi, b.hi));
+}
+#define vi_dot_u8s8 vi_dot_q8 /* a in 0..127: the same unsigned x signed product */
+#else
 /* The same dot products kept in 32 int16 lanes (pairs of products) until widened once: one
  * instruction a step instead of three. Exact while every lane's sum stays below 2^15, e.g. up to 8
  * steps of 4-bit codes (8 x 2 x 15 x 127 = 30480): the int4 GEMM's group. */
@@ -228,6 +239,7 @@ static inline __m256i kv_dot8_q8(__m256i acc, __m256i a, __m256i b) {
     return kv_dot8_u8s8(acc, _mm256_sign_epi8(s, s), _mm256_sign_epi8(b, s));
 }
 static inline vi vi_dot_q8(vi acc, vb a, vb b) { return vi_make(kv_dot8_q8(acc.lo, a.lo, b.lo), kv_dot8_q8(acc.hi, a.hi, b.hi)); }
+#endif
 
 /* ============================================================================================= */
 #elif defined(KV_ISA_NEON)

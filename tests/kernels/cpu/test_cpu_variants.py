@@ -36,6 +36,8 @@ def test_dispatch_picks_the_best_isa_the_cpu_reports(monkeypatch):
     flags, machine = _flags(), platform.machine().lower()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= flags:
         want = "avx512"
+    elif {"avx2", "fma", "f16c", "avx_vnni"} <= flags:
+        want = "avxvnni"
     elif {"avx2", "fma", "f16c"} <= flags:
         want = "avx2"
     elif machine in ("aarch64", "arm64"):
