@@ -107,13 +107,10 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
 
 def cpu_isa() -> str:
     """The CPU's model and the SIMD extensions that matter here, from /proc/cpuinfo."""
-    name, flags = "?", set()
-    for line in open("/proc/cpuinfo"):
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == "?":
-            name = value.strip()
-        if key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
+    from kvserve.kernels.cpu.build import _cpu_flags
+
+    name = next((line.partition(":")[2].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    flags = _cpu_flags()
     wanted = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "bf16")
     return f"{name}: {' '.join(f for f in wanted if f in flags)}"
 

@@ -116,12 +116,14 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self.step_observers else 0.0
         so, result = self.runner.step(self.scheduler)  # schedule + execute (pipelined: the oldest micro-batch back)
         self.scheduler.update_from_output(so, result)  # tokens, stops, freed blocks: the one post-step update
         outputs = self.output_processor.process(so)
-        for observe in self.step_observers:
-            observe(so, time.perf_counter() - t0)
+        if self.step_observers:
+            dt = time.perf_counter() - t0
+            for observe in self.step_observers:
+                observe(so, dt)
         return outputs
 
     # -- state --------------------------------------------------------------------------
