@@ -15,7 +15,7 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # auto: th
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on CPU
 # the loader's other spellings of DTYPES
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 SCHEDULING_POLICIES = ("fcfs", "priority", "lpf", "mlfq")  # engine/policy.py
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # layers/attention/registry.py
@@ -83,9 +83,10 @@ class EngineConfig:
                      help="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
     device: str = arg("cpu", help="torch device: cpu, cuda, cuda:1, ...")
     quantization: str = arg("auto", choices=QUANTIZATIONS, aliases=("-q",),
-                            help="auto (default): a quantized GGUF runs quantized on a CPU with the native kernels "
-                                 "(int4 for 4-bit layers, else int8), a float checkpoint stays float; none: float "
-                                 "weights; int8: W8A8; int4: W4A8 (Q4_1-style groups of 32); int8/int4 are CPU only")
+                            help="auto (default): a quantized GGUF runs in its own formats on a CPU with the native "
+                                 "kernels (gguf), a float checkpoint stays float; none: float weights; gguf: each "
+                                 "layer in its GGUF format (Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0; other types requantized); "
+                                 "int8: W8A8; int4: W4A8 (Q4_1-style groups of 32); gguf/int8/int4 are CPU only")
     block_size: int = arg(16, help="tokens per KV cache block")
     max_num_seqs: int = arg(256, help="sequences scheduled in one step at most")
     max_num_batched_tokens: int = arg(2048, help="tokens computed in one step at most (prompt chunks + decodes)")

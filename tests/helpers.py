@@ -95,9 +95,12 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str = "F32", arch: str = "llama",
+def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str | dict[str, str] = "F32", arch: str = "llama",
                           extra_tensors: dict | None = None) -> Path:
-    """Convert a tiny HF Llama directory to GGUF the way llama.cpp's converter lays it out."""
+    """Convert a tiny HF Llama directory to GGUF the way llama.cpp's converter lays it out.
+
+    qtype: the 2-D tensors' type, or {name part: type} with "*" for the rest (e.g. {"attn_v": "Q6_K",
+    "*": "Q4_K"}, as llama.cpp's Q4_K_M mixes them); K-quants need rows of 256k values."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -138,9 +141,14 @@ def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str = "F32", arch: st
         if name in (extra_tensors or {}):
             return  # replaced below
         arr = np.ascontiguousarray(arr.astype(np.float32))
-        if arr.ndim == 2 and qtype != "F32":
-            q = gguf.GGMLQuantizationType[qtype]
-            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
+        kind = qtype if isinstance(qtype, str) else next(
+            (v for k, v in qtype.items() if k != "*" and k in name), qtype.get("*", "F32"))
+        if arr.ndim == 2 and kind != "F32":
+            import gguf_blocks
+
+            q = gguf.GGMLQuantizationType[kind]
+            blocks = gguf_blocks.quantize(arr, kind) if kind.endswith("_K") else gguf.quants.quantize(arr, q)
+            w.add_tensor(name, blocks, raw_dtype=q)
         else:
             w.add_tensor(name, arr)
 

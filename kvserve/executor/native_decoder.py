@@ -7,6 +7,7 @@ from torch import nn
 
 from kvserve.layers.attention import AttentionMetadata, KVCache
 from kvserve.quant.int4 import Int4Weight
+from kvserve.quant.wide import WideWeight
 
 
 class NativeDecoder:
@@ -47,6 +48,8 @@ class NativeDecoder:
                 bias = None if lin.bias is None else lin.bias.data_ptr()
                 if isinstance(w, Int4Weight):
                     args = native.QLinearArgs(1, w.q.data_ptr(), None, None, bias, w.out_features, w.in_features)
+                elif isinstance(w, WideWeight):  # kind = the codes' bits (llama_decode.c)
+                    args = native.QLinearArgs(w.bits, w.q.data_ptr(), None, None, bias, w.out_features, w.in_features)
                 else:
                     args = native.QLinearArgs(0, w.q.data_ptr(), w.scale.data_ptr(), w.corr.data_ptr(), bias,
                                               w.out_features, w.in_features)

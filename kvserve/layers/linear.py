@@ -18,8 +18,10 @@ from torch import nn
 
 from kvserve.distributed.parallel_state import get_state, tp_all_reduce
 from kvserve.errors import ModelLoadError
+from kvserve.quant.gguf import BlockParts
 from kvserve.quant.int4 import Int4Weight
 from kvserve.quant.int8 import Int8Weight
+from kvserve.quant.wide import WideWeight
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -32,8 +34,8 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 class Linear(nn.Module):
     """y = x W^T (+ b). Weight layout [out_features, in_features].
 
-    After loading, `quantize("int8" | "int4")` swaps the float weight for a quantized one
-    (kvserve.quant).
+    After loading, `quantize("gguf" | "int8" | "int4")` swaps the float weight for a quantized
+    one (kvserve.quant).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -42,26 +44,32 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.qweight: Int8Weight | Int4Weight | None = None
+        self.qweight: Int8Weight | Int4Weight | WideWeight | None = None
 
-    def quantize(self, method: str) -> None:
-        if method not in ("int8", "int4"):
+    def quantize(self, method: str, fallback: str = "int8") -> None:
+        """int8 / int4 quantize the float weight (int4 takes a 4-bit checkpoint's own codes as they
+        are); gguf runs the checkpoint's own codes in whatever format they are, else `fallback`."""
+        if method not in ("gguf", "int8", "int4"):
             raise ValueError(f"unknown quantization method {method!r}")
-        if method == "int8":
+        parts = self._gguf_parts()
+        if method == "gguf" and parts is not None:
+            self.qweight = Int4Weight(parts=parts.q4()) if parts.bits == 4 else WideWeight(parts)
+        elif method == "gguf":
+            return self.quantize(fallback)
+        elif method == "int8":
             self.qweight = Int8Weight(self.weight)
         else:  # a 4-bit checkpoint's own codes when every row has them, else quantized from the floats
-            self.qweight = Int4Weight(self.weight, parts=self._q4_parts())
+            self.qweight = Int4Weight(self.weight, parts=parts.q4() if parts is not None and parts.bits == 4 else None)
         del self.weight
         self.weight = None
 
-    def _q4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        parts = getattr(self.weight, "q4_parts", None)
-        shards = getattr(self.weight, "q4_shards", None)
+    def _gguf_parts(self) -> BlockParts | None:
+        parts = getattr(self.weight, "gguf_parts", None)
+        shards = getattr(self.weight, "gguf_shards", None)
         offsets = getattr(self, "shard_offsets", None)
         if parts is None and shards is not None and offsets is not None and set(shards) == set(offsets):
-            order = sorted(offsets, key=lambda sid: offsets[sid][0])
-            parts = tuple(torch.cat([shards[sid][i] for sid in order]) for i in range(3))
-        if parts is None or parts[0].shape != (self.out_features, self.in_features):
+            parts = BlockParts.cat([shards[sid] for sid in sorted(offsets, key=lambda sid: offsets[sid][0])])
+        if parts is None or parts.shape != (self.out_features, self.in_features):
             return None
         return parts
 
@@ -89,10 +97,10 @@ class MergedLinear(Linear):
         """Copy one checkpoint tensor (e.g. k_proj) into its rows of the fused parameter."""
         off, size = self.shard_offsets[shard_id]
         _copy_checked(param.data.narrow(0, off, size), loaded, f"shard {shard_id}")
-        if hasattr(loaded, "q4_parts"):  # kept for quantize("int4"): the checkpoint's own 4-bit codes
-            if not hasattr(param, "q4_shards"):
-                param.q4_shards = {}
-            param.q4_shards[shard_id] = loaded.q4_parts
+        if hasattr(loaded, "gguf_parts"):  # kept for quantize(): the checkpoint's own codes
+            if not hasattr(param, "gguf_shards"):
+                param.gguf_shards = {}
+            param.gguf_shards[shard_id] = loaded.gguf_parts
 
 
 class RowParallelLinear(Linear):

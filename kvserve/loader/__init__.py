@@ -121,11 +121,10 @@ def resolve_quantization(quantization: str | None, src: object, device: torch.de
     q = quantization or "none"
     if q not in QUANTIZATION_METHODS:
         raise ModelLoadError("quantization", f"unknown method {q!r} (choose from {', '.join(QUANTIZATION_METHODS)})")
-    if q in ("int8", "int4") and device.type != "cpu":
+    if q in ("gguf", "int8", "int4") and device.type != "cpu":
         raise ModelLoadError("quantization", f"{q} runs on the CPU only so far")
     if q == "auto":
         quantized_file = bool(getattr(src, "has_quantized_weights", lambda: False)())
-        four_bit = bool(getattr(src, "four_bit_weights", lambda: False)())
         if not quantized_file:
             q, why = "none", "a float checkpoint stays float (-q int8 or int4 quantizes it)"
         elif device.type != "cpu":
@@ -136,8 +135,8 @@ def resolve_quantization(quantization: str | None, src: object, device: torch.de
             logger.warning("quantization auto -> none: %s", why)
             return q
         else:
-            q = "int4" if four_bit else "int8"
-            why = (f"the GGUF's layers are {'4' if four_bit else '8 or more'}-bit; {native.isa()} kernels")
+            q = "gguf"
+            why = f"each layer in the file's own format, {native.isa()} kernels"
         logger.info("quantization auto -> %s: %s", q, why)
     return q
 
@@ -152,9 +151,11 @@ def load_model(
 
     quantization: None/"none" keeps float weights; "int8" quantizes every linear layer and the
     LM head (W8A8, CPU); "int4" stores the layers' linears in 4 bits per weight (Q4_1-style groups
-    of 32; the codes of a Q4_1 GGUF come back exactly) and the LM head in int8; "auto" picks int4
-    for a GGUF whose layers are 4-bit, int8 for another quantized GGUF, when the model runs on a
-    CPU with the native kernels.
+    of 32; the codes of a 4-bit GGUF come back exactly) and the LM head in int8; "gguf" runs each
+    layer's linear in its GGUF format where a native kernel has it (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K,
+    Q8_0; other types requantized, to int4 where the file is mostly 4-bit, else int8) and the LM
+    head in int8; "auto" picks gguf for a quantized GGUF when the model runs on a CPU with the
+    native kernels.
     """
     from kvserve.loader.gguf import GGUFFile
     from kvserve.loader.hf import HFModelDir
@@ -179,12 +180,14 @@ def load_model(
     from kvserve.layers.embedding import LMHead, VocabEmbedding
 
     method = resolve_quantization(quantization, src, torch.device(device))
+    # what a gguf layer without a native format is requantized to
+    fallback = "int4" if method == "int4" or getattr(src, "four_bit_weights", lambda: False)() else "int8"
 
     def quantize_loaded(module: torch.nn.Module, attr: str) -> None:
         # quantize each layer as soon as its weight is whole, so the float model never exists whole
         # (the peak memory of a load is then about one layer's float weights over the result)
         if attr == "weight" and isinstance(module, Linear) and not isinstance(module, LMHead):
-            module.quantize(method)
+            module.quantize(method, fallback=fallback)
 
     from kvserve.distributed.parallel_state import get_state
     from kvserve.platform import loading_allocator
@@ -196,8 +199,8 @@ def load_model(
     with loading_allocator():
         if lazy:
             weights = src.weights(cfg, lazy=True)
-        elif isinstance(src, GGUFFile):  # int4 takes a 4-bit GGUF's own codes and scales
-            weights = src.weights(cfg, native_q4=method == "int4")
+        elif isinstance(src, GGUFFile):  # gguf and int4 take the file's own codes and scales
+            weights = src.weights(cfg, native=method in ("gguf", "int4"))
         else:
             weights = src.weights(cfg)
         net.load_weights(weights, dtype=torch_dtype, on_loaded=None if method == "none" else quantize_loaded)
@@ -208,7 +211,7 @@ def load_model(
         if method != "none":
             for m in net.modules():
                 if isinstance(m, Linear) and m.qweight is None:  # the LM head feeds the sampler: it keeps 8 bits
-                    m.quantize("int8" if isinstance(m, LMHead) else method)
+                    m.quantize("int8" if isinstance(m, LMHead) else method, fallback=fallback)
             for m in net.modules():  # after the (possibly tied) LM head has taken its own copy
                 if isinstance(m, VocabEmbedding) and m.tp_size == 1:
                     m.quantize()

@@ -14,7 +14,7 @@ import torch
 from kvserve.config import ModelConfig
 from kvserve.errors import ModelLoadError, UnsupportedModelError
 from kvserve.models.registry import resolve_architecture
-from kvserve.quant.gguf import dequantize_torch
+from kvserve.quant.gguf import BlockParts, dequantize_torch
 
 logger = logging.getLogger(__name__)
 
@@ -188,20 +188,16 @@ class GGUFFile:
             arr = dequantize(t.data, t.tensor_type)
         return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
-    def _q4_parts(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """A 2-D weight stored in a 4-bit format the int4 kernel runs as is: (codes, d, m), else None."""
-        from kvserve.quant.gguf import Q4_NATIVE, q4_parts
+    def native_parts(self, name: str) -> BlockParts | None:
+        """A 2-D weight stored in a format a native kernel runs as is (Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0), else None."""
+        from kvserve.quant.gguf import native_parts
 
         t = self.tensors[name]
-        qtype = t.tensor_type.name
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if qtype not in Q4_NATIVE or len(shape) != 2:
-            return None
-        return q4_parts(t.data, qtype, shape)  # type: ignore[arg-type]
+        return native_parts(t.data, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape.tolist())))
 
-    def weights(self, cfg: ModelConfig, native_q4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name in HF convention, float tensor) for every model tensor; with `native_q4`,
-        a 4-bit weight also carries its exact codes and scales as `tensor.q4_parts`."""
+    def weights(self, cfg: ModelConfig, native: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name in HF convention, float tensor) for every model tensor; with `native`, a
+        layer's weight in a native kernel's format also carries its codes and scales as `tensor.gguf_parts`."""
         names = _GPT2_NAMES if cfg.architecture == "gpt2" else _LLAMA_NAMES
         for gname in self.tensors:
             if gname == "rope_freqs.weight":
@@ -220,13 +216,13 @@ class GGUFFile:
                 hf = f"{names[base]}.{suffix}"
             w = self.dequantize(gname)
             # the layers' linears only (GPT-2's are stored transposed; embedding and LM head are not int4)
-            q4 = self._q4_parts(gname) if native_q4 and parts[0] == "blk" and cfg.architecture != "gpt2" else None
+            blocks = self.native_parts(gname) if native and parts[0] == "blk" and cfg.architecture != "gpt2" else None
             if self.architecture == "llama" and parts[-1] in ("attn_q", "attn_k"):
                 heads = cfg.num_heads if parts[-1] == "attn_q" else cfg.num_kv_heads
                 w = unpermute_qk(w, heads)
-                q4 = None if q4 is None else tuple(unpermute_qk(t, heads) for t in q4)
-            if q4 is not None:
-                w.q4_parts = q4  # the int4 method takes these codes and scales as they are (layers/linear.py)
+                blocks = None if blocks is None else blocks.rows(lambda t, h=heads: unpermute_qk(t, h))
+            if blocks is not None:
+                w.gguf_parts = blocks  # the quantized linears take these codes and scales as they are (layers/linear.py)
             if cfg.architecture == "gpt2" and hf.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 w = w.t()  # GPT-2 model expects HF Conv1D layout [in, out]
             yield hf, w

@@ -53,8 +53,8 @@ def load_named_weights(
                     name, f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}"
                 )
             new = nn.Parameter(tensor.to(target_dtype).contiguous(), requires_grad=False)
-            if hasattr(tensor, "q4_parts"):  # a 4-bit checkpoint's own codes (loader/gguf.py)
-                new.q4_parts = tensor.q4_parts
+            if hasattr(tensor, "gguf_parts"):  # a quantized checkpoint's own codes (loader/gguf.py)
+                new.gguf_parts = tensor.gguf_parts
             setattr(owner, attr, new)
             if on_loaded is not None:
                 on_loaded(owner, attr)
@@ -66,8 +66,8 @@ def load_named_weights(
                 param.shard_loader = sharder
             setattr(owner, attr, param)
         converted = tensor.to(target_dtype)
-        if hasattr(tensor, "q4_parts") and converted is not tensor:
-            converted.q4_parts = tensor.q4_parts
+        if hasattr(tensor, "gguf_parts") and converted is not tensor:
+            converted.gguf_parts = tensor.gguf_parts
         owner.weight_loader(param, converted, shard_id)
         param.loaded_shards.add(shard_id)
         if on_loaded is not None and param.loaded_shards == set(owner.shard_offsets):

@@ -1,11 +1,14 @@
 """GGUF block formats decoded with torch (vectorised over all blocks at once).
 
-Q8_0, Q4_0 and Q4_1 (the formats of the default model and the ones kvserve will run natively)
-are decoded here; every other type goes through `gguf.quants`, the reference implementation
-these are tested against.
+Q8_0, Q4_0 and Q4_1 are decoded to float here; every other type goes through `gguf.quants`, the
+reference implementation these are tested against. The formats the native kernels run (Q4_0,
+Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) are also read as codes, scales and minimums (`native_parts`), so a
+layer runs on the file's own numbers with no float round trip.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,3 +91,103 @@ def q4_parts(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> tuple[torch
     dg = (d * sc.float()).half().reshape(n, k // QK)
     mg = (-(dmin * mn.float())).half().reshape(n, k // QK)
     return q.contiguous(), dg.contiguous(), mg.contiguous()
+
+
+# -- every format the native kernels run, as codes, scales and minimums ----------------------------------
+
+NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
+K_BLOCK = 256  # elements per K-quant super-block
+Q5_K_BYTES = 2 + 2 + 12 + K_BLOCK // 8 + K_BLOCK // 2
+Q6_K_BYTES = K_BLOCK // 2 + K_BLOCK // 4 + K_BLOCK // 16 + 2
+
+
+@dataclass
+class BlockParts:
+    """A weight [N, K] as a GGUF file stores it, in the native kernels' terms: unsigned codes of
+    `bits` bits with an fp16 scale and minimum per group of inputs (32 or 16), w = scale * code + min.
+
+    4-bit parts (group 32) feed the int4 kernel (quant/int4.py), wider ones the 5/6/8-bit kernel
+    (quant/wide.py). Rows are independent, so row operations (a shard's slice, llama.cpp's q/k
+    permutation) apply to every field alike."""
+
+    bits: int
+    codes: torch.Tensor  # uint8 [N, K]
+    scale: torch.Tensor  # fp16 [N, K / group]
+    minimum: torch.Tensor  # fp16 [N, K / group]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def rows(self, fn) -> "BlockParts":  # noqa: ANN001 - a function of a row-major tensor
+        return BlockParts(self.bits, fn(self.codes), fn(self.scale), fn(self.minimum))
+
+    def q4(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """4-bit parts as the int4 kernel takes them: (codes, d, m), one scale and minimum per 32."""
+        assert self.bits == 4 and self.scale.shape[1] * 32 >= self.codes.shape[1]
+        return self.codes, self.scale, self.minimum
+
+    def per16(self) -> "BlockParts":
+        """The same weight with a scale and minimum per 16 inputs (the wide kernel's granularity)."""
+        if self.scale.shape[1] * 16 >= self.codes.shape[1]:
+            return self
+        return BlockParts(self.bits, self.codes, self.scale.repeat_interleave(2, 1), self.minimum.repeat_interleave(2, 1))
+
+    @staticmethod
+    def cat(parts: list["BlockParts"]) -> "BlockParts":
+        """Stack along rows (a fused projection's shards); parts of different formats take the widest."""
+        if len({(p.bits, p.scale.shape[1]) for p in parts}) == 1:
+            return BlockParts(parts[0].bits, *(torch.cat([getattr(p, f) for p in parts]) for f in
+                                               ("codes", "scale", "minimum")))
+        bits = max(5, *(p.bits for p in parts))  # the codes fit any wider format unchanged
+        wide = [p.per16() for p in parts]
+        return BlockParts(bits, *(torch.cat([getattr(p, f) for p in wide]) for f in ("codes", "scale", "minimum")))
+
+
+def _blocks(raw: np.ndarray, nbytes: int) -> torch.Tensor:
+    return torch.from_numpy(np.array(np.asarray(raw).reshape(-1, nbytes), copy=True))
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def native_parts(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> BlockParts | None:
+    """A 2-D GGUF tensor of a format the native kernels run (NATIVE_BITS) as BlockParts, else None.
+
+    Exact but for the K-quants' sub-block scales and minimums, d x 6- or 8-bit integer, rounded
+    to fp16 (about 5e-4 relative, well below the quantization step)."""
+    if qtype not in NATIVE_BITS or len(shape) != 2:
+        return None
+    n, k = shape
+    if qtype in Q4_NATIVE:
+        return BlockParts(4, *q4_parts(raw, qtype, shape))
+    if qtype == "Q8_0":
+        blocks = _blocks(raw, BLOCK_BYTES["Q8_0"])
+        d = blocks[:, 0:2].contiguous().view(torch.float16).reshape(n, k // QK)
+        codes = (blocks[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8).reshape(n, k)
+        return BlockParts(8, codes, d.contiguous(), (-128 * d).contiguous())
+    if qtype == "Q6_K":
+        b = _blocks(raw, Q6_K_BYTES)
+        ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+        sc = b[:, 192:208].contiguous().view(torch.int8).float()  # one per 16 elements, in order
+        d = _f16(b[:, 208:210])
+        # each half of 128: 32 elements at a time from (low nibbles of ql[0:32], bits 0-1 of qh),
+        # (low of ql[32:64], bits 2-3), (high of ql[0:32], bits 4-5), (high of ql[32:64], bits 6-7)
+        lo = torch.stack((ql[:, :, :32] & 0xF, ql[:, :, 32:] & 0xF, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4), 2)
+        hi = torch.stack([(qh >> (2 * t)) & 3 for t in range(4)], 2)
+        codes = (lo | (hi << 4)).reshape(n, k)
+        s = (d * sc).half().reshape(n, k // 16)
+        return BlockParts(6, codes, s, (-32 * s).contiguous())
+    if qtype == "Q5_K":
+        b = _blocks(raw, Q5_K_BYTES)
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _q4k_scales(b[:, 4:16])
+        qh, qs = b[:, 16:48], b[:, 48:].reshape(-1, 4, 32)
+        # chunk c of 64: 32 low nibbles with bit 2c of qh, then 32 high nibbles with bit 2c + 1
+        lo = torch.stack((qs & 0xF, qs >> 4), 2)  # [B, 4, 2, 32]
+        hi = torch.stack([torch.stack(((qh >> (2 * c)) & 1, (qh >> (2 * c + 1)) & 1), 1) for c in range(4)], 1)
+        codes = (lo | (hi << 4)).reshape(n, k)
+        return BlockParts(5, codes, (d * sc.float()).half().reshape(n, k // QK),
+                          (-(dmin * mn.float())).half().reshape(n, k // QK))
+    return None

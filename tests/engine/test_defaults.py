@@ -24,8 +24,12 @@ def test_auto_is_the_default_and_says_what_it_chose(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kvserve.loader"):
         q_engine = LLMEngine(model=str(gguf), kv_cache_memory="1MiB")
     if native.available():
-        assert q_engine.lm.quantization == "int8"
-        assert f"quantization auto -> int8: the GGUF's layers are 8 or more-bit; {native.isa()} kernels" in caplog.text
+        from kvserve.quant.wide import WideWeight
+
+        assert q_engine.lm.quantization == "gguf"
+        assert f"quantization auto -> gguf: each layer in the file's own format, {native.isa()} kernels" in caplog.text
+        down = q_engine.lm.model.model.layers[0].mlp.down_proj.qweight
+        assert isinstance(down, WideWeight) and down.bits == 8  # Q8_0 runs as Q8_0
     else:
         assert q_engine.lm.quantization == "none" and "no native CPU kernels here" in caplog.text
 

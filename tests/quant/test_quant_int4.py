@@ -95,7 +95,7 @@ def test_quantizer_recovers_the_gguf_q4_1_codes(default_path):
 
 @pytest.mark.slow
 def test_int4_default_model(default_path, smollm):
-    """`auto` picks int4 for the Q4_1 GGUF; perplexity stays within 1% of the float model's."""
+    """`auto` runs the Q4_1 GGUF's layers on the int4 kernel; perplexity stays within 1% of the float model's."""
     from kvserve.eval.perplexity import perplexity
     from kvserve.loader import load_model
     from helpers import CTX, long_english_text
@@ -103,7 +103,10 @@ def test_int4_default_model(default_path, smollm):
     if not native.available():
         pytest.skip("no native kernels")
     lm = load_model(default_path, quantization="auto")
-    assert lm.quantization == "int4" and "int4 weights" in lm.describe()
+    assert lm.quantization == "gguf" and "gguf weights" in lm.describe()
+    from kvserve.quant.int4 import Int4Weight
+
+    assert all(isinstance(m.qweight, Int4Weight) for m in lm.model.model.layers.modules() if hasattr(m, "qweight"))
     assert lm.weight_bytes < 0.45 * smollm.weight_bytes  # 4 bits per layer weight, int8 LM head, float embedding
     text = long_english_text()
     base = perplexity(smollm, text, ctx=CTX).ppl

@@ -42,3 +42,21 @@ void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float 
             vi_store_bytes(xq + m * ldx + g * GROUP + 16, qb);
         }
 }
+
+/* As kv_quantize_act_s8, with the sums per half group (16 values): xs [M, G, 2] = dx * sum and
+ * hs [M, G, 2] the integer sums (for weights with a scale and minimum per 16 inputs). */
+void kv_quantize_act_s8h(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs, int32_t *hs) {
+    const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            vi qa, qb;
+            const float d = kv_quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
+            const int32_t sa = vi_reduce_add(qa), sb = vi_reduce_add(qb);
+            dx[m * G + g] = d;
+            xs[(m * G + g) * 2] = d * (float)sa, xs[(m * G + g) * 2 + 1] = d * (float)sb;
+            hs[(m * G + g) * 2] = sa, hs[(m * G + g) * 2 + 1] = sb;
+            vi_store_bytes(xq + m * ldx + g * GROUP, qa);
+            vi_store_bytes(xq + m * ldx + g * GROUP + 16, qb);
+        }
+}

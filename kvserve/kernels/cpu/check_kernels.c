@@ -11,6 +11,8 @@
 
 void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp);
 void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t N, int64_t K, uint8_t *wp);
+void kv_pack_wide(const uint8_t *q, const uint16_t *s, const uint16_t *mn, int64_t N, int64_t K, int64_t H,
+                  uint8_t *wp);
 int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
                                const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
                                const int32_t *q_start, const int32_t *q_len, const int32_t *seq_lens, int64_t B,
@@ -86,6 +88,27 @@ int main(void) {
     kv_pack_q4(q4, d4, m4, N, K, w4);
     if (kv_linear_q4(x, M, K, w4, N, y)) return 1;
     put("gemm_q4", y, sizeof(float) * M * N);
+
+    { /* 5-, 6- and 8-bit codes, a scale and minimum per 16 inputs */
+        uint16_t *sw = KV_ALLOC(uint16_t, N * 2 * G), *mw = KV_ALLOC(uint16_t, N * 2 * G);
+        uint8_t *ww = KV_ALLOC(uint8_t, ((N + 15) / 16) * G * (256 + 64 * 4 + 128));
+        int32_t *hs = KV_ALLOC(int32_t, M * G * 2);
+        if (!sw || !mw || !ww || !hs) return 1;
+        kv_quantize_act_s8h(x, M, K, (int8_t *)xq, dx, dx + M * G, hs);
+        put("act_s8h_sums", hs, sizeof(int32_t) * M * G * 2);
+        const char *names[3] = {"gemm_w5", "gemm_w6", "gemm_w8"};
+        const int64_t hb[3] = {1, 2, 4};
+        for (int t = 0; t < 3; t++) {
+            const float top = (float)(1 << (4 + hb[t]));
+            for (int i = 0; i < N * K; i++) q4[i] = (uint8_t)(top / 2 + (top / 2 - 0.01f) * frand());
+            for (int i = 0; i < N * 2 * G; i++)
+                sw[i] = half_bits(0.01f * (1.5f + frand())), mw[i] = half_bits(-0.2f + 0.05f * frand());
+            kv_pack_wide(q4, sw, mw, N, K, hb[t], ww);
+            if (kv_linear_wide(x, M, K, ww, N, hb[t], y)) return 1;
+            put(names[t], y, sizeof(float) * M * N);
+        }
+        free(sw), free(mw), free(ww), free(hs);
+    }
 
     /* attention: 3 sequences over a shuffled paged cache, GQA 4/2 heads, head_dim 64, blocks of 16 */
     enum { B = 3, H = 4, HKV = 2, D = 64, BS = 16, NBLK = 20, W = 8 };

@@ -62,8 +62,9 @@ static void store_row(void *cache, float *scales, int64_t row, const float *v, i
 }
 
 static int qlinear(const kv_qlinear_t *l, const float *x, int64_t M, float *y) {
-    const int rc = l->kind == 1 ? kv_linear_q4(x, M, l->K, (const uint8_t *)l->wp, l->N, y)
-                                : kv_linear(x, M, l->K, (const int8_t *)l->wp, l->dw, l->corr, l->N, y);
+    const int rc = l->kind == 1   ? kv_linear_q4(x, M, l->K, (const uint8_t *)l->wp, l->N, y)
+                   : l->kind >= 5 ? kv_linear_wide(x, M, l->K, (const uint8_t *)l->wp, l->N, l->kind - 4, y)
+                                  : kv_linear(x, M, l->K, (const int8_t *)l->wp, l->dw, l->corr, l->N, y);
     if (l->bias)
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < l->N; n++) y[m * l->N + n] += l->bias[n];

@@ -91,6 +91,54 @@ def q4gemm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
     return y
 
 
+WIDE_HIGH_BITS = {5: 1, 6: 2, 8: 4}  # code bits -> bits above the low nibble
+
+
+def wide_group_bytes(bits: int) -> int:
+    """Packed bytes per 16 channels x 32 inputs: nibbles, high-bit planes, fp16 scales and minimums per half."""
+    return 256 + 64 * WIDE_HIGH_BITS[bits] + 128
+
+
+def quantize_act_s8h(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """As quantize_act_s8, with the sums per half group: (xq, dx [M, G], dx x sums [M, G, 2], int sums [M, G, 2])."""
+    lib = _lib()
+    assert lib is not None and x.dtype == torch.float32 and x.is_contiguous()
+    m, k = x.shape
+    g = -(-k // GROUP)
+    xq = torch.empty((m, g * GROUP), dtype=torch.int8)
+    dx = torch.empty((m, g), dtype=torch.float32)
+    xs = torch.empty((m, g, 2), dtype=torch.float32)
+    hs = torch.empty((m, g, 2), dtype=torch.int32)
+    lib.kv_quantize_act_s8h(x.data_ptr(), m, k, xq.data_ptr(), dx.data_ptr(), xs.data_ptr(), hs.data_ptr())
+    return xq, dx, xs, hs
+
+
+def pack_wide(q: torch.Tensor, s: torch.Tensor, m: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes q [N, K] (uint8, below 2^bits) with fp16 scales s and minimums m [N, K/16] -> the
+    5/6/8-bit kernel's layout (gemm_wide.c). 8-bit codes are multiplied as (q - 128), so their
+    minimums are packed as m + 128 s."""
+    lib = _lib()
+    assert lib is not None and q.dtype == torch.uint8 and s.dtype == m.dtype == torch.float16
+    n, k = q.shape
+    assert s.shape == m.shape == (n, 2 * -(-k // GROUP))
+    if bits == 8:
+        m = (m.float() + 128 * s.float()).half()
+    q, s, m = q.contiguous(), s.contiguous(), m.contiguous()
+    out = torch.empty(-(-n // 16) * -(-k // GROUP) * wide_group_bytes(bits), dtype=torch.uint8)
+    lib.kv_pack_wide(q.data_ptr(), s.data_ptr(), m.data_ptr(), n, k, WIDE_HIGH_BITS[bits], out.data_ptr())
+    return out
+
+
+def wide_gemm(x: torch.Tensor, wp: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """float32 [M, K] @ (W [N, K] of `bits`-bit codes, packed by `pack_wide`)^T -> float32 [M, N]."""
+    lib = _ready_lib()
+    m, k = x.shape
+    y = torch.empty((m, n), dtype=torch.float32)
+    _check(lib.kv_linear_wide(x.data_ptr(), m, k, wp.data_ptr(), n, WIDE_HIGH_BITS[bits], y.data_ptr()),
+           f"{bits}-bit GEMM")
+    return y
+
+
 _CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 

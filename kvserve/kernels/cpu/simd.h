@@ -87,6 +87,12 @@ static inline vb vb_load(const void *p) { return _mm512_loadu_si512(p); }
 static inline vb vb_bcast4(const void *p) { int32_t x; memcpy(&x, p, 4); return _mm512_set1_epi32(x); }
 static inline vb vb_lo4(vb v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
 static inline vb vb_hi4(vb v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+static inline vb vb_or(vb a, vb b) { return _mm512_or_si512(a, b); }
+/* bytewise ((v >> shift) & (2^bits - 1)) << 4: high bits of a code put above its low nibble */
+static inline vb vb_hibits(vb v, int shift, int bits) {
+    const vb m = _mm512_set1_epi8((char)((1 << bits) - 1));
+    return _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(v, _mm_cvtsi32_si128(shift)), m), 4);
+}
 /* lane c += sum_r a[4c+r] * b[4c+r], a unsigned (0..127), b signed */
 static inline vi vi_dot_u8s8(vi acc, vb a, vb b) { return _mm512_dpbusd_epi32(acc, a, b); }
 /* lane c += sum_r (a[4c+r] - 128) * b[4c+r] with a unsigned and b signed: here VPDPBUSD gives
@@ -204,6 +210,16 @@ static inline vb vb_lo4(vb v) { const __m256i m = _mm256_set1_epi8(0x0F); return
 static inline vb vb_hi4(vb v) {
     const __m256i m = _mm256_set1_epi8(0x0F);
     return (vb){_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), m), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), m)};
+}
+static inline vb vb_or(vb a, vb b) { return (vb){_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
+static inline __m256i kv_hibits8(__m256i v, __m128i shift, __m256i m) {
+    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(v, shift), m), 4);
+}
+/* bytewise ((v >> shift) & (2^bits - 1)) << 4: high bits of a code put above its low nibble */
+static inline vb vb_hibits(vb v, int shift, int bits) {
+    const __m256i m = _mm256_set1_epi8((char)((1 << bits) - 1));
+    const __m128i sh = _mm_cvtsi32_si128(shift);
+    return (vb){kv_hibits8(v.lo, sh, m), kv_hibits8(v.hi, sh, m)};
 }
 /* a in 0..127: the pairwise int16 sums of VPMADDUBSW cannot saturate, so the result is exact */
 static inline __m256i kv_dot8_u8s8(__m256i acc, __m256i a, __m256i b) {
@@ -333,6 +349,14 @@ static inline vb vb_bcast4(const void *p) {
 }
 static inline vb vb_lo4(vb v) { KV_FOR4 v.v[k_] = vandq_u8(v.v[k_], vdupq_n_u8(0x0F)); return v; }
 static inline vb vb_hi4(vb v) { KV_FOR4 v.v[k_] = vshrq_n_u8(v.v[k_], 4); return v; }
+static inline vb vb_or(vb a, vb b) { KV_FOR4 a.v[k_] = vorrq_u8(a.v[k_], b.v[k_]); return a; }
+/* bytewise ((v >> shift) & (2^bits - 1)) << 4: high bits of a code put above its low nibble */
+static inline vb vb_hibits(vb v, int shift, int bits) {
+    const int8x16_t sh = vdupq_n_s8((int8_t)-shift);
+    const uint8x16_t m = vdupq_n_u8((uint8_t)((1 << bits) - 1));
+    KV_FOR4 v.v[k_] = vshlq_n_u8(vandq_u8(vshlq_u8(v.v[k_], sh), m), 4);
+    return v;
+}
 static inline int32x4_t kv_dot4_s8(int32x4_t acc, int8x16_t a, int8x16_t b) {
 #if defined(__ARM_FEATURE_DOTPROD)
     return vdotq_s32(acc, a, b);
@@ -409,6 +433,12 @@ static inline vb vb_load(const void *p) { vb r; memcpy(r.v, p, 64); return r; }
 static inline vb vb_bcast4(const void *p) { vb r; for (int k = 0; k < 64; k++) r.v[k] = ((const uint8_t *)p)[k % 4]; return r; }
 static inline vb vb_lo4(vb v) { for (int k = 0; k < 64; k++) v.v[k] &= 0x0F; return v; }
 static inline vb vb_hi4(vb v) { for (int k = 0; k < 64; k++) v.v[k] >>= 4; return v; }
+static inline vb vb_or(vb a, vb b) { for (int k = 0; k < 64; k++) a.v[k] |= b.v[k]; return a; }
+/* bytewise ((v >> shift) & (2^bits - 1)) << 4: high bits of a code put above its low nibble */
+static inline vb vb_hibits(vb v, int shift, int bits) {
+    for (int k = 0; k < 64; k++) v.v[k] = (uint8_t)(((v.v[k] >> shift) & ((1 << bits) - 1)) << 4);
+    return v;
+}
 static inline vi vi_dot_u8s8(vi acc, vb a, vb b) {
     KV_FOR16 for (int r = 0; r < 4; r++) acc.v[l_] += (int32_t)a.v[4 * l_ + r] * (int32_t)(int8_t)b.v[4 * l_ + r];
     return acc;

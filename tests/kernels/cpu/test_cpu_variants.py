@@ -68,8 +68,9 @@ def test_activation_quantizers_bit_identical(isa, m, k):
     g = torch.Generator().manual_seed(m + k)
     x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 3
     x[0, :10] = 0
-    got, want = _both(isa, lambda: (native.quantize_act(x), native.quantize_act_s8(x)))
-    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+    got, want = _both(isa, lambda: (native.quantize_act(x), native.quantize_act_s8(x), native.quantize_act_s8h(x)))
+    assert torch.equal(got[2][0], got[1][0]) and torch.equal(got[2][3].sum(-1).float() * got[2][1], got[1][2])
+    for a, b in zip([*got[0], *got[1], *got[2]], [*want[0], *want[1], *want[2]]):
         assert torch.equal(a, b)
 
 
@@ -82,13 +83,20 @@ def test_gemms_bit_identical(isa, m, k, n):
     q8, s8 = quantize_rows(w)
     q4, d4, m4 = quantize_q4(w)
 
+    g16 = 2 * -(-k // 32)
+    wide = {bits: (torch.randint(0, 2 ** bits, (n, k), generator=g).to(torch.uint8),
+                   (torch.rand(n, g16, generator=g) * 0.02 + 0.001).half(), (-torch.rand(n, g16, generator=g)).half())
+            for bits in (5, 6, 8)}
+
     def run():
         wp, corr = native.pack_weight(q8)
         w4 = native.pack_q4(q4, d4, m4)
-        return native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, n)
+        ws = [native.wide_gemm(x, native.pack_wide(*wide[b], b), n, b) for b in wide]
+        return native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, n), *ws
 
-    (y8, y4), (r8, r4) = _both(isa, run)
-    assert torch.equal(y8, r8) and torch.equal(y4, r4)
+    got, want = _both(isa, run)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    y8, r8 = got[0], want[0]
     assert float((y8 - x @ (q8.float() * s8[:, None]).T).abs().max()) < 0.03 * float(r8.abs().max())
 
 

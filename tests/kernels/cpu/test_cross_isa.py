@@ -14,7 +14,8 @@ import pytest
 
 from kvserve.kernels import cpu as native
 
-BITWISE = ("act_u8", "act_u8_scale", "act_s8", "act_s8_scales", "gemm_q8", "gemm_q4")  # exact integer paths
+BITWISE = ("act_u8", "act_u8_scale", "act_s8", "act_s8_scales", "gemm_q8", "gemm_q4", "act_s8h_sums", "gemm_w5",
+           "gemm_w6", "gemm_w8")  # exact integer paths
 
 
 def _records(cmd: list[str]) -> dict[str, bytes]:
@@ -31,7 +32,7 @@ def _records(cmd: list[str]) -> dict[str, bytes]:
 
 
 def _compare(got: dict[str, bytes], want: dict[str, bytes]) -> None:
-    assert got.keys() == want.keys() and len(got) == 13
+    assert got.keys() == want.keys() and len(got) == 17
     for name in want.keys() - {"isa"}:
         if name in BITWISE:
             assert got[name] == want[name], name
