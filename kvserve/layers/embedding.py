@@ -7,12 +7,17 @@ computes its slice of the logits and all-gathers them, so sampling sees the whol
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvserve.distributed.parallel_state import ParallelState, get_state, tp_all_gather_last, tp_all_reduce
 from kvserve.layers.linear import Linear
+
+if TYPE_CHECKING:
+    from kvserve.quant.int8 import Int8Weight
 
 
 def _vocab_range(vocab: int) -> tuple[int, int, int, ParallelState]:
@@ -42,6 +47,7 @@ class VocabEmbedding(nn.Module):
             self.weight.shard_loader = lambda t, _sid=None: _shard_rows(t, self.vocab_start, per)
         self.qweight: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
+        self.shared: Int8Weight | None = None
 
     def quantize(self) -> None:
         """int8 rows with one scale each (load_model does this for quantized models without TP)."""
@@ -54,7 +60,19 @@ class VocabEmbedding(nn.Module):
         del self.weight
         self.weight = None
 
+    def share_with(self, head: "LMHead") -> None:
+        """Quantize, and hand the int8 rows to a tied LM head: the head packs them for its GEMM and
+        the lookups read the same packed bytes, so the table is held once (SmolLM2: 28 MB)."""
+        from kvserve.quant.int8 import Int8Weight
+
+        self.quantize()
+        head.qweight = self.shared = Int8Weight(rows=(self.qweight, self.scale))
+        head.weight = None
+        self.qweight, self.scale = None, self.shared.scale
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            return (self.shared.rows(ids).to(self.out_dtype) * self.scale[ids].unsqueeze(-1)).to(self.out_dtype)
         if self.qweight is not None:
             assert self.scale is not None
             return (self.qweight[ids].to(self.out_dtype) * self.scale[ids].unsqueeze(-1)).to(self.out_dtype)

@@ -209,11 +209,15 @@ def load_model(
                 m.set_freq_factors(freq_factors)
         net = net.to(device).eval()
         if method != "none":
+            head, embed = getattr(net, "lm_head", None), getattr(getattr(net, "model", None), "embed_tokens", None)
+            if (isinstance(head, LMHead) and isinstance(embed, VocabEmbedding) and embed.tp_size == 1
+                    and head.weight is not None and head.weight is embed.weight):
+                embed.share_with(head)  # a tied LM head: one int8 table for both
             for m in net.modules():
                 if isinstance(m, Linear) and m.qweight is None:  # the LM head feeds the sampler: it keeps 8 bits
                     m.quantize("int8" if isinstance(m, LMHead) else method, fallback=fallback)
-            for m in net.modules():  # after the (possibly tied) LM head has taken its own copy
-                if isinstance(m, VocabEmbedding) and m.tp_size == 1:
+            for m in net.modules():  # after an LM head tied otherwise has taken its own copy
+                if isinstance(m, VocabEmbedding) and m.tp_size == 1 and m.shared is None and m.weight is not None:
                     m.quantize()
     loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0, method)
     logger.info("%s", loaded.describe())

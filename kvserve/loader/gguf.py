@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,6 +196,18 @@ class GGUFFile:
         t = self.tensors[name]
         return native_parts(t.data, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape.tolist())))
 
+    def release(self, name: str) -> None:
+        """Drop the file pages of a tensor already read from this process's memory (they stay in the
+        OS page cache): a load then never holds the whole mapped file resident beside the weights."""
+        mm = getattr(self.reader.data, "_mmap", None)
+        t = self.tensors[name]
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(int(t.data_offset) + int(t.n_bytes), len(mm))
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def weights(self, cfg: ModelConfig, native: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name in HF convention, float tensor) for every model tensor; with `native`, a
         layer's weight in a native kernel's format also carries its codes and scales as `tensor.gguf_parts`."""
@@ -225,6 +238,7 @@ class GGUFFile:
                 w.gguf_parts = blocks  # the quantized linears take these codes and scales as they are (layers/linear.py)
             if cfg.architecture == "gpt2" and hf.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 w = w.t()  # GPT-2 model expects HF Conv1D layout [in, out]
+            self.release(gname)  # everything above copied what it needs
             yield hf, w
 
     def rope_freq_factors(self) -> torch.Tensor | None:

@@ -32,9 +32,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Weight:
     """An [N, K] float weight as int8 values with one scale per output channel."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.out_features, self.in_features = weight.shape
-        q, self.scale = quantize_rows(weight)
+    def __init__(self, weight: torch.Tensor | None = None,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """From a float weight, or from `rows` = (int8 [N, K], scale [N]) already quantized by
+        `quantize_rows` (an int8 embedding table the tied LM head shares)."""
+        q, self.scale = rows if rows is not None else quantize_rows(weight)
+        self.out_features, self.in_features = q.shape
         self.native = native.available()
         self.corr: torch.Tensor | None = None
         if self.native:
@@ -45,6 +48,14 @@ class Int8Weight:
     @property
     def nbytes(self) -> int:
         return self.q.numel() + 4 * self.out_features + (self.corr.numel() * 4 if self.corr is not None else 0)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 rows `ids` [...] -> [..., K], read from the packed layout (an embedding lookup)."""
+        if not self.native:
+            return self.q[ids]
+        k4 = -(-self.in_features // native.GROUP) * (native.GROUP // 4)
+        blocks = self.q.view(torch.int32).view(-1, k4, 16)
+        return blocks[ids // 16, :, ids % 16].view(torch.int8)[..., : self.in_features]
 
     def dequantize(self) -> torch.Tensor:
         """The float weight this stands for (tests and debugging)."""
