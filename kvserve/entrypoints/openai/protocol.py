@@ -1,23 +1,44 @@
-"""OpenAI API request bodies (pydantic). Unknown fields are rejected by name, never ignored."""
+"""OpenAI API request bodies (pydantic).
+
+An unknown field is rejected by name, never silently dropped; documented OpenAI fields that change
+nothing here are declared and ignored (IGNORED_FIELDS, listed in the README). A null is the field's
+default, as OpenAI treats it.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvserve.errors import InvalidRequestError
 from kvserve.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`"n": null` means n's default; a null for an unknown field is still rejected by name."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, usage on every chunk
+    include_obfuscation: bool | None = None  # accepted, ignored: kvserve adds no obfuscation padding
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Fields accepted and ignored: they change nothing about the answer here (README: "Ignored fields").
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+                  "parallel_tool_calls", "stream_options.include_obfuscation")
 
+
+class _Common(_Body):
     model: str | None = None
     n: int = 1
     stop: str | list[str] | None = None
@@ -29,7 +50,13 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, ignored
+    # accepted, ignored (IGNORED_FIELDS)
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # extensions, as vLLM names them
     top_k: int | None = None
     min_p: float | None = None
@@ -73,8 +100,7 @@ class _Common(BaseModel):
         )
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -103,6 +129,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    parallel_tool_calls: bool | None = None  # accepted, ignored: no tools here (a `tools` field is a 400)
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         if self.response_format is not None and self.response_format.type != "text":
@@ -130,7 +157,14 @@ class CompletionRequest(_Common):
         if self.logprobs is not None and not 0 <= self.logprobs <= 5:
             raise InvalidRequestError(f"logprobs must be in [0, 5], got {self.logprobs}")
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self.sampling_params(self.max_tokens, self.logprobs, prompt_lp, default_max_tokens=default_max_tokens)
+        # scoring: one token is generated (the engine's least) and left out of the answer
+        max_tokens = 1 if self.score_only else self.max_tokens
+        return self.sampling_params(max_tokens, self.logprobs, prompt_lp, default_max_tokens=default_max_tokens)
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt back with its logprobs, nothing generated."""
+        return self.max_tokens == 0 and self.echo
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -141,3 +175,32 @@ class CompletionRequest(_Common):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them (content parts joined to text)."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered through the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
+    return_token_strs: bool = False
+
+    def token_ids(self, tokenizer: Any) -> list[int]:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("send one of prompt or messages")
+        if self.prompt is not None:
+            special = True if self.add_special_tokens is None else self.add_special_tokens
+            return tokenizer.encode(self.prompt, add_special_tokens=special)
+        text = tokenizer.apply_chat_template(chat_dicts(self.messages), add_generation_prompt=self.add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=bool(self.add_special_tokens))
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
