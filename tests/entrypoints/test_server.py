@@ -65,6 +65,8 @@ def server(request):
     rc, out = s.stop()
     assert rc == 0, out
     assert "Traceback" not in out, out
+    assert re.search(r"^INFO kvserve.requests: chatcmpl-\S+ POST /v1/chat/completions 200 prompt_tokens=\d+ ", out,
+                     re.M), out  # request lines reach the log at the CLI's default level
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvserve import __version__
 from kvserve.engine.async_engine import AsyncLLMEngine
-from kvserve.entrypoints.openai import serving_chat, serving_completion, serving_models, serving_tokenization
+from kvserve.entrypoints.openai import (serving_chat, serving_completion, serving_models, serving_responses,
+                                        serving_tokenization)
 from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
 from kvserve.entrypoints.openai.metrics import Metrics
 from kvserve.entrypoints.openai.request_log import RequestLogMiddleware
@@ -37,7 +38,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(APIError, _api)
     app.add_exception_handler(KVServeError, _kv)
-    for module in (serving_models, serving_chat, serving_completion, serving_tokenization):
+    for module in (serving_models, serving_chat, serving_completion, serving_responses, serving_tokenization):
         app.include_router(module.router)
     return app
 

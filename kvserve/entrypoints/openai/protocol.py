@@ -204,3 +204,74 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class ResponsesRequest(_Body):
+    """POST /v1/responses: text or message items in, one assistant message out (no tools, no stored state)."""
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: dict[str, Any] | None = None  # only {"format": {"type": "text"}}
+    truncation: Literal["disabled"] = "disabled"
+    tool_choice: Literal["none", "auto"] | None = None  # there are no tools: either means none
+    tools: list[Any] | None = None  # only empty
+    include: list[str] | None = None  # only empty
+    # accepted, ignored (IGNORED_FIELDS)
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # extensions, as for chat
+    top_k: int | None = None
+    seed: int | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation for the chat template: instructions as the system message, then the input items."""
+        msgs = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*msgs, {"role": "user", "content": self.input}]
+        for i, item in enumerate(self.input):
+            if item.get("type", "message") != "message":
+                raise InvalidRequestError(f"input[{i}]: items of type {item.get('type')!r} are not supported")
+            extra = set(item) - {"type", "role", "content", "id", "status"}
+            if extra:
+                raise InvalidRequestError(f"input[{i}]: unsupported field(s) {', '.join(sorted(extra))}")
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise InvalidRequestError(f"input[{i}]: role {role!r} is not supported")
+            msgs.append({"role": role, "content": _item_text(item.get("content"), i)})
+        if not msgs:
+            raise InvalidRequestError("input is empty")
+        return msgs
+
+    def to_sampling_params(self) -> SamplingParams:
+        fmt = (self.text or {}).get("format", {"type": "text"})
+        if set(self.text or {}) - {"format"} or fmt.get("type") != "text":
+            raise InvalidRequestError(f"text {self.text} is not supported yet (only format text)")
+        if self.tools or self.include:
+            raise InvalidRequestError(f"{'tools' if self.tools else 'include'} is not supported yet")
+        return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
+                              top_p=1.0 if self.top_p is None else self.top_p,
+                              top_k=-1 if self.top_k is None else self.top_k, seed=self.seed,
+                              max_tokens=self.max_output_tokens)
+
+
+def _item_text(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError(f"input[{i}].content must be a string or a list of parts")
+    parts = []
+    for p in content:
+        if not isinstance(p, dict) or p.get("type") not in ("input_text", "output_text", "text"):
+            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+            raise InvalidRequestError(f"input[{i}]: content part of type {kind!r} is not supported")
+        parts.append(str(p.get("text", "")))
+    return "".join(parts)
