@@ -143,3 +143,18 @@ def test_error_code_is_a_string_or_null(http):
         "model_not_found"
     assert _err(http.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}),
                 400)["code"] is None
+
+
+def test_ignored_fields_are_declared_and_in_the_readme():
+    from pathlib import Path
+
+    from kvserve.entrypoints.openai.protocol import (IGNORED_FIELDS, ChatCompletionRequest, ResponsesRequest,
+                                                     StreamOptions)
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name in IGNORED_FIELDS:
+        assert f"`{name}`" in readme, name
+        if name.startswith("stream_options."):
+            assert name.split(".", 1)[1] in StreamOptions.model_fields
+        else:
+            assert name in ChatCompletionRequest.model_fields and name in ResponsesRequest.model_fields, name
