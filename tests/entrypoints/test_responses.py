@@ -67,3 +67,25 @@ def test_unsupported_is_400(oai, kw, needle):
 def test_unknown_model_is_404(oai):
     with pytest.raises(openai.NotFoundError):
         oai.responses.create(model="gpt-5", input="hi")
+
+
+def test_async_client_and_raw_response(tiny_app, oai):
+    import asyncio
+
+    import httpx
+
+    raw = oai.responses.with_raw_response.create(model=TINY_NAME, input="hi", max_output_tokens=4, temperature=0)
+    assert raw.http_response.status_code == 200 and raw.headers["content-type"] == "application/json"
+    sync = raw.parse()
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=tiny_app), base_url="http://t") as h:
+            ac = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=h, max_retries=0)
+            whole = await ac.responses.create(model=TINY_NAME, input="hi", max_output_tokens=4, temperature=0)
+            stream = await ac.responses.create(model=TINY_NAME, input="hi", max_output_tokens=4, temperature=0,
+                                               stream=True)
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            return whole, "".join(deltas)
+
+    whole, streamed = asyncio.run(main())
+    assert whole.output_text == streamed == sync.output_text
