@@ -37,7 +37,8 @@ def test_stream_events(oai):
     whole = oai.responses.create(model=TINY_NAME, input="hi", instructions=SYSTEM, max_output_tokens=8,
                                  temperature=0)
     events = list(oai.responses.create(model=TINY_NAME, input="hi", instructions=SYSTEM, max_output_tokens=8,
-                                       temperature=0, stream=True))
+                                       temperature=0, stream=True, stream_options={"include_obfuscation": False},
+                                       include=[], tools=[], store=False, metadata={"a": "b"}))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]

@@ -220,6 +220,7 @@ class ResponsesRequest(_Body):
     tool_choice: Literal["none", "auto"] | None = None  # there are no tools: either means none
     tools: list[Any] | None = None  # only empty
     include: list[str] | None = None  # only empty
+    stream_options: StreamOptions | None = None  # only include_obfuscation here, ignored
     # accepted, ignored (IGNORED_FIELDS)
     user: str | None = None
     store: bool | None = None
