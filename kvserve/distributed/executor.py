@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -49,6 +50,28 @@ class WorkerDiedError(KVServeError):
     """A parallel worker exited or stopped answering; the engine cannot go on."""
 
 
+# A spawned worker re-imports the main script; one without a main guard would start workers of its own.
+# The worker then exits with this code and rank 0 explains (multiprocessing's own error says little).
+NO_MAIN_GUARD_EXIT = 86
+NO_MAIN_GUARD = (
+    "a parallel worker re-ran your script's engine set-up and stopped. kvserve starts its workers with "
+    "multiprocessing's 'spawn' method, which imports the main script again in every new process, so code "
+    "that creates an LLM or engine at the top level of a script runs once more in each worker. Put that code "
+    "under `if __name__ == \"__main__\":` (or in a function called from there) and run the script again.")
+
+
+def _exit_if_spawn_bootstrap() -> None:
+    """In a spawned child still importing the parent's main script: leave quietly with NO_MAIN_GUARD_EXIT."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        sys.exit(NO_MAIN_GUARD_EXIT)
+
+
+def _exit_reason(rank: int, p: mp.Process) -> str:
+    if p.exitcode == NO_MAIN_GUARD_EXIT:
+        return NO_MAIN_GUARD
+    return f"parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +91,7 @@ class Pending:
 
 class MultiProcExecutor:
     def __init__(self, pcfg: ParallelConfig, device: torch.device, num_threads: int | None = None) -> None:
+        _exit_if_spawn_bootstrap()
         self.pcfg = pcfg
         self.world_size = pcfg.world_size
         self.procs: list[tuple[int, mp.Process]] = []
@@ -116,7 +140,7 @@ class MultiProcExecutor:
             t.join(0.1)
             for r, p in self.procs:
                 if not p.is_alive():
-                    self._fail(f"parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode} during start-up")
+                    self._fail(_exit_reason(r, p) + ("" if p.exitcode == NO_MAIN_GUARD_EXIT else " during start-up"))
         if "error" in box:
             self._fail(f"process group did not form: {box['error']}")
         self.state = box["state"]
@@ -161,7 +185,7 @@ class MultiProcExecutor:
             raise WorkerDiedError(self.dead)
         for r, p in self.procs:
             if not p.is_alive():
-                self._fail(f"parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}")
+                self._fail(_exit_reason(r, p))
 
     def _fail(self, why: str) -> None:
         logger.error("%s; stopping the engine", why)

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
     sv.add_argument("--uvicorn-log-level", default="warning")
+    sv.add_argument("--disable-log-requests", action="store_true",
+                    help="no per-request log line (id, route, status, tokens, TTFT, e2e; the reason of each error)")
 
     sim = sub.add_parser("simulate", help="serving simulator: the real scheduler on a calibrated or roofline step-time model")
     add_engine_args(sim)
@@ -285,7 +287,7 @@ class _LoadingApp:
 
         msg = f"model failed to load: {self.error}" if self.error else "model is loading"
         body = _json.dumps({"error": {"message": msg, "type": "service_unavailable", "param": None,
-                                      "code": 503}}).encode()
+                                      "code": None}}).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -311,6 +313,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError("data parallel replicas of a tensor/pipeline-parallel engine are not supported yet")
     front = _LoadingApp()
     engines: list = []
+    if not args.disable_log_requests:  # request lines at INFO, whatever -v says
+        logging.getLogger("kvserve.requests").setLevel(logging.INFO)
 
     def load() -> None:
         try:
@@ -326,7 +330,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         fronts = [AsyncLLMEngine(e, max_waiting_requests=args.max_waiting_requests) for e in replicas]
         async_engine = fronts[0] if dp == 1 else DataParallelEngine(fronts, args.routing)
         engines.append(async_engine)
-        app = build_app(async_engine, name, default_api_key(args.api_key), Metrics())
+        app = build_app(async_engine, name, default_api_key(args.api_key), Metrics(),
+                        log_requests=not args.disable_log_requests)
         server.app_state = app.state
         print(f"model: {engine.lm.describe()}", file=sys.stderr)
         print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)

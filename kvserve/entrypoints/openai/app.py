@@ -13,9 +13,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvserve import __version__
 from kvserve.engine.async_engine import AsyncLLMEngine
-from kvserve.entrypoints.openai import serving_chat, serving_completion, serving_models
+from kvserve.entrypoints.openai import (serving_chat, serving_completion, serving_models, serving_responses,
+                                        serving_tokenization)
 from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
 from kvserve.entrypoints.openai.metrics import Metrics
+from kvserve.entrypoints.openai.request_log import RequestLogMiddleware
 from kvserve.entrypoints.openai.state import OpenAIServingState, get_state
 from kvserve.errors import KVServeError
 
@@ -23,18 +25,20 @@ MAX_BODY_BYTES = 4 * 2**20
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              metrics: Metrics | None = None) -> FastAPI:
+              metrics: Metrics | None = None, log_requests: bool = True) -> FastAPI:
     app = FastAPI(title="kvserve", version=__version__)
     app.state.ready = True  # the CLI turns it False while draining on SIGTERM
     app.state.serving = OpenAIServingState(engine=engine, served_model_name=served_model_name,
                                            metrics=metrics or Metrics(), tokenizer=engine.tokenizer,
                                            max_model_len=engine.max_model_len, api_key=api_key)
     app.middleware("http")(_guard)
+    if log_requests:  # outermost: it sees the guard's refusals too
+        app.add_middleware(RequestLogMiddleware)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(APIError, _api)
     app.add_exception_handler(KVServeError, _kv)
-    for module in (serving_models, serving_chat, serving_completion):
+    for module in (serving_models, serving_chat, serving_completion, serving_responses, serving_tokenization):
         app.include_router(module.router)
     return app
 
@@ -79,7 +83,7 @@ async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _api(_: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param)
+    return error_response(exc.status, exc.message, exc.param, exc.code)
 
 
 async def _kv(_: Request, exc: KVServeError) -> JSONResponse:

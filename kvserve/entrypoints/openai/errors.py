@@ -12,16 +12,20 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                500: "internal_server_error"}
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object: `code` is a string (e.g. "model_not_found") or null, never the status."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code or status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def status_of(e: BaseException) -> int:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from kvserve.engine.outputs import RequestOutput
+from kvserve.entrypoints.openai.request_log import record_of
 from kvserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -21,11 +22,13 @@ async def collect(engine: AsyncLLMEngine | DataParallelEngine, request: Request,
     """Non-streaming: run to completion unless the client disconnects first."""
     gen = engine.generate(rid, prompt, params)
     last: RequestOutput | None = None
+    rec = record_of(request)
 
     async def consume() -> None:
         nonlocal last
         async for out in gen:
             last = out
+            rec.observe(out)
 
     task = asyncio.ensure_future(consume())
     try:
@@ -55,6 +58,17 @@ async def first_outputs(gens: list[AsyncGenerator[RequestOutput, None]]) -> list
             await g.aclose()
         raise
     return firsts
+
+
+def stream_usage(body: object) -> tuple[bool, bool]:
+    """(usage in a final chunk, usage on every chunk: vLLM's continuous_usage_stats) from stream_options."""
+    opts = getattr(body, "stream_options", None)
+    final = bool(opts and opts.include_usage)
+    return final, final and opts.continuous_usage_stats
+
+
+def usage_of(out: RequestOutput) -> dict:
+    return usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -25,7 +25,7 @@ def completion_logprobs(tokenizer: Tokenizer, out: RequestOutput, c: CompletionO
     tokens, tlps, tops, offsets = [], [], [], []
     pos = offset0
     entries: list[tuple[int, float | None, list]] = []
-    if echo and start == 0:
+    if echo:  # the prompt's entries lead (the first chunk of a stream)
         for j, tid in enumerate(out.prompt_token_ids):
             lp = out.prompt_logprobs[j] if out.prompt_logprobs and j < len(out.prompt_logprobs) else None
             entries.append((tid, None if lp is None else lp.logprob, [] if lp is None else lp.top))

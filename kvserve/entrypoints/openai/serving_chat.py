@@ -9,9 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from kvserve.entrypoints.openai.generation import collect, first_outputs, usage
+from kvserve.entrypoints.openai.generation import collect, first_outputs, stream_usage, usage, usage_of
 from kvserve.entrypoints.openai.logprobs import chat_logprobs
-from kvserve.entrypoints.openai.protocol import ChatCompletionRequest
+from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, chat_dicts
+from kvserve.entrypoints.openai.request_log import record_of
 from kvserve.entrypoints.openai.sse import DONE, error_event, stream_chunk
 from kvserve.entrypoints.openai.state import get_state
 from kvserve.errors import KVServeError
@@ -25,10 +26,11 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
     engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
     st.check_model(body.model)
     params = body.to_sampling_params(default_max_tokens=None)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = chat_dicts(body.messages)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
                                            tokenize=True)
     rid = st.new_id("chatcmpl")
+    rec = record_of(request, rid)
     created = int(time.time())
     model = st.served_model_name
     if not body.stream:
@@ -40,19 +42,24 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), n_out)}
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous = stream_usage(body)
     gen = engine.generate(rid, prompt, params)
     (first,) = await first_outputs([gen])
-
-    def chunk(choices: list, usage_: dict | None = None) -> str:
-        return stream_chunk(rid, "chat.completion.chunk", created, model, choices, include_usage, usage_)
+    rec.observe(first)
 
     async def stream() -> AsyncIterator[str]:
         sent_lp = [0] * params.n
         out = first
+
+        def chunk(choices: list, usage_: dict | None = None) -> str:
+            if continuous and usage_ is None:
+                usage_ = usage_of(out)  # so far
+            return stream_chunk(rid, "chat.completion.chunk", created, model, choices, include_usage, usage_)
+
         try:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(params.n)])
+                          "finish_reason": None} for i in range(params.n)], usage(len(first.prompt_token_ids), 0)
+                        if continuous else None)
             while True:
                 for c in out.outputs:
                     if c.delta_text or c.finish_reason:
@@ -65,9 +72,10 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
                 if out.finished:
                     break
                 out = await gen.__anext__()
+                rec.observe(out)
             metrics.observe_finished(out)
             if include_usage:
-                yield chunk([], usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs)))
+                yield chunk([], usage_of(out))
         except (KVServeError, StopAsyncIteration) as e:
             yield error_event(e)
         finally:

@@ -35,8 +35,19 @@ async def prom(request: Request) -> Any:
     return PlainTextResponse(body, media_type=ctype)
 
 
+def _card(st) -> dict:  # noqa: ANN001 - an OpenAIServingState
+    return {"id": st.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "kvserve",
+            "max_model_len": st.max_model_len}
+
+
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
+    return {"object": "list", "data": [_card(get_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict:
+    """One model's card (client.models.retrieve); 404 in OpenAI's envelope for any other id."""
     st = get_state(request)
-    return {"object": "list", "data": [{"id": st.served_model_name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "kvserve", "max_model_len": st.max_model_len}]}
+    st.check_model(model_id)
+    return _card(st)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kvserve.entrypoints.openai.errors import status_of
+from kvserve.entrypoints.openai.errors import error_body, status_of
 
 DONE = "data: [DONE]\n\n"
 
@@ -25,5 +25,4 @@ def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list, in
 
 def error_event(e: BaseException) -> str:
     """An error after the stream started: sent as an event, followed by [DONE]."""
-    return sse({"error": {"message": str(e) or "stream ended", "type": "internal_server_error", "param": None,
-                          "code": status_of(e)}})
+    return sse(error_body(status_of(e), str(e) or "stream ended"))

@@ -35,7 +35,8 @@ class OpenAIServingState:
     def check_model(self, name: str | None) -> None:
         """404 for a request naming a model other than the served one (no name: the served one)."""
         if name is not None and name != self.served_model_name:
-            raise APIError(404, f"the model {name!r} does not exist (served: {self.served_model_name!r})", "model")
+            raise APIError(404, f"the model {name!r} does not exist (served: {self.served_model_name!r})", "model",
+                           "model_not_found")
 
 
 def get_state(request: Request) -> OpenAIServingState:
