@@ -61,6 +61,13 @@ class LLMEngine:
         backend = set_attention_backend(model, make_attention_backend(c.attention_backend, self.device))
         self.max_model_len = min(c.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, self.lm.dtype)
+        if c.kv_cache_dtype == "auto" and self.device.type == "cpu" and self.lm.quantization != "none" \
+                and self.lm.dtype == torch.float32:
+            # the quantized CPU path reads the cache through the native kernels, which convert float16
+            # on every ISA: half the memory and bandwidth of float32, llama.cpp's default too
+            self.kv_dtype = torch.float16
+            logger.info("kv cache auto -> float16: %s weights on the native CPU path (--kv-cache-dtype float32 "
+                        "keeps full precision)", self.lm.quantization)
         if self.device.type == "cpu" and torch.bfloat16 in (self.lm.dtype, self.kv_dtype) and not cpu_has_fast_bf16():
             logger.warning("bfloat16 %s on a CPU without native bfloat16 (no AVX512-BF16 / ARM BF16): torch's bf16 "
                            "kernels run far slower than float32 here", "weights" if self.lm.dtype == torch.bfloat16

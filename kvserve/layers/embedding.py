@@ -55,7 +55,8 @@ class VocabEmbedding(nn.Module):
         from kvserve.quant.int8 import quantize_rows
 
         w = self.weight
-        self.qweight, self.scale = quantize_rows(w)
+        rows = getattr(w, "int8_rows", None)  # already quantized by the loader, the float never read
+        self.qweight, self.scale = rows if rows is not None else quantize_rows(w)
         self.out_dtype = w.dtype
         del self.weight
         self.weight = None

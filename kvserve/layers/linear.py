@@ -56,8 +56,9 @@ class Linear(nn.Module):
             self.qweight = Int4Weight(parts=parts.q4()) if parts.bits == 4 else WideWeight(parts)
         elif method == "gguf":
             return self.quantize(fallback)
-        elif method == "int8":
-            self.qweight = Int8Weight(self.weight)
+        elif method == "int8":  # rows the loader quantized already (an LM head) or the float weight
+            rows = getattr(self.weight, "int8_rows", None)
+            self.qweight = Int8Weight(rows=rows) if rows is not None else Int8Weight(self.weight)
         else:  # a 4-bit checkpoint's own codes when every row has them, else quantized from the floats
             self.qweight = Int4Weight(self.weight, parts=parts.q4() if parts is not None and parts.bits == 4 else None)
         del self.weight

@@ -176,6 +176,7 @@ def load_model(
         src = GGUFFile(path)
         cfg = src.model_config()
         tokenizer = Tokenizer.from_gguf(src)
+        src.forget_vocabulary()
         freq_factors = src.rope_freq_factors()
     from kvserve.layers.embedding import LMHead, VocabEmbedding
 
@@ -200,7 +201,9 @@ def load_model(
         if lazy:
             weights = src.weights(cfg, lazy=True)
         elif isinstance(src, GGUFFile):  # gguf and int4 take the file's own codes and scales
-            weights = src.weights(cfg, native=method in ("gguf", "int4"))
+            # quantized, unsplit: the vocabulary tables come as int8 rows, never as float32
+            weights = src.weights(cfg, native=method in ("gguf", "int4"),
+                                  int8_tables=method != "none" and get_state().world_size == 1)
         else:
             weights = src.weights(cfg)
         net.load_weights(weights, dtype=torch_dtype, on_loaded=None if method == "none" else quantize_loaded)
@@ -219,6 +222,9 @@ def load_model(
             for m in net.modules():  # after an LM head tied otherwise has taken its own copy
                 if isinstance(m, VocabEmbedding) and m.tp_size == 1 and m.shared is None and m.weight is not None:
                     m.quantize()
+    for name, p in net.named_parameters():
+        if hasattr(p, "int8_rows"):  # a placeholder the quantizers did not consume: its floats were never read
+            raise ModelLoadError(path, f"internal: {name} was loaded as int8 rows but not quantized")
     loaded = LoadedModel(net, cfg, tokenizer, path, torch_dtype, time.perf_counter() - t0, method)
     logger.info("%s", loaded.describe())
     return loaded

@@ -196,21 +196,55 @@ class GGUFFile:
         t = self.tensors[name]
         return native_parts(t.data, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape.tolist())))
 
+    def forget_vocabulary(self) -> None:
+        """Drop the parsed vocabulary fields (tens of MB of small arrays) once the tokenizer is built,
+        and the file pages parsing touched."""
+        for key in [k for k in self.reader.fields if k.startswith("tokenizer.ggml.")]:
+            del self.reader.fields[key]
+        self._drop_pages(0, None)
+
     def release(self, name: str) -> None:
         """Drop the file pages of a tensor already read from this process's memory (they stay in the
-        OS page cache): a load then never holds the whole mapped file resident beside the weights."""
-        mm = getattr(self.reader.data, "_mmap", None)
+        OS page cache, and a later read maps them again): a load never holds the whole mapped file
+        resident beside the weights."""
         t = self.tensors[name]
+        self._drop_pages(int(t.data_offset), int(t.n_bytes))
+
+    def _drop_pages(self, offset: int, size: int | None) -> None:
+        mapped = getattr(self.reader, "_mmap", self.reader.data)  # see _open_reader
+        mm = getattr(mapped, "_mmap", None)
         if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(int(t.data_offset) + int(t.n_bytes), len(mm))
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = len(mm) if size is None else min(offset + size, len(mm))
         if end > start:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
-    def weights(self, cfg: ModelConfig, native: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def int8_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 2-D tensor as int8 rows with one scale each (quant.int8.quantize_rows), decoded a few
+        thousand rows at a time: a vocabulary table never exists in float32 (SmolLM2: 113 MB)."""
+        from gguf.quants import dequantize
+
+        from kvserve.quant.int8 import ROWS_PER_CHUNK, quantize_rows
+
+        t = self.tensors[name]
+        n, k = (int(x) for x in reversed(t.shape.tolist()))
+        raw = np.asarray(t.data).reshape(n, -1)
+        q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+        for r in range(0, n, ROWS_PER_CHUNK):
+            part = raw[r : r + ROWS_PER_CHUNK]
+            rows = dequantize_torch(part, t.tensor_type.name, (len(part), k))
+            if rows is None:
+                rows = torch.from_numpy(np.ascontiguousarray(dequantize(part, t.tensor_type), dtype=np.float32))
+            q[r : r + len(part)], scale[r : r + len(part)] = quantize_rows(rows.reshape(len(part), k))
+        return q, scale
+
+    def weights(self, cfg: ModelConfig, native: bool = False,
+                int8_tables: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint name in HF convention, float tensor) for every model tensor; with `native`, a
-        layer's weight in a native kernel's format also carries its codes and scales as `tensor.gguf_parts`."""
+        layer's weight in a native kernel's format also carries its codes and scales as `tensor.gguf_parts`.
+        With `int8_tables` the token embedding and LM head come as `tensor.int8_rows` on an untouched
+        float placeholder (never read: quantizing takes the rows; see load_model)."""
         names = _GPT2_NAMES if cfg.architecture == "gpt2" else _LLAMA_NAMES
         for gname in self.tensors:
             if gname == "rope_freqs.weight":
@@ -227,6 +261,12 @@ class GGUFFile:
                 if base not in names:
                     raise UnsupportedModelError(self.path, f"unexpected tensor {gname}")
                 hf = f"{names[base]}.{suffix}"
+            if int8_tables and base in ("token_embd", "output") and len(self.tensors[gname].shape) == 2:
+                w = torch.empty(tuple(int(x) for x in reversed(self.tensors[gname].shape.tolist())))
+                w.int8_rows = self.int8_rows(gname)
+                self.release(gname)
+                yield hf, w
+                continue
             w = self.dequantize(gname)
             # the layers' linears only (GPT-2's are stored transposed; embedding and LM head are not int4)
             blocks = self.native_parts(gname) if native and parts[0] == "blk" and cfg.architecture != "gpt2" else None

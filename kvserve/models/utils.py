@@ -9,6 +9,16 @@ from torch import nn
 
 from kvserve.errors import ModelLoadError
 
+# what a loader may attach to a checkpoint tensor for the quantizers (loader/gguf.py): its own
+# codes and scales, or an int8 table for an embedding or LM head
+CARRIED = ("gguf_parts", "int8_rows")
+
+
+def _carry(src: torch.Tensor, dst: torch.Tensor) -> None:
+    for attr in CARRIED:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
 
 def load_named_weights(
     model: nn.Module,
@@ -53,8 +63,7 @@ def load_named_weights(
                     name, f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}"
                 )
             new = nn.Parameter(tensor.to(target_dtype).contiguous(), requires_grad=False)
-            if hasattr(tensor, "gguf_parts"):  # a quantized checkpoint's own codes (loader/gguf.py)
-                new.gguf_parts = tensor.gguf_parts
+            _carry(tensor, new)
             setattr(owner, attr, new)
             if on_loaded is not None:
                 on_loaded(owner, attr)
@@ -66,8 +75,8 @@ def load_named_weights(
                 param.shard_loader = sharder
             setattr(owner, attr, param)
         converted = tensor.to(target_dtype)
-        if hasattr(tensor, "gguf_parts") and converted is not tensor:
-            converted.gguf_parts = tensor.gguf_parts
+        if converted is not tensor:
+            _carry(tensor, converted)
         owner.weight_loader(param, converted, shard_id)
         param.loaded_shards.add(shard_id)
         if on_loaded is not None and param.loaded_shards == set(owner.shard_offsets):

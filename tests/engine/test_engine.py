@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import TINY_VOCAB, make_tiny_hf, random_ids
 from kvserve import LLM, SamplingParams
@@ -383,8 +384,12 @@ def test_quantized_weights_batch_invariance(tiny_path, prompts, method):
     assert lm.quantization == method and f"{method} weights" in lm.describe()
     assert all(m.qweight is not None for m in lm.model.modules() if hasattr(m, "qweight"))
     ref = [greedy_generate(lm.model, [p], 16)[0] for p in prompts]
-    llm = engine(lm)
+    llm = engine(lm, kv_cache_dtype="float32")  # the reference loop attends in float32
     assert _tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == ref
+    llm = engine(lm)  # the default: a float16 cache on the quantized CPU path
+    assert llm.engine.kv_dtype == torch.float16
+    batched = _tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert batched == [_tokens(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts[:8]] + batched[8:]
     with pytest.raises(Exception, match="unknown method"):
         load_model(tiny_path, quantization="fp4")
     # auto leaves a float checkpoint alone

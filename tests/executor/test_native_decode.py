@@ -44,7 +44,7 @@ def int8_model(request, tmp_path_factory):
     return model
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float16])
 def test_fused_decode_matches_op_by_op(int8_model, cache_dtype):
     meta, caches = _caches(int8_model, cache_dtype, seed=7)
     assert NativeDecoder.supports(int8_model, caches)

@@ -23,7 +23,7 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                               const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
                               const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                               float scale, float *out) {
-    const int64_t group = H / Hkv, nd = D / 16, esz = dtype == 0 ? 4 : dtype == 1 ? 2 : 1;
+    const int64_t group = H / Hkv, nd = D / 16, esz = kv_cache_esize(dtype);
     const int64_t rowb = Hkv * D * esz; /* one token's K (or V) row, all heads */
     int64_t hstep = MAX_ACC / nd;
     hstep = hstep < 1 ? 1 : (hstep > group ? group : hstep);

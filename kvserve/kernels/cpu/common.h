@@ -35,7 +35,7 @@ typedef struct {
 typedef struct {
     int64_t hidden, n_heads, n_kv, head_dim, rot_dim, inter, block_size;
     float eps, attn_scale;
-    int32_t cache_dtype; /* 0 float32, 1 bfloat16, 2 int8 */
+    int32_t cache_dtype; /* 0 float32, 1 bfloat16, 2 int8, 3 float16 */
     const float *cos, *sin; /* [max_position, rot_dim] */
 } kv_model_t;
 

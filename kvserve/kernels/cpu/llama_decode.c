@@ -41,6 +41,27 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* float -> IEEE half, nearest even (as torch converts): overflow to infinity, gradual underflow */
+static inline uint16_t to_f16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to above 65504: infinity */
+    if (a < 0x38800000u) { /* below 2^-14: a subnormal half, m x 2^-24 */
+        const float x = fabsf(f) * 16777216.0f;              /* exact scaling by 2^24 */
+        return (uint16_t)(sign | (uint16_t)nearbyintf(x));  /* nearest even; 1024 is the smallest normal */
+    }
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u); /* nearest even on the 13 dropped bits */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+/* n floats -> halves as the fused step writes a float16 cache (tests hold it to torch's conversion) */
+void kv_to_f16(const float *x, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = to_f16(x[i]);
+}
+
 /* one head row of K or V into the cache, as kvserve.layers.attention.write_kv_cache stores it */
 static void store_row(void *cache, float *scales, int64_t row, const float *v, int64_t D, int dtype) {
     if (dtype == 0) {
@@ -48,6 +69,9 @@ static void store_row(void *cache, float *scales, int64_t row, const float *v, i
     } else if (dtype == 1) {
         uint16_t *dst = (uint16_t *)cache + row * D;
         for (int64_t i = 0; i < D; i++) dst[i] = to_bf16(v[i]);
+    } else if (dtype == 3) {
+        uint16_t *dst = (uint16_t *)cache + row * D;
+        for (int64_t i = 0; i < D; i++) dst[i] = to_f16(v[i]);
     } else {
         float amax = 0.0f;
         for (int64_t i = 0; i < D; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;

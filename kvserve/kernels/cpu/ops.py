@@ -139,7 +139,7 @@ def wide_gemm(x: torch.Tensor, wp: torch.Tensor, n: int, bits: int) -> torch.Ten
     return y
 
 
-_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.float16: 3}
 
 
 def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

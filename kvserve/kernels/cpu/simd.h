@@ -475,11 +475,15 @@ static inline vf vf_exp(vf x) {
     return vf_scale2(p, i);
 }
 
-/* 16 cache elements from index idx as float: dtype 0 float32, 1 bfloat16, 2 int8 (unscaled) */
+/* 16 cache elements from index idx as float: dtype 0 float32, 1 bfloat16, 2 int8 (unscaled), 3 float16 */
 static inline vf vf_load_cache(const void *base, int64_t idx, int dtype) {
     if (dtype == 0) return vf_load((const float *)base + idx);
     if (dtype == 1) return vf_load_bf16((const uint16_t *)base + idx);
+    if (dtype == 3) return vf_load_f16((const uint16_t *)base + idx);
     return vf_load_s8((const int8_t *)base + idx);
 }
+
+/* bytes per cache element of each dtype code */
+static inline int64_t kv_cache_esize(int dtype) { return dtype == 0 ? 4 : dtype == 2 ? 1 : 2; }
 
 #endif

@@ -23,14 +23,14 @@ CASES = [  # (query lens, seq lens): decodes only, and decodes mixed with prefil
 
 def _run(case, cache_dtype: torch.dtype, use_native: bool, monkeypatch) -> tuple[torch.Tensor, KVCache]:
     t = clone_cache(case.kv_cache)
-    if cache_dtype == torch.bfloat16:
-        t = tuple(x.to(torch.bfloat16) for x in t)
+    if cache_dtype in (torch.bfloat16, torch.float16):
+        t = tuple(x.to(cache_dtype) for x in t)
     cache = KVCache(*t)
     backend = CPUNativeAttentionBackend() if use_native else TorchAttentionBackend()
     return backend.run(case.q, case.k, case.v, cache, case.meta, 0.125), cache
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128)])
 @pytest.mark.parametrize("lens", CASES)
 def test_native_decode_matches_sdpa(monkeypatch, cache_dtype, heads, kv_heads, head_dim, lens):

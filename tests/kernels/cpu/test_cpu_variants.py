@@ -101,14 +101,14 @@ def test_gemms_bit_identical(isa, m, k, n):
 
 
 @pytest.mark.parametrize("isa", VARIANTS)
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float16])
 @pytest.mark.parametrize("q_lens, seq_lens", [([1] * 5, [1, 17, 200, 33, 64]), ([33, 1, 70, 5], [700, 90, 70, 5]),
                                               ([2, 31, 65], [2, 95, 300])])
 def test_attention_matches_scalar(isa, cache_dtype, q_lens, seq_lens):
     case = make_case(q_lens, seq_lens, 9, 3, 64, block_size=16, int8=cache_dtype == torch.int8, seed=len(q_lens))
     t = clone_cache(case.kv_cache)
-    if cache_dtype == torch.bfloat16:
-        t = tuple(x.to(torch.bfloat16) for x in t)
+    if cache_dtype in (torch.bfloat16, torch.float16):
+        t = tuple(x.to(cache_dtype) for x in t)
     cache = KVCache(*t)
     q, meta = case.q.contiguous(), case.meta
     decodes = [i for i, n in enumerate(q_lens) if n == 1]
@@ -163,3 +163,22 @@ def test_invariances_hold_on_every_variant(isa):
         whole = attend(0, n)
         assert torch.equal(torch.cat([attend(0, 37), attend(37, n)]), whole)
         assert torch.equal(torch.cat([attend(0, 100)] + [attend(t, t + 2) for t in range(100, n, 2)]), whole)
+
+
+@pytest.mark.parametrize("isa", [*VARIANTS, "scalar"])
+def test_float16_cache_rows_convert_as_torch_does(isa):
+    """The fused step writes a float16 cache row by row in C; the torch path converts with torch."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-9, 6, (4000,), generator=g),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0 ** -24, 2.0 ** -25,
+                                 3 * 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 * (1 - 2.0 ** -12), float("inf"),
+                                 -float("inf")]),
+                   (torch.arange(1, 2049, dtype=torch.float32) + 0.5) * 2.0 ** -10])  # ties
+    out = torch.empty(x.numel(), dtype=torch.int16)
+    with native.use_isa(isa):
+        native.library._lib().kv_to_f16(x.data_ptr(), x.numel(), out.data_ptr())
+    assert torch.equal(out.view(torch.float16), x.to(torch.float16))
+    nan, src = torch.empty(1, dtype=torch.int16), torch.tensor([float("nan")])
+    with native.use_isa(isa):
+        native.library._lib().kv_to_f16(src.data_ptr(), 1, nan.data_ptr())
+    assert nan.view(torch.float16).isnan().all()
