@@ -18,6 +18,8 @@ driven through its low-level batch API so both engines do the same work.
 
     python benchmarks/cpu_vs_llamacpp.py            # default model, 2 threads, 3 repetitions
     KVSERVE_CPU_ISA=avx2 python benchmarks/cpu_vs_llamacpp.py   # kvserve's AVX2 kernels on an AVX-512 CPU
+    # ... against llama.cpp built for AVX2 only: an AVX2 machine's pair on an AVX-512 CPU
+    KVSERVE_CPU_ISA=avx2 python benchmarks/cpu_vs_llamacpp.py --llamacpp-path /path/to/llcpp-avx2
 """
 
 from __future__ import annotations
@@ -185,7 +187,9 @@ def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
             nxt = decode([(nxt[s], lens[s] + step, s, True) for s in range(len(seqs))])
         return first - t0, time.perf_counter() - t0
 
-    return {**workloads(run, prompts), "version": lc.__version__}
+    info = lc.llama_print_system_info().decode()
+    simd = ",".join(k.split(":")[-1].strip() for k, _, v in (p.partition("=") for p in info.split("|")) if v.strip() == "1")
+    return {**workloads(run, prompts), "version": lc.__version__, "simd": simd}
 
 
 def memory_bandwidth_gb_s() -> float:
@@ -220,6 +224,8 @@ def spawn(kind: str, args: argparse.Namespace, quantization: str | None = None) 
     if quantization is not None:
         cmd += ["--quantization", quantization]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if kind == "llamacpp" and args.llamacpp_path:  # another llama-cpp-python build first (e.g. AVX2 only)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.llamacpp_path, env.get("PYTHONPATH")) if p)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -234,6 +240,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quantization", default=None, help=argparse.SUPPRESS)  # a worker's explicit -q
     p.add_argument("--extra-q", nargs="*", default=[], help="also run kvserve with each of these --quantization")
+    p.add_argument("--llamacpp-path", default=None,
+                   help="a directory holding another llama-cpp-python build (pip install --target DIR ...)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model is None:
@@ -259,7 +267,7 @@ def main() -> None:
     print(f"\nCPU: {cpu_isa()}; {args.threads} threads, {args.reps} repetitions (medians)")
     for r in rows:
         print(f"{r}: {runs[r][0]['weights']}; kernels {runs[r][0]['kernels']}")
-    print(f"llama-cpp-python {runs['llamacpp'][0]['version']}")
+    print(f"llama-cpp-python {runs['llamacpp'][0]['version']} ({runs['llamacpp'][0].get('simd', '?')})")
     print(f"{'':22s}" + "".join(f"{r:>22s}" for r in rows) + f"{'llama.cpp':>11s}")
     for k in keys:
         b = med[k]["llamacpp"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
@@ -143,7 +144,7 @@ def launch(args) -> tuple[subprocess.Popen, str]:
     return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
 
-LLAMA_N_CTX = 4096  # llama.cpp server's KV room in tokens (f16 K/V); kvserve gets the same in bf16
+LLAMA_N_CTX = 4096  # llama.cpp server's KV room in tokens (f16 K/V); kvserve gets the same in float16
 
 
 def launch_llamacpp(args) -> tuple[subprocess.Popen, str]:
@@ -155,7 +156,17 @@ def launch_llamacpp(args) -> tuple[subprocess.Popen, str]:
            "--interrupt_requests", "False"]
     if not getattr(args, "defaults", False):
         cmd += ["--n_ctx", str(LLAMA_N_CTX), "--n_batch", "512"]
-    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env=llamacpp_env(args)), port)
+
+
+def llamacpp_env(args) -> dict[str, str]:
+    """The environment of a llama.cpp process: --llamacpp-path puts another build of llama-cpp-python
+    first (e.g. one compiled for AVX2 only, to compare with kvserve's AVX2 kernels on an AVX-512 CPU)."""
+    env = dict(os.environ)
+    if getattr(args, "llamacpp_path", None):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.llamacpp_path, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def peak_rss_mib(proc: subprocess.Popen) -> float | None:
@@ -214,6 +225,8 @@ def main() -> None:
     ap.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp's server, then kvserve's")
     ap.add_argument("--threads", type=int, default=None, help="threads for the launched servers")
     ap.add_argument("--quantization", default=None, help="kvserve serve --quantization (default: its own, auto)")
+    ap.add_argument("--llamacpp-path", default=None,
+                    help="a directory holding another llama-cpp-python build (pip install --target DIR ...)")
     ap.add_argument("--defaults", action="store_true",
                     help="--vs-llamacpp: both servers at their defaults (no KV room, dtype or batch flags)")
     args = ap.parse_args()
@@ -261,8 +274,8 @@ def compare_llamacpp(args) -> None:
             from kvserve.loader.gguf import GGUFFile
 
             cfg = GGUFFile(args.model or default_model_path()).model_config()
-            per_token = cfg.num_layers * KVCache.bytes_per_token(cfg.num_kv_heads, cfg.head_dim, torch.bfloat16)
-            args.kv_cache_dtype = "bfloat16"
+            per_token = cfg.num_layers * KVCache.bytes_per_token(cfg.num_kv_heads, cfg.head_dim, torch.float16)
+            args.kv_cache_dtype = "float16"
             args.kv_cache_memory = str(LLAMA_N_CTX * per_token)
         if name == "kvserve":
             args.threads = args.threads or 2

@@ -2,7 +2,7 @@
 
 Q8_0, Q4_0 and Q4_1 are decoded to float here; every other type goes through `gguf.quants`, the
 reference implementation these are tested against. The formats the native kernels run (Q4_0,
-Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) are also read as codes, scales and minimums (`native_parts`), so a
+Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) are also read as codes, scales and minimums (`native_parts`), so a
 layer runs on the file's own numbers with no float round trip.
 """
 
@@ -95,7 +95,8 @@ def q4_parts(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> tuple[torch
 
 # -- every format the native kernels run, as codes, scales and minimums ----------------------------------
 
-NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
+NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
+Q5_BYTES = {"Q5_0": 2 + 4 + QK // 2, "Q5_1": 4 + 4 + QK // 2}  # d (and m), 32 high bits, 16 bytes of nibbles
 K_BLOCK = 256  # elements per K-quant super-block
 Q5_K_BYTES = 2 + 2 + 12 + K_BLOCK // 8 + K_BLOCK // 2
 Q6_K_BYTES = K_BLOCK // 2 + K_BLOCK // 4 + K_BLOCK // 16 + 2
@@ -167,6 +168,16 @@ def native_parts(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> BlockPa
         d = blocks[:, 0:2].contiguous().view(torch.float16).reshape(n, k // QK)
         codes = (blocks[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8).reshape(n, k)
         return BlockParts(8, codes, d.contiguous(), (-128 * d).contiguous())
+    if qtype in Q5_BYTES:  # llama.cpp's stand-in for K-quants where rows are not multiples of 256
+        b = _blocks(raw, Q5_BYTES[qtype])
+        at = 2 if qtype == "Q5_0" else 4
+        d = b[:, 0:2].contiguous().view(torch.float16).reshape(n, k // QK)
+        qh = b[:, at : at + 4].contiguous().view(torch.int32)  # bit j: element j's fifth bit
+        qs = b[:, at + 4 :]
+        high = ((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)
+        codes = (torch.cat((qs & 0x0F, qs >> 4), dim=1) | (high << 4)).reshape(n, k)
+        m = -16 * d if qtype == "Q5_0" else b[:, 2:4].contiguous().view(torch.float16).reshape(n, k // QK)
+        return BlockParts(5, codes, d.contiguous(), m.contiguous())
     if qtype == "Q6_K":
         b = _blocks(raw, Q6_K_BYTES)
         ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)

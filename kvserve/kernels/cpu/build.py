@@ -104,7 +104,8 @@ def build(isa: str | None = None, force: bool = False) -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    cmd = compile_command(cc, isa, flags)
+    # KVSERVE_CFLAGS: extra compiler flags, for tuning experiments (e.g. -DKV_Q4_MR=2 tile shapes)
+    cmd = compile_command(cc, isa, [*flags, *os.environ.get("KVSERVE_CFLAGS", "").split()])
     digest = hashlib.sha256(" ".join(cmd).encode())
     for name in (*_HEADERS, *_SOURCES):
         digest.update((_DIR / name).read_bytes())

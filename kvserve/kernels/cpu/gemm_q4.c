@@ -101,8 +101,17 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
         }                                                                                                   \
     }
 
+/* rows x 16-channel blocks per tile; override with -DKV_Q4_MR / -DKV_Q4_NR (KVSERVE_CFLAGS) to tune */
+#ifdef KV_Q4_MR
+#define MR4 KV_Q4_MR
+#else
 #define MR4 4
+#endif
+#ifdef KV_Q4_NR
+#define NR4 KV_Q4_NR
+#else
 #define NR4 2
+#endif
 TILE4(tile4_big, MR4, NR4)
 TILE4(tile4_1xNR, 1, NR4)
 TILE4(tile4_MRx1, MR4, 1)

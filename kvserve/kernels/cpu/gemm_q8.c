@@ -68,8 +68,16 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp) {
         }                                                                                                 \
     }
 
+#ifdef KV_Q8_MR
+#define MR KV_Q8_MR
+#else
 #define MR 4
+#endif
+#ifdef KV_Q8_NR
+#define NR KV_Q8_NR
+#else
 #define NR 3
+#endif
 TILE(tile_big, MR, NR)
 TILE(tile_1xNR, 1, NR)
 TILE(tile_MRx1, MR, 1)
