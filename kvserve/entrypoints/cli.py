@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
     sv.add_argument("--uvicorn-log-level", default="warning")
+    sv.add_argument("--fatal-grace-period", type=float, default=2.0,
+                    help="seconds between an engine crash (streams failed, /health 503) and the process exiting 1")
+    sv.add_argument("--keep-alive-on-fatal", action="store_true",
+                    help="after an engine crash keep the process up (answering 503) for debugging")
 
     sim = sub.add_parser("simulate", help="serving simulator: the real scheduler on a calibrated or roofline step-time model")
     add_engine_args(sim)
@@ -311,6 +316,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError("data parallel replicas of a tensor/pipeline-parallel engine are not supported yet")
     front = _LoadingApp()
     engines: list = []
+    fatal: list = []  # the engine error that ends the process
 
     def load() -> None:
         try:
@@ -332,6 +338,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         front.app = app
+        threading.Thread(target=watch, args=(async_engine,), name="kvserve-watch", daemon=True).start()
+
+    def watch(async_engine) -> None:  # type: ignore[no-untyped-def]
+        """An engine that crashed cannot serve again: exit non-zero so a supervisor restarts the process."""
+        while not server.should_exit and async_engine.error is None:
+            time.sleep(0.1)
+        if server.should_exit or args.keep_alive_on_fatal:
+            return
+        fatal.append(async_engine.error)
+        print(f"kvserve: error: the engine crashed ({async_engine.error!r}); exiting in {args.fatal_grace_period:g} s",
+              file=sys.stderr, flush=True)
+        time.sleep(args.fatal_grace_period)  # the failed streams' error events reach their clients
+        server.should_exit = True
 
     config = uvicorn.Config(front, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=10, lifespan="off")
@@ -342,7 +361,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for e in engines:
             e.shutdown()
-    return 2 if front.error else 0
+    return 2 if front.error else 1 if fatal else 0
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:
