@@ -57,6 +57,17 @@ class TinyServer:
                 out[name] = float(value)
         return out
 
+    def wait_idle(self, timeout: float = 10) -> dict[str, float]:
+        """The gauges once nothing runs, waits or holds a KV block (or at `timeout`); snapshots lag a step."""
+        deadline = time.time() + timeout
+        while True:
+            st = self.stats()
+            idle = (st["kvserve:num_requests_running"] == 0 and st["kvserve:num_requests_waiting"] == 0
+                    and st['kvserve:kv_cache_blocks{state="used"}'] == 0)
+            if idle or time.time() > deadline:
+                return st
+            time.sleep(0.1)
+
     headers: dict = {}
 
     def stop(self) -> tuple[int, str]:

@@ -69,7 +69,7 @@ def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
         assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"]
         for _ in range(3):
             assert _complete(s.url, GREEDY).json()["choices"][0]["text"] == ref
-        st = s.stats()
+        st = s.wait_idle()
         assert st["kvserve:num_requests_running"] == 0 and st['kvserve:kv_cache_blocks{state="used"}'] == 0
     finally:
         rc, out = s.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -15,11 +16,12 @@ from kvserve import __version__
 from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.entrypoints.openai import serving_chat, serving_completion, serving_models
 from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
+from kvserve.entrypoints.openai.limits import MAX_BODY_BYTES, BodyGuard
 from kvserve.entrypoints.openai.metrics import Metrics
 from kvserve.entrypoints.openai.state import OpenAIServingState, get_state
 from kvserve.errors import KVServeError
 
-MAX_BODY_BYTES = 4 * 2**20
+logger = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
@@ -29,11 +31,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     app.state.serving = OpenAIServingState(engine=engine, served_model_name=served_model_name,
                                            metrics=metrics or Metrics(), tokenizer=engine.tokenizer,
                                            max_model_len=engine.max_model_len, api_key=api_key)
+    app.add_middleware(BodyGuard)  # inner: runs after _guard (no body is read for a request without the key)
     app.middleware("http")(_guard)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(APIError, _api)
     app.add_exception_handler(KVServeError, _kv)
+    app.add_exception_handler(Exception, _internal)
     for module in (serving_models, serving_chat, serving_completion):
         app.include_router(module.router)
     return app
@@ -84,3 +88,9 @@ async def _api(_: Request, exc: APIError) -> JSONResponse:
 
 async def _kv(_: Request, exc: KVServeError) -> JSONResponse:
     return error_response(status_of(exc), str(exc))
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the client's fault: logged here; the client gets the envelope, never a traceback or a path."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error")

@@ -1,13 +1,26 @@
-"""OpenAI API request bodies (pydantic). Unknown fields are rejected by name, never ignored."""
+"""OpenAI API request bodies (pydantic). Unknown fields are rejected by name, never ignored; every
+field is bounded (the bounds that need the served model are in limits.py)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvserve.errors import InvalidRequestError
 from kvserve.sampling_params import SamplingParams
+
+
+MAX_N = 32  # samples per prompt
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_STOP = 16  # stop strings, each at most MAX_STOP_LEN characters
+MAX_STOP_LEN = 256
+MAX_LOGIT_BIAS = 300  # entries, each in [-100, 100] (OpenAI's bounds)
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 2048
+INT64 = 2**63
+StopStr = Annotated[str, Field(max_length=MAX_STOP_LEN)]
+ShortStr = Annotated[str, Field(max_length=256)]
 
 
 class StreamOptions(BaseModel):
@@ -18,28 +31,28 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: ShortStr | None = None
+    n: int = Field(1, le=MAX_N)  # the lower bound is SamplingParams' (its message names it)
+    stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, ignored
+    user: ShortStr | None = None  # accepted, ignored
     # extensions, as vLLM names them
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, lt=2**31)
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0, lt=2**31)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0  # scheduling priority (--scheduling-policy priority): lower runs first
+    priority: int = Field(0, ge=-(2**31), lt=2**31)  # scheduling priority (--scheduling-policy priority): lower runs first
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                         default_max_tokens: int | None = None) -> SamplingParams:
@@ -76,8 +89,8 @@ class _Common(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: str | list[dict[str, Any]] | None = Field(None, max_length=MAX_MESSAGES)
+    name: ShortStr | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -96,11 +109,11 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, lt=2**31)
+    max_completion_tokens: int | None = Field(None, lt=2**31)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
 
@@ -116,7 +129,7 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(16, lt=2**31)
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -140,4 +153,6 @@ class CompletionRequest(_Common):
             raise InvalidRequestError("prompt is empty")
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
+        if len(p) > MAX_PROMPTS:
+            raise InvalidRequestError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(p)}")
         return list(p)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from kvserve.entrypoints.openai.generation import collect, first_outputs, usage
+from kvserve.entrypoints.openai.limits import check_prompt, check_request
 from kvserve.entrypoints.openai.logprobs import chat_logprobs
 from kvserve.entrypoints.openai.protocol import ChatCompletionRequest
 from kvserve.entrypoints.openai.sse import DONE, error_event, stream_chunk
@@ -25,9 +27,11 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
     engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
     st.check_model(body.model)
     params = body.to_sampling_params(default_max_tokens=None)
+    check_request(body, st, params.max_tokens)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                           tokenize=True)
+    prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages,
+                                     add_generation_prompt=body.add_generation_prompt, tokenize=True)
+    await check_prompt(st, prompt)
     rid = st.new_id("chatcmpl")
     created = int(time.time())
     model = st.served_model_name

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from kvserve.engine.outputs import RequestOutput
 from kvserve.entrypoints.openai.generation import collect, first_outputs, usage
+from kvserve.entrypoints.openai.limits import check_prompt, check_request
 from kvserve.entrypoints.openai.logprobs import completion_logprobs
 from kvserve.entrypoints.openai.protocol import CompletionRequest
 from kvserve.entrypoints.openai.sse import DONE, error_event, stream_chunk
@@ -27,7 +28,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
     st.check_model(body.model)
     params = body.to_sampling_params(default_max_tokens=16)
+    check_request(body, st, params.max_tokens)
     prompts = body.prompts()
+    for p in prompts:
+        await check_prompt(st, p)
     rid = st.new_id("cmpl")
     created = int(time.time())
     model = st.served_model_name
