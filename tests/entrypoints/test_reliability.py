@@ -11,14 +11,18 @@ from serve_helpers import TinyServer
 
 GREEDY = {"prompt": [5, 17, 42, 99, 3], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
-# in the server process: an add of a prompt starting 7, 7, 7 holds the engine thread for a while
+# in the server process: an add of a prompt starting 7, 7, 7 holds the engine thread for a while; the
+# engine rejects a prompt starting 9, 9 (as it did out-of-vocab ids before the edge checked them)
 SLOW_ADD = """
 import time
 from kvserve.engine.llm_engine import LLMEngine
+from kvserve.errors import InvalidRequestError
 _add = LLMEngine.add_request
 def _slow(self, rid, prompt, *a, **k):
     if isinstance(prompt, list) and prompt[:3] == [7, 7, 7]:
         time.sleep(1.0)
+    if isinstance(prompt, list) and prompt[:2] == [9, 9]:
+        raise InvalidRequestError("rejected by the engine")
     return _add(self, rid, prompt, *a, **k)
 LLMEngine.add_request = _slow
 """
@@ -41,7 +45,7 @@ def _complete(url: str, body: dict, **kw) -> httpx.Response:
 
 
 def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
-    """The issue's reproduction: an out-of-vocab prompt whose client gives up while the engine is busy."""
+    """The issue's reproduction: a prompt the engine rejects, whose client gives up while the engine is busy."""
     import asyncio
 
     s = TinyServer(tiny_dir, pre=SLOW_ADD)
@@ -53,7 +57,7 @@ def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
                 gate = asyncio.ensure_future(c.post("/v1/completions", json={**GREEDY, "prompt": [7, 7, 7, 1]},
                                                     timeout=60))
                 await asyncio.sleep(0.3)  # the engine thread is inside the gate's add
-                for prompt in ([1, 99199426], [[1, 2], [99199426]]):
+                for prompt in ([9, 9, 1], [[1, 2], [9, 9]]):
                     try:
                         await c.post("/v1/completions", json={**GREEDY, "prompt": prompt}, timeout=0.2)
                     except httpx.TimeoutException:
@@ -65,6 +69,8 @@ def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
         assert asyncio.run(main()).status_code == 200
         time.sleep(1.0)
         assert httpx.get(f"{s.url}/health").status_code == 200
+        r = _complete(s.url, {**GREEDY, "prompt": [9, 9, 1]})
+        assert r.status_code == 400 and "rejected by the engine" in r.json()["error"]["message"]
         r = _complete(s.url, {**GREEDY, "prompt": [1, 99199426]})
         assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"]
         for _ in range(3):

@@ -46,7 +46,7 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     gen = engine.generate(rid, prompt, params)
-    (first,) = await first_outputs([gen])
+    (first,) = await first_outputs(request, [gen])
 
     def chunk(choices: list, usage_: dict | None = None) -> str:
         return stream_chunk(rid, "chat.completion.chunk", created, model, choices, include_usage, usage_)

@@ -62,7 +62,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     gens = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-    firsts = await first_outputs(gens)
+    firsts = await first_outputs(request, gens)
 
     def chunk(choices: list, usage_: dict | None = None) -> str:
         return stream_chunk(rid, "text_completion", created, model, choices, include_usage, usage_)
@@ -113,7 +113,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             for t in tasks:
                 t.cancel()
             for g in gens:
-                await g.aclose()
+                if not g.ag_running:  # one a pump is inside ends (and aborts its request) as that pump is cancelled
+                    await g.aclose()
         yield DONE
 
     return StreamingResponse(stream(), media_type="text/event-stream")
