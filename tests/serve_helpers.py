@@ -11,6 +11,17 @@ import time
 
 import httpx
 
+# Python for TinyServer(pre=...): every engine step takes 20 ms longer, so requests queue and last
+SLOW_STEP = """
+import time
+from kvserve.engine.llm_engine import LLMEngine
+_step = LLMEngine.step
+def _slow(self):
+    time.sleep(0.02)
+    return _step(self)
+LLMEngine.step = _slow
+"""
+
 TINY_ARGS = ("--max-model-len", "128", "--kv-cache-memory", "2MiB", "--max-num-seqs", "32")
 
 

@@ -39,13 +39,19 @@ class EngineDeadError(KVServeError):
 
 
 class QueueFullError(KVServeError):
-    """Too many requests waiting; maps to HTTP 429."""
+    """Too many requests waiting; maps to HTTP 429 (with Retry-After)."""
+
+
+class RequestTimeoutError(KVServeError):
+    """The request ran past its deadline (--request-timeout) and was aborted; maps to HTTP 408."""
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 request_timeout: float | None = None) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.request_timeout = request_timeout  # seconds from arrival to the last output
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -178,7 +184,9 @@ class AsyncLLMEngine:
         """Yield the request's outputs as steps produce them; aborts it if the consumer goes away."""
         if not self.alive:
             raise EngineDeadError("engine is not running")
-        if self.max_waiting_requests is not None and self.num_waiting() >= self.max_waiting_requests:
+        # waiting in the scheduler, plus adds the engine thread has not applied yet
+        if self.max_waiting_requests is not None and \
+                self.num_waiting() + self._commands.qsize() >= self.max_waiting_requests:
             raise QueueFullError(f"too many waiting requests ({self.max_waiting_requests}); retry later")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -189,16 +197,26 @@ class AsyncLLMEngine:
             self._streams[request_id] = (loop, q)
             self._commands.put(("add", request_id, prompt, params, fut))
         finished = False
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
+
+        async def before_deadline(aw):  # noqa: ANN001, ANN202
+            if deadline is None:
+                return await aw
+            try:
+                return await asyncio.wait_for(aw, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RequestTimeoutError(f"request exceeded --request-timeout ({self.request_timeout:g} s)") from None
+
         try:
             try:
-                await asyncio.wrap_future(fut)  # validation errors raise here
+                await before_deadline(asyncio.wrap_future(fut))  # validation errors raise here
             except BaseException:
                 # rejected, or cancelled before the engine took it (it then skips the add): nothing to
                 # abort (the id may even be another request's). Cancelled once taken: the abort follows it.
                 finished = fut.cancelled() or (fut.done() and fut.exception() is not None)
                 raise
             while True:
-                item = await q.get()
+                item = await before_deadline(q.get())
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -122,9 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-parallel routing policy")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or set KVSERVE_API_KEY)")
+    sv.add_argument("--api-key", default=None,
+                    help="require this bearer token on every route but /health (or set KVSERVE_API_KEY)")
+    sv.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
+    sv.add_argument("--request-timeout", type=float, default=None,
+                    help="seconds a request may take in all; past it, it is aborted and answered 408")
     sv.add_argument("--uvicorn-log-level", default="warning")
     sv.add_argument("--fatal-grace-period", type=float, default=2.0,
                     help="seconds between an engine crash (streams failed, /health 503) and the process exiting 1")
@@ -329,10 +333,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
             return
         name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
-        fronts = [AsyncLLMEngine(e, max_waiting_requests=args.max_waiting_requests) for e in replicas]
+        fronts = [AsyncLLMEngine(e, max_waiting_requests=args.max_waiting_requests,
+                                 request_timeout=args.request_timeout) for e in replicas]
         async_engine = fronts[0] if dp == 1 else DataParallelEngine(fronts, args.routing)
         engines.append(async_engine)
-        app = build_app(async_engine, name, default_api_key(args.api_key), Metrics())
+        app = build_app(async_engine, name, default_api_key(args.api_key), Metrics(), args.metrics_public)
         server.app_state = app.state
         print(f"model: {engine.lm.describe()}", file=sys.stderr)
         print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from serve_helpers import TinyServer
+from serve_helpers import SLOW_STEP, TinyServer
 
 N = 200
 MAX_TOKENS = 16
@@ -83,15 +83,6 @@ def test_disconnect_storm_frees_everything(server):
         "choices"][0]["text"] == ref[4]
 
 
-SLOW_STEP = """
-import time
-from kvserve.engine.llm_engine import LLMEngine
-_step = LLMEngine.step
-def _slow(self):
-    time.sleep(0.02)
-    return _step(self)
-LLMEngine.step = _slow
-"""
 
 
 def test_dropped_while_queued_never_runs(tiny_dir):

@@ -26,12 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              metrics: Metrics | None = None) -> FastAPI:
+              metrics: Metrics | None = None, metrics_public: bool = False) -> FastAPI:
     app = FastAPI(title="kvserve", version=__version__)
     app.state.ready = True  # the CLI turns it False while draining on SIGTERM
     app.state.serving = OpenAIServingState(engine=engine, served_model_name=served_model_name,
                                            metrics=metrics or Metrics(), tokenizer=engine.tokenizer,
-                                           max_model_len=engine.max_model_len, api_key=api_key)
+                                           max_model_len=engine.max_model_len, api_key=api_key,
+                                           metrics_public=metrics_public)
     app.add_middleware(BodyGuard)  # inner: runs after Guard (no body is read for a request without the key)
     app.add_middleware(Guard)
     app.add_exception_handler(RequestValidationError, _validation)
@@ -50,7 +51,8 @@ def default_api_key(flag: str | None) -> str | None:
 
 
 class Guard:
-    """/v1 only: the API key, the declared body size, and readiness, before anything reads the body.
+    """The API key on every route but /health (and /metrics with --metrics-public); on /v1 also the declared
+    body size and readiness; all before anything reads the body.
 
     Plain ASGI, not `app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's disconnect
     from `request.is_disconnected()`, and a request whose client left must be aborted at once."""
@@ -59,7 +61,7 @@ class Guard:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http":
             refusal = _refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)
@@ -71,10 +73,14 @@ def _refusal(scope: Scope) -> Response | None:
     app = scope["app"]
     st: OpenAIServingState = app.state.serving
     headers = Headers(scope=scope)
-    if st.api_key is not None:
+    path = scope["path"]
+    public = path == "/health" or (path == "/metrics" and st.metrics_public)
+    if st.api_key is not None and not public:
         auth = headers.get("authorization", "")
         if not secrets.compare_digest(auth.encode(), f"Bearer {st.api_key}".encode()):
             return error_response(401, "invalid or missing API key", code="invalid_api_key")
+    if not path.startswith("/v1"):
+        return None
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         return error_response(413, f"request body exceeds {MAX_BODY_BYTES} bytes")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from kvserve.engine.async_engine import EngineDeadError, QueueFullError
+from kvserve.engine.async_engine import EngineDeadError, QueueFullError, RequestTimeoutError
 from kvserve.errors import InvalidRequestError, KVServeError
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+RETRY_AFTER_S = 1  # the Retry-After of a 429
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout",
                413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
                500: "internal_server_error"}
 
@@ -15,7 +17,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code or status}}
-    return JSONResponse(body, status_code=status)
+    headers = {"retry-after": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class APIError(Exception):
@@ -28,6 +31,8 @@ def status_of(e: BaseException) -> int:
     """The HTTP status for an exception raised while serving a request."""
     if isinstance(e, QueueFullError):
         return 429
+    if isinstance(e, RequestTimeoutError):
+        return 408
     if isinstance(e, EngineDeadError):
         return 503
     if isinstance(e, (InvalidRequestError, KVServeError)):
