@@ -86,6 +86,8 @@ BAD_FIELDS = [
     (("/v1/completions", {"prompt": [[1, 2]] * 65}), "prompt"),
     (("/v1/completions", {"prompt": [1, TINY_VOCAB]}), "out of vocabulary"),
     (chat(user="u" * 257), "user"),
+    (("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2049}]}),
+     "content"),
     (chat(metadata={str(i): "v" for i in range(17)}), "metadata"),
     (chat(prompt_cache_key="k" * 257), "prompt_cache_key"),
     # issue20's routes, under the same edge checks

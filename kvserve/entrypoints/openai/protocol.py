@@ -120,7 +120,8 @@ class _Common(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = Field(None, max_length=MAX_MESSAGES)
+    # the bound is on the parts (a Field max_length here would cap a string's characters); text: check_prompt
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
     name: ShortStr | None = None
 
     def text(self) -> str:
