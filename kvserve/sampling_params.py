@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from kvserve.errors import InvalidRequestError
@@ -71,12 +72,18 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be >= 1, got {self.n}")
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                bad(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not all(math.isfinite(v) for v in self.logit_bias.values()):
+            bad("logit_bias values must be finite numbers")
         if self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            bad(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+        if not -1 <= self.top_k < 2**31:
+            bad(f"top_k must be -1 (off) or in [0, 2**31), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
@@ -92,8 +99,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0 or v > 20):
                 bad(f"{name} must be an integer in [0, 20], got {v}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             bad(f"priority must be an integer, got {self.priority!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

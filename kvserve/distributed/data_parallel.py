@@ -95,6 +95,11 @@ class DataParallelEngine:
         return all(r.alive for r in self.replicas)
 
     @property
+    def error(self) -> BaseException | None:
+        """The first replica's crash, if any (one dead replica makes the server unhealthy)."""
+        return next((r.error for r in self.replicas if r.error is not None), None)
+
+    @property
     def tokenizer(self) -> Tokenizer:
         return self.replicas[0].tokenizer
 

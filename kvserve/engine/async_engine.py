@@ -4,12 +4,18 @@ The engine is not thread-safe, so every mutation (add, abort, step) happens on t
 thread; the event loop sends commands through a queue and receives outputs through per-request
 asyncio queues. PyTorch releases the GIL inside its kernels, so HTTP handling keeps running
 while a step computes, and a step never waits for a slow client.
+
+Failure isolation: a command that fails (one request's add or abort) fails that request only and
+the loop goes on; a future is completed at most once, never after its caller cancelled it. A step
+that raises breaks an engine invariant: the loop stops, every open stream and queued add gets
+EngineDeadError, and `error` is set (the server then answers 503 and exits, see cli.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -19,7 +25,7 @@ from collections.abc import AsyncIterator
 from kvserve.config import ModelConfig
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.engine.outputs import RequestOutput
-from kvserve.errors import KVServeError
+from kvserve.errors import InvalidRequestError, KVServeError
 from kvserve.loader.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 
@@ -33,16 +39,23 @@ class EngineDeadError(KVServeError):
 
 
 class QueueFullError(KVServeError):
-    """Too many requests waiting; maps to HTTP 429."""
+    """Too many requests waiting; maps to HTTP 429 (with Retry-After)."""
+
+
+class RequestTimeoutError(KVServeError):
+    """The request ran past its deadline (--request-timeout) and was aborted; maps to HTTP 408."""
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 request_timeout: float | None = None) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.request_timeout = request_timeout  # seconds from arrival to the last output
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
+        self._closed = False  # set under _lock when the loop ends: no command is accepted after it
         self._stop = threading.Event()
         self.error: BaseException | None = None
         # engine statistics, refreshed on the engine thread; readers never touch live engine state
@@ -81,7 +94,7 @@ class AsyncLLMEngine:
                 except queue.Empty:
                     cmd = None
                 while cmd is not None:
-                    self._apply(cmd)
+                    self._apply_isolated(cmd)
                     try:
                         cmd = self._commands.get_nowait()
                     except queue.Empty:
@@ -100,10 +113,31 @@ class AsyncLLMEngine:
             logger.exception("engine loop crashed")
             self.error = e
         finally:
-            with self._lock:
-                streams = list(self._streams)
-            for rid in streams:
-                self._deliver(rid, EngineDeadError(f"engine stopped: {self.error or 'shutdown'}"))
+            self._close()
+
+    def _close(self) -> None:
+        """Fail every open stream and every add still queued; later generate() calls fail at once."""
+        dead = EngineDeadError(f"engine stopped: {self.error or 'shutdown'}")
+        with self._lock:
+            self._closed = True
+            streams = list(self._streams)
+        for rid in streams:
+            self._deliver(rid, dead)
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                _settle(cmd[-1], dead)
+
+    def _apply_isolated(self, cmd: tuple) -> None:
+        """Apply one command; an Exception fails that command's request only."""
+        try:
+            self._apply(cmd)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the loop
+            logger.exception("engine command %r for request %s failed", cmd[0], cmd[1])
+            self._deliver(cmd[1], e)
 
     def _apply(self, cmd: tuple) -> None:
         kind = cmd[0]
@@ -115,12 +149,15 @@ class AsyncLLMEngine:
                 return
             try:
                 self.engine.add_request(rid, prompt, params)
-            except BaseException as e:
+            except Exception as e:
                 with self._lock:
                     self._streams.pop(rid, None)
-                fut.set_exception(e)
+                if not isinstance(e, InvalidRequestError):  # not a clean rejection: drop any half-added state
+                    with contextlib.suppress(Exception):
+                        self.engine.abort_request(rid)
+                _settle(fut, e)
                 return
-            fut.set_result(None)
+            _settle(fut, None)
         elif kind == "abort":
             self.engine.abort_request(cmd[1])
 
@@ -132,7 +169,11 @@ class AsyncLLMEngine:
             if isinstance(item, BaseException) or item.finished:
                 self._streams.pop(rid, None)
         loop, q = entry
-        loop.call_soon_threadsafe(q.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # that client's event loop is closed: nobody is listening
+            with self._lock:
+                self._streams.pop(rid, None)
 
     # -- asyncio side -------------------------------------------------------------------
 
@@ -143,25 +184,39 @@ class AsyncLLMEngine:
         """Yield the request's outputs as steps produce them; aborts it if the consumer goes away."""
         if not self.alive:
             raise EngineDeadError("engine is not running")
-        if self.max_waiting_requests is not None and self.num_waiting() >= self.max_waiting_requests:
+        # waiting in the scheduler, plus adds the engine thread has not applied yet
+        if self.max_waiting_requests is not None and \
+                self.num_waiting() + self._commands.qsize() >= self.max_waiting_requests:
             raise QueueFullError(f"too many waiting requests ({self.max_waiting_requests}); retry later")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self._streams[request_id] = (loop, q)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("add", request_id, prompt, params, fut))
+        with self._lock:  # with the loop's _close: a command is either drained by it or taken by the loop
+            if self._closed:
+                raise EngineDeadError(f"engine stopped: {self.error or 'shutdown'}")
+            self._streams[request_id] = (loop, q)
+            self._commands.put(("add", request_id, prompt, params, fut))
         finished = False
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
+
+        async def before_deadline(aw):  # noqa: ANN001, ANN202
+            if deadline is None:
+                return await aw
+            try:
+                return await asyncio.wait_for(aw, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RequestTimeoutError(f"request exceeded --request-timeout ({self.request_timeout:g} s)") from None
+
         try:
             try:
-                await asyncio.wrap_future(fut)  # validation errors raise here
+                await before_deadline(asyncio.wrap_future(fut))  # validation errors raise here
             except BaseException:
                 # rejected, or cancelled before the engine took it (it then skips the add): nothing to
                 # abort (the id may even be another request's). Cancelled once taken: the abort follows it.
                 finished = fut.cancelled() or (fut.done() and fut.exception() is not None)
                 raise
             while True:
-                item = await q.get()
+                item = await before_deadline(q.get())
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -178,3 +233,14 @@ class AsyncLLMEngine:
         self._stop.set()
         self._thread.join(timeout)
         self.engine.shutdown()  # parallel workers, if any
+
+
+def _settle(fut: concurrent.futures.Future, error: BaseException | None) -> None:
+    """Complete `fut` unless it is already done (cancelled by its caller, or completed): never twice."""
+    if fut.done():
+        return
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # raced a cancel
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)

@@ -66,6 +66,10 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling params must be a SamplingParams")
         text, ids = self.tokenize(prompt)
+        for name, tokens in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+            if bad:  # a negative or too-large id would index the logits out of range inside the step
+                raise InvalidRequestError(f"{name}: token id {bad[0]} is out of vocabulary (size {self.vocab_size})")
         limit = self._token_limit(len(ids), params)
         eos = self.tokenizer.eos_token_ids
         children: list[Request] = []

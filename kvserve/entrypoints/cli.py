@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,12 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-parallel routing policy")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or set KVSERVE_API_KEY)")
+    sv.add_argument("--api-key", default=None,
+                    help="require this bearer token on every route but /health (or set KVSERVE_API_KEY)")
+    sv.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
+    sv.add_argument("--request-timeout", type=float, default=None,
+                    help="seconds a request may take in all; past it, it is aborted and answered 408")
     sv.add_argument("--uvicorn-log-level", default="warning")
     sv.add_argument("--disable-log-requests", action="store_true",
                     help="no per-request log line (id, route, status, tokens, TTFT, e2e; the reason of each error)")
+    sv.add_argument("--fatal-grace-period", type=float, default=2.0,
+                    help="seconds between an engine crash (streams failed, /health 503) and the process exiting 1")
+    sv.add_argument("--keep-alive-on-fatal", action="store_true",
+                    help="after an engine crash keep the process up (answering 503) for debugging")
 
     sim = sub.add_parser("simulate", help="serving simulator: the real scheduler on a calibrated or roofline step-time model")
     add_engine_args(sim)
@@ -315,6 +324,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engines: list = []
     if not args.disable_log_requests:  # request lines at INFO, whatever -v says
         logging.getLogger("kvserve.requests").setLevel(logging.INFO)
+    fatal: list = []  # the engine error that ends the process
 
     def load() -> None:
         try:
@@ -327,16 +337,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
             return
         name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
-        fronts = [AsyncLLMEngine(e, max_waiting_requests=args.max_waiting_requests) for e in replicas]
+        fronts = [AsyncLLMEngine(e, max_waiting_requests=args.max_waiting_requests,
+                                 request_timeout=args.request_timeout) for e in replicas]
         async_engine = fronts[0] if dp == 1 else DataParallelEngine(fronts, args.routing)
         engines.append(async_engine)
         app = build_app(async_engine, name, default_api_key(args.api_key), Metrics(),
-                        log_requests=not args.disable_log_requests)
+                        metrics_public=args.metrics_public, log_requests=not args.disable_log_requests)
         server.app_state = app.state
         print(f"model: {engine.lm.describe()}", file=sys.stderr)
         print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
         front.app = app
+        threading.Thread(target=watch, args=(async_engine,), name="kvserve-watch", daemon=True).start()
+
+    def watch(async_engine) -> None:  # type: ignore[no-untyped-def]
+        """An engine that crashed cannot serve again: exit non-zero so a supervisor restarts the process."""
+        while not server.should_exit and async_engine.error is None:
+            time.sleep(0.1)
+        if server.should_exit or args.keep_alive_on_fatal:
+            return
+        fatal.append(async_engine.error)
+        print(f"kvserve: error: the engine crashed ({async_engine.error!r}); exiting in {args.fatal_grace_period:g} s",
+              file=sys.stderr, flush=True)
+        time.sleep(args.fatal_grace_period)  # the failed streams' error events reach their clients
+        server.should_exit = True
 
     config = uvicorn.Config(front, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=10, lifespan="off")
@@ -347,7 +371,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for e in engines:
             e.shutdown()
-    return 2 if front.error else 0
+    return 2 if front.error else 1 if fatal else 0
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:

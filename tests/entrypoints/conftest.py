@@ -1,5 +1,6 @@
-"""An in-process OpenAI-compatible app over a tiny random Llama, driven through Starlette's TestClient
-(a real httpx client: the official openai client runs on it unmodified)."""
+"""Fixtures: an in-process OpenAI-compatible app over a tiny random Llama, driven through Starlette's
+TestClient (a real httpx client: the official openai client runs on it unmodified); and the tiny
+model's directory for live-server tests (the server itself: tests/serve_helpers.py)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def http(tiny_app):
 @pytest.fixture(scope="module")
 def oai(http):
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny-serve"), "llama")

@@ -90,7 +90,7 @@ def test_engine_kwargs_from_flags():
     (dict(swap_space="-1GiB"), "swap_space must be a byte size >= 0, got '-1GiB'"),
     (dict(max_model_len=-1), "max_model_len must be an integer >= 0 or None, got -1"),
     (dict(scheduling_max_wait=0), r"scheduling_max_wait must be a number > 0 or None, got 0"),
-    (dict(quantization="int3"), "quantization must be one of auto, none, int8, int4, got 'int3'"),
+    (dict(quantization="int3"), "quantization must be one of auto, none, gguf, int8, int4, got 'int3'"),
     (dict(preemption_mode="drop"), "preemption_mode must be one of recompute, swap, auto, got 'drop'"),
     (dict(attention_backend="flash"), "attention_backend must be one of auto, torch, cpu, triton, got 'flash'"),
     (dict(block_size=0), "block_size must be an integer >= 1, got 0"),

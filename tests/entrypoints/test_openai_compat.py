@@ -158,3 +158,10 @@ def test_ignored_fields_are_declared_and_in_the_readme():
             assert name.split(".", 1)[1] in StreamOptions.model_fields
         else:
             assert name in ChatCompletionRequest.model_fields and name in ResponsesRequest.model_fields, name
+
+
+def test_long_message_text_is_not_capped_by_the_parts_bound(http):
+    """A message's text is bounded by the prompt checks, not by the 2048-part bound on content lists."""
+    r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "ab " * 1500}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] > 1500

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from kvserve.engine.async_engine import EngineDeadError, QueueFullError
+from kvserve.engine.async_engine import EngineDeadError, QueueFullError, RequestTimeoutError
 from kvserve.errors import InvalidRequestError, KVServeError
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+RETRY_AFTER_S = 1  # the Retry-After of a 429
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout",
                413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
                500: "internal_server_error"}
+
+
+# The `code` of a status when the raiser names none (OpenAI's spelling where it has one); any other status: null
+ERROR_CODES = {401: "invalid_api_key", 408: "request_timeout", 413: "payload_too_large", 429: "rate_limit_exceeded",
+               500: "internal_error"}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error object: `code` is a string (e.g. "model_not_found") or null, never the status."""
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+                      "param": param, "code": code if code is not None else ERROR_CODES.get(status)}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    headers = {"retry-after": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 class APIError(Exception):
@@ -32,6 +40,8 @@ def status_of(e: BaseException) -> int:
     """The HTTP status for an exception raised while serving a request."""
     if isinstance(e, QueueFullError):
         return 429
+    if isinstance(e, RequestTimeoutError):
+        return 408
     if isinstance(e, EngineDeadError):
         return 503
     if isinstance(e, (InvalidRequestError, KVServeError)):

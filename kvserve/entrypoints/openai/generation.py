@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
@@ -16,43 +16,61 @@ if TYPE_CHECKING:
     from kvserve.distributed.data_parallel import DataParallelEngine
     from kvserve.engine.async_engine import AsyncLLMEngine
 
+T = TypeVar("T")
+
+
+DISCONNECT_POLL_S = 0.1
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response started; nobody reads what is returned."""
+
+
+async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await `aw`, cancelling it (its request is then aborted) as soon as the client disconnects."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
 
 async def collect(engine: AsyncLLMEngine | DataParallelEngine, request: Request, rid: str, prompt: str | list[int],
                   params: SamplingParams) -> RequestOutput:
     """Non-streaming: run to completion unless the client disconnects first."""
     gen = engine.generate(rid, prompt, params)
-    last: RequestOutput | None = None
     rec = record_of(request)
 
-    async def consume() -> None:
-        nonlocal last
+    async def consume() -> RequestOutput | None:
+        last = None
         async for out in gen:
             last = out
             rec.observe(out)
+        return last
 
-    task = asyncio.ensure_future(consume())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                break
-        await task
+        last = await unless_disconnected(request, consume())
     finally:
-        if not task.done():
-            task.cancel()
         await gen.aclose()
     assert last is not None
     return last
 
 
-async def first_outputs(gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
+async def first_outputs(request: Request, gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
     """Each stream's first output before the response starts, so that a rejected request is an
-    HTTP error (via the KVServeError handler) rather than a broken stream; closes all on failure."""
+    HTTP error (via the KVServeError handler) rather than a broken stream; closes all on failure
+    (the client disconnecting while its request waits or prefills included)."""
     firsts = []
     try:
         for g in gens:
-            firsts.append(await g.__anext__())
+            firsts.append(await unless_disconnected(request, g.__anext__()))
     except BaseException:
         for g in gens:
             await g.aclose()

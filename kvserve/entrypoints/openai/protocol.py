@@ -2,17 +2,35 @@
 
 An unknown field is rejected by name, never silently dropped; documented OpenAI fields that change
 nothing here are declared and ignored (IGNORED_FIELDS, listed in the README). A null is the field's
-default, as OpenAI treats it.
+default, as OpenAI treats it. Every field is bounded (the bounds that need the served model are in
+limits.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvserve.errors import InvalidRequestError
 from kvserve.sampling_params import SamplingParams
+
+
+MAX_N = 32  # samples per prompt
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_STOP = 16  # stop strings, each at most MAX_STOP_LEN characters
+MAX_STOP_LEN = 256
+MAX_LOGIT_BIAS = 300  # entries, each in [-100, 100] (OpenAI's bounds)
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 2048
+MAX_METADATA = 16  # OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512
+MAX_TOKEN_IDS = 2**20  # token ids in one /detokenize request (the body limit bounds them too)
+MAX_TEXT_CHARS = 2**20  # a /tokenize prompt, /v1/responses instructions (a prompt for the engine: max_model_len)
+INT64 = 2**63
+StopStr = Annotated[str, Field(max_length=MAX_STOP_LEN)]
+ShortStr = Annotated[str, Field(max_length=256)]
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=MAX_METADATA)]
 
 
 class _Body(BaseModel):
@@ -39,34 +57,34 @@ IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key
 
 
 class _Common(_Body):
-    model: str | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: ShortStr | None = None
+    n: int = Field(1, le=MAX_N)  # the lower bound is SamplingParams' (its message names it)
+    stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # accepted, ignored (IGNORED_FIELDS)
-    user: str | None = None
+    user: ShortStr | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
+    metadata: Metadata | None = None
+    service_tier: ShortStr | None = None
+    prompt_cache_key: ShortStr | None = None
+    safety_identifier: ShortStr | None = None
     # extensions, as vLLM names them
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, lt=2**31)
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0, lt=2**31)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0  # scheduling priority (--scheduling-policy priority): lower runs first
+    priority: int = Field(0, ge=-(2**31), lt=2**31)  # scheduling priority (--scheduling-policy priority): lower runs first
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                         default_max_tokens: int | None = None) -> SamplingParams:
@@ -102,8 +120,9 @@ class _Common(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    # the bound is on the parts (a Field max_length here would cap a string's characters); text: check_prompt
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
+    name: ShortStr | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -122,11 +141,11 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, lt=2**31)
+    max_completion_tokens: int | None = Field(None, lt=2**31)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     parallel_tool_calls: bool | None = None  # accepted, ignored: no tools here (a `tools` field is a 400)
@@ -143,7 +162,7 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(16, lt=2**31)
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -174,6 +193,8 @@ class CompletionRequest(_Common):
             raise InvalidRequestError("prompt is empty")
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
+        if len(p) > MAX_PROMPTS:
+            raise InvalidRequestError(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(p)}")
         return list(p)  # type: ignore[arg-type]
 
 
@@ -183,10 +204,11 @@ def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 class TokenizeRequest(_Body):
-    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered through the chat template."""
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered through the chat template. As vLLM, the count
+    is not held to max_model_len (that is what a client asks /tokenize about); the text is bounded instead."""
+    model: ShortStr | None = None
+    prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True  # messages only
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
     return_token_strs: bool = False
@@ -202,36 +224,36 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
-    model: str | None = None
-    tokens: list[int]
+    model: ShortStr | None = None
+    tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
 
 
 class ResponsesRequest(_Body):
     """POST /v1/responses: text or message items in, one assistant message out (no tools, no stored state)."""
-    model: str | None = None
-    input: str | list[dict[str, Any]]
-    instructions: str | None = None
-    max_output_tokens: int | None = None
+    model: ShortStr | None = None
+    input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]  # the prompt: limits.check_prompt
+    instructions: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    max_output_tokens: int | None = Field(None, lt=2**31)  # against max_model_len: limits.check_request
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = False
     text: dict[str, Any] | None = None  # only {"format": {"type": "text"}}
     truncation: Literal["disabled"] = "disabled"
     tool_choice: Literal["none", "auto"] | None = None  # there are no tools: either means none
-    tools: list[Any] | None = None  # only empty
-    include: list[str] | None = None  # only empty
+    tools: list[Any] | None = Field(None, max_length=MAX_STOP)  # only empty
+    include: list[ShortStr] | None = Field(None, max_length=MAX_STOP)  # only empty
     stream_options: StreamOptions | None = None  # only include_obfuscation here, ignored
     # accepted, ignored (IGNORED_FIELDS)
-    user: str | None = None
+    user: ShortStr | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
+    metadata: Metadata | None = None
+    service_tier: ShortStr | None = None
+    prompt_cache_key: ShortStr | None = None
+    safety_identifier: ShortStr | None = None
     parallel_tool_calls: bool | None = None
     # extensions, as for chat
-    top_k: int | None = None
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, lt=2**31)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
 
     def messages(self) -> list[dict[str, str]]:
         """The conversation for the chat template: instructions as the system message, then the input items."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from kvserve.entrypoints.openai.generation import collect, first_outputs, stream_usage, usage, usage_of
+from kvserve.entrypoints.openai.limits import check_prompt, check_request
 from kvserve.entrypoints.openai.logprobs import chat_logprobs
 from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, chat_dicts
 from kvserve.entrypoints.openai.request_log import record_of
@@ -26,9 +28,11 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
     engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
     st.check_model(body.model)
     params = body.to_sampling_params(default_max_tokens=None)
+    check_request(body, st, params.max_tokens)
     messages = chat_dicts(body.messages)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                           tokenize=True)
+    prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages,
+                                     add_generation_prompt=body.add_generation_prompt, tokenize=True)
+    await check_prompt(st, prompt)
     rid = st.new_id("chatcmpl")
     rec = record_of(request, rid)
     created = int(time.time())
@@ -44,7 +48,7 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
 
     include_usage, continuous = stream_usage(body)
     gen = engine.generate(rid, prompt, params)
-    (first,) = await first_outputs([gen])
+    (first,) = await first_outputs(request, [gen])
     rec.observe(first)
 
     async def stream() -> AsyncIterator[str]:

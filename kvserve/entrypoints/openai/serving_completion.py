@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from kvserve.engine.outputs import RequestOutput
 from kvserve.entrypoints.openai.generation import collect, first_outputs, stream_usage, usage, usage_of
+from kvserve.entrypoints.openai.limits import check_prompt, check_request
 from kvserve.entrypoints.openai.logprobs import completion_logprobs
 from kvserve.entrypoints.openai.protocol import CompletionRequest
 from kvserve.entrypoints.openai.request_log import record_of
@@ -28,7 +29,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
     st.check_model(body.model)
     params = body.to_sampling_params(default_max_tokens=16)
+    check_request(body, st, params.max_tokens)
     prompts = body.prompts()
+    for p in prompts:
+        await check_prompt(st, p)
     rid = st.new_id("cmpl")
     rec = record_of(request, rid)
     score = body.score_only  # max_tokens 0 + echo: the one generated token is dropped from the answer
@@ -62,7 +66,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
     include_usage, continuous = stream_usage(body)
     gens = [engine.generate(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
-    firsts = await first_outputs(gens)
+    firsts = await first_outputs(request, gens)
 
     def chunk(choices: list, usage_: dict | None = None) -> str:
         return stream_chunk(rid, "text_completion", created, model, choices, include_usage, usage_)
@@ -121,7 +125,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             for t in tasks:
                 t.cancel()
             for g in gens:
-                await g.aclose()
+                if not g.ag_running:  # one a pump is inside ends (and aborts its request) as that pump is cancelled
+                    await g.aclose()
         yield DONE
 
     return StreamingResponse(stream(), media_type="text/event-stream")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from kvserve.engine.outputs import RequestOutput
 from kvserve.entrypoints.openai.generation import collect, first_outputs
+from kvserve.entrypoints.openai.limits import check_prompt, check_request
 from kvserve.entrypoints.openai.protocol import ResponsesRequest
 from kvserve.entrypoints.openai.request_log import record_of
 from kvserve.entrypoints.openai.sse import sse
@@ -42,7 +44,10 @@ async def responses(body: ResponsesRequest, request: Request) -> Any:
     st = get_state(request)
     st.check_model(body.model)
     params = body.to_sampling_params()
-    prompt = st.tokenizer.apply_chat_template(body.messages(), add_generation_prompt=True, tokenize=True)
+    check_request(body, st, params.max_tokens, "max_output_tokens")
+    prompt = await asyncio.to_thread(st.tokenizer.apply_chat_template, body.messages(), add_generation_prompt=True,
+                                     tokenize=True)
+    await check_prompt(st, prompt)
     rid = st.new_id("resp")
     msg_id = st.new_id("msg")
     rec = record_of(request, rid)
@@ -69,7 +74,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Any:
         return response(final_status(out), out)
 
     gen = st.engine.generate(rid, prompt, params)
-    (first,) = await first_outputs([gen])
+    (first,) = await first_outputs(request, [gen])
     rec.observe(first)
     seq = iter(range(1 << 62))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from kvserve.entrypoints.openai.protocol import DetokenizeRequest, TokenizeRequest
@@ -15,7 +17,7 @@ router = APIRouter()
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     st = get_state(request)
     st.check_model(body.model)
-    ids = body.token_ids(st.tokenizer)
+    ids = await asyncio.to_thread(body.token_ids, st.tokenizer)  # a long text is not tokenized on the event loop
     strs = [st.tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": strs}
 
@@ -28,4 +30,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise InvalidRequestError(f"token id {bad[0]} is out of vocabulary (size {vocab})")
-    return {"prompt": st.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    return {"prompt": await asyncio.to_thread(st.tokenizer.decode, body.tokens, skip_special_tokens=False)}

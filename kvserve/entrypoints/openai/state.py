@@ -25,6 +25,7 @@ class OpenAIServingState:
     tokenizer: Tokenizer
     max_model_len: int
     api_key: str | None = field(default=None, repr=False)
+    metrics_public: bool = False  # /metrics without the API key
     _ids_issued: int = field(default=0, init=False, repr=False)
 
     def new_id(self, prefix: str) -> str:

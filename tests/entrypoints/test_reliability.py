@@ -1,0 +1,123 @@
+"""The server never dies of one request, and exits (non-zero) when its engine cannot go on."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from serve_helpers import TinyServer
+
+GREEDY = {"prompt": [5, 17, 42, 99, 3], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+# in the server process: an add of a prompt starting 7, 7, 7 holds the engine thread for a while; the
+# engine rejects a prompt starting 9, 9 (as it did out-of-vocab ids before the edge checked them)
+SLOW_ADD = """
+import time
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.errors import InvalidRequestError
+_add = LLMEngine.add_request
+def _slow(self, rid, prompt, *a, **k):
+    if isinstance(prompt, list) and prompt[:3] == [7, 7, 7]:
+        time.sleep(1.0)
+    if isinstance(prompt, list) and prompt[:2] == [9, 9]:
+        raise InvalidRequestError("rejected by the engine")
+    return _add(self, rid, prompt, *a, **k)
+LLMEngine.add_request = _slow
+"""
+
+# in the server process: the 3rd engine step raises (an internal invariant breaking)
+BROKEN_STEP = """
+from kvserve.engine.llm_engine import LLMEngine
+_step, _calls = LLMEngine.step, [0]
+def _broken(self):
+    _calls[0] += 1
+    if _calls[0] == 3:
+        raise AssertionError("injected invariant failure")
+    return _step(self)
+LLMEngine.step = _broken
+"""
+
+
+def _complete(url: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=kw.pop("timeout", 60), **kw)
+
+
+def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
+    """The issue's reproduction: a prompt the engine rejects, whose client gives up while the engine is busy."""
+    import asyncio
+
+    s = TinyServer(tiny_dir, pre=SLOW_ADD)
+    try:
+        ref = _complete(s.url, GREEDY).json()["choices"][0]["text"]
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url) as c:
+                gate = asyncio.ensure_future(c.post("/v1/completions", json={**GREEDY, "prompt": [7, 7, 7, 1]},
+                                                    timeout=60))
+                await asyncio.sleep(0.3)  # the engine thread is inside the gate's add
+                for prompt in ([9, 9, 1], [[1, 2], [9, 9]]):
+                    try:
+                        await c.post("/v1/completions", json={**GREEDY, "prompt": prompt}, timeout=0.2)
+                    except httpx.TimeoutException:
+                        pass
+                    else:
+                        raise AssertionError("expected the client to time out while the engine was busy")
+                return await gate
+
+        assert asyncio.run(main()).status_code == 200
+        time.sleep(1.0)
+        assert httpx.get(f"{s.url}/health").status_code == 200
+        r = _complete(s.url, {**GREEDY, "prompt": [9, 9, 1]})
+        assert r.status_code == 400 and "rejected by the engine" in r.json()["error"]["message"]
+        r = _complete(s.url, {**GREEDY, "prompt": [1, 99199426]})
+        assert r.status_code == 400 and "out of vocabulary" in r.json()["error"]["message"]
+        for _ in range(3):
+            assert _complete(s.url, GREEDY).json()["choices"][0]["text"] == ref
+        st = s.wait_idle()
+        assert st["kvserve:num_requests_running"] == 0 and st['kvserve:kv_cache_blocks{state="used"}'] == 0
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out
+    assert "Traceback" not in out, out
+
+
+def _stream_events(url: str, body: dict) -> list[str]:
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_engine_crash_fails_streams_then_exits_nonzero(tiny_dir):
+    s = TinyServer(tiny_dir, "--fatal-grace-period", "1.5", pre=BROKEN_STEP)
+    t0 = None
+    try:
+        events = _stream_events(s.url, {**GREEDY, "max_tokens": 50})
+        t0 = time.time()
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["code"] is None and "engine stopped" in err["message"]
+        assert any("choices" in json.loads(e) for e in events[:-2])  # it had started streaming
+        r = httpx.get(f"{s.url}/health", timeout=2)
+        assert r.status_code == 503 and r.json()["error"]["code"] is None
+        assert _complete(s.url, GREEDY, timeout=5).status_code == 503
+        rc = s.proc.wait(timeout=15)
+        assert time.time() - t0 < 10
+    finally:
+        rc, out = s.stop()
+    assert rc == 1, out
+    assert "engine crashed" in out
+
+
+def test_keep_alive_on_fatal_keeps_answering_503(tiny_dir):
+    s = TinyServer(tiny_dir, "--fatal-grace-period", "0.5", "--keep-alive-on-fatal", pre=BROKEN_STEP)
+    try:
+        events = _stream_events(s.url, {**GREEDY, "max_tokens": 50})
+        assert json.loads(events[-2])["error"]["code"] is None
+        time.sleep(2.0)
+        assert s.proc.poll() is None
+        assert httpx.get(f"{s.url}/health", timeout=2).status_code == 503
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out

@@ -1,0 +1,92 @@
+"""A live `kvserve serve` process on a tiny random-weight model: fast enough for many requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+# Python for TinyServer(pre=...): every engine step takes 20 ms longer, so requests queue and last
+SLOW_STEP = """
+import time
+from kvserve.engine.llm_engine import LLMEngine
+_step = LLMEngine.step
+def _slow(self):
+    time.sleep(0.02)
+    return _step(self)
+LLMEngine.step = _slow
+"""
+
+TINY_ARGS = ("--max-model-len", "128", "--kv-cache-memory", "2MiB", "--max-num-seqs", "32")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TinyServer:
+    """`kvserve serve` on the tiny model; `pre` is Python run in the server process before the CLI (faults)."""
+
+    def __init__(self, model_dir, *extra: str, pre: str = "", env: dict | None = None, wait: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = f"import sys\n{pre}\nfrom kvserve.entrypoints.cli import main\nsys.exit(main(sys.argv[1:]))"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(self.port),
+             *TINY_ARGS, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "KVSERVE_API_KEY": "", **(env or {})})
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become healthy")
+
+    def stats(self) -> dict[str, float]:
+        """The engine gauges from /metrics (refreshed by the engine thread while idle)."""
+        out = {}
+        for line in httpx.get(f"{self.url}/metrics", headers=self.headers).text.splitlines():
+            if line.startswith("kvserve:") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def wait_idle(self, timeout: float = 10) -> dict[str, float]:
+        """The gauges once nothing runs, waits or holds a KV block (or at `timeout`); snapshots lag a step."""
+        deadline = time.time() + timeout
+        while True:
+            st = self.stats()
+            idle = (st["kvserve:num_requests_running"] == 0 and st["kvserve:num_requests_waiting"] == 0
+                    and st['kvserve:kv_cache_blocks{state="used"}'] == 0)
+            if idle or time.time() > deadline:
+                return st
+            time.sleep(0.1)
+
+    headers: dict = {}
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        return self.proc.returncode, out
