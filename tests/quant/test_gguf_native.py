@@ -89,10 +89,10 @@ def _random_blocks(qtype: str, n: int, k: int, rng: np.random.Generator) -> np.n
     codes = lambda bits: rng.integers(0, 2 ** bits, size=(nb, 256)).astype(np.uint8)  # noqa: E731
     d = (rng.random(nb) * 0.01 + 0.0005).astype(np.float16)
     six = lambda: rng.integers(0, 64, size=(nb, 8)).astype(np.uint8)  # noqa: E731
-    if qtype == "Q8_0":
+    if qtype in ("Q8_0", "Q5_0", "Q5_1"):  # gguf-py quantizes these itself
         import gguf
 
-        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType.Q8_0)
+        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType[qtype])
     if qtype == "Q6_K":
         return pack_q6_k(codes(6), rng.integers(-128, 128, size=(nb, 16)), d)
     if qtype == "Q5_K":
@@ -107,7 +107,8 @@ def _dequantized(p: BlockParts) -> torch.Tensor:
     return (q * p.scale.float().unsqueeze(2) + p.minimum.float().unsqueeze(2)).view(n, k)
 
 
-@pytest.mark.parametrize("qtype, bits", [("Q4_K", 4), ("Q5_K", 5), ("Q6_K", 6), ("Q8_0", 8)])
+@pytest.mark.parametrize("qtype, bits", [("Q4_K", 4), ("Q5_0", 5), ("Q5_1", 5), ("Q5_K", 5), ("Q6_K", 6),
+                                         ("Q8_0", 8)])
 def test_native_parts_reproduce_the_reference_dequantization(qtype, bits):
     rng = np.random.default_rng(bits)
     n, k = 16, 512
@@ -117,8 +118,10 @@ def test_native_parts_reproduce_the_reference_dequantization(qtype, bits):
     assert p.bits == bits and p.codes.dtype == torch.uint8 and int(p.codes.max()) < 2 ** bits
     assert int(p.codes.max()) >= 2 ** bits * 3 // 4  # the top bits really are read
     got = _dequantized(p)
-    if qtype == "Q8_0":
+    if qtype in ("Q8_0", "Q5_0"):
         assert torch.equal(got, want)
+    elif qtype == "Q5_1":  # d q + m in float32 against gguf's own order of the same operations
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
     else:  # sub-block scales rounded to fp16
         torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
 
@@ -154,7 +157,8 @@ def test_mixed_fused_shards_take_the_widest_format():
     assert torch.equal(_dequantized(both), torch.cat([_dequantized(q4), _dequantized(q6)]))
 
 
-K_QUANT_MIX = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_up": "Q5_K", "attn_output": "Q8_0", "*": "Q4_K"}
+K_QUANT_MIX = {"attn_q": "Q5_0", "attn_v": "Q6_K", "ffn_down": "Q6_K", "ffn_gate": "Q5_1", "ffn_up": "Q5_K",
+               "attn_output": "Q8_0", "*": "Q4_K"}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +182,7 @@ def test_a_mixed_k_quant_model_runs_each_layer_in_its_own_format(mixed_gguf):
     kinds = {name: (type(lin.qweight).__name__, getattr(lin.qweight, "bits", 4)) for name, lin in (
         ("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj), ("gate_up", layer.mlp.gate_up_proj),
         ("down", layer.mlp.down_proj))}
-    # q/k are Q4_K and v Q6_K: the fused qkv takes 6 bits; gate Q4_K + up Q5_K: 5 bits
+    # q Q5_0, k Q4_K and v Q6_K: the fused qkv takes 6 bits; gate Q5_1 + up Q5_K: 5 bits
     assert kinds == {"qkv": ("WideWeight", 6), "o": ("WideWeight", 8), "gate_up": ("WideWeight", 5),
                      "down": ("WideWeight", 6)}
     # each linear computes with the file's own weights: against the float product of the dequantized file
