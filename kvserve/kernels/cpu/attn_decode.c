@@ -12,7 +12,7 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
 }
 
 #define MAX_ACC 16     /* pass 2 keeps up to this many 16-float accumulators live */
-#define SPLIT_BLOCKS 8 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
+#define SPLIT_BLOCKS 4 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
 
 /* A task is one part of one sequence (SPLIT_BLOCKS blocks, all heads), so a block's rows are read
  * front to back once for K and once for V, and a long context spreads over threads. Each part
@@ -67,7 +67,24 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
             for (int64_t t = 0; t < n; t += bs) {
                 const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
                 if (t + bs < n) prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
-                for (int64_t o = 0; o < m; o++) {
+                int64_t o = 0;
+                for (; o + 4 <= m; o += 4) /* four tokens at a time: one reduction network for four dots */
+                    for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                        const int64_t row = (slot0 + o) * Hkv + kvh;
+                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                            vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+                            for (int64_t d = 0; d < nd; d++) {
+                                const vf qv = vf_load(qb + h * D + 16 * d);
+                                for (int r = 0; r < 4; r++)
+                                    acc[r] = vf_fmadd(qv, vf_load_cache(k_cache, (row + r * Hkv) * D + 16 * d, dtype), acc[r]);
+                            }
+                            float dots[4];
+                            vf_reduce_add4(acc[0], acc[1], acc[2], acc[3], dots);
+                            for (int r = 0; r < 4; r++)
+                                scores[h * n + t + o + r] = dots[r] * ((dtype == 2 ? k_scale[row + r * Hkv] : 1.0f) * scale);
+                        }
+                    }
+                for (; o < m; o++) {
                     for (int64_t kvh = 0; kvh < Hkv; kvh++) {
                         const int64_t row = (slot0 + o) * Hkv + kvh;
                         const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;

@@ -57,12 +57,14 @@ static inline void vf_store_n(float *p, vf v, int64_t n) { _mm512_mask_storeu_ps
 static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline vf vf_abs(vf a) { return _mm512_abs_ps(a); }
 static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 /* lanes below n from v, the others `fill` */
 static inline vf vf_first_n(vf v, int64_t n, float fill) { return _mm512_mask_mov_ps(_mm512_set1_ps(fill), kv_first(n), v); }
 static inline float vf_reduce_add(vf v) { return _mm512_reduce_add_ps(v); }
+static inline __m256 kv_fold8(vf v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 static inline float vf_reduce_max(vf v) { return _mm512_reduce_max_ps(v); }
 static inline vf vf_round(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 /* p * 2^i for integral i (the exponential's last step) */
@@ -128,6 +130,7 @@ static inline void vf_store_n(float *p, vf v, int64_t n) {
 static inline vf vf_add(vf a, vf b) { return KV_F2(_mm256_add_ps); }
 static inline vf vf_sub(vf a, vf b) { return KV_F2(_mm256_sub_ps); }
 static inline vf vf_mul(vf a, vf b) { return KV_F2(_mm256_mul_ps); }
+static inline vf vf_div(vf a, vf b) { return KV_F2(_mm256_div_ps); }
 static inline vf vf_max(vf a, vf b) { return KV_F2(_mm256_max_ps); }
 #undef KV_F2
 static inline vf vf_abs(vf a) {
@@ -153,6 +156,7 @@ static inline float kv_hmax8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 static inline float vf_reduce_add(vf v) { return kv_hsum8(_mm256_add_ps(v.lo, v.hi)); }
+static inline __m256 kv_fold8(vf v) { return _mm256_add_ps(v.lo, v.hi); }
 static inline float vf_reduce_max(vf v) { return kv_hmax8(_mm256_max_ps(v.lo, v.hi)); }
 static inline vf vf_round(vf v) {
     return vf_make(_mm256_round_ps(v.lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
@@ -288,6 +292,7 @@ static inline void vf_store_n(float *p, vf v, int64_t n) {
 static inline vf vf_add(vf a, vf b) { KV_FOR4 a.v[k_] = vaddq_f32(a.v[k_], b.v[k_]); return a; }
 static inline vf vf_sub(vf a, vf b) { KV_FOR4 a.v[k_] = vsubq_f32(a.v[k_], b.v[k_]); return a; }
 static inline vf vf_mul(vf a, vf b) { KV_FOR4 a.v[k_] = vmulq_f32(a.v[k_], b.v[k_]); return a; }
+static inline vf vf_div(vf a, vf b) { KV_FOR4 a.v[k_] = vdivq_f32(a.v[k_], b.v[k_]); return a; }
 static inline vf vf_max(vf a, vf b) { KV_FOR4 a.v[k_] = vmaxq_f32(a.v[k_], b.v[k_]); return a; }
 static inline vf vf_abs(vf a) { KV_FOR4 a.v[k_] = vabsq_f32(a.v[k_]); return a; }
 static inline vf vf_fmadd(vf a, vf b, vf c) { KV_FOR4 c.v[k_] = vfmaq_f32(c.v[k_], a.v[k_], b.v[k_]); return c; }
@@ -396,6 +401,7 @@ static inline void vf_store_n(float *p, vf v, int64_t n) { KV_FOR16 if (l_ < n) 
 static inline vf vf_add(vf a, vf b) { KV_FOR16 a.v[l_] += b.v[l_]; return a; }
 static inline vf vf_sub(vf a, vf b) { KV_FOR16 a.v[l_] -= b.v[l_]; return a; }
 static inline vf vf_mul(vf a, vf b) { KV_FOR16 a.v[l_] *= b.v[l_]; return a; }
+static inline vf vf_div(vf a, vf b) { KV_FOR16 a.v[l_] /= b.v[l_]; return a; }
 static inline vf vf_max(vf a, vf b) { KV_FOR16 a.v[l_] = a.v[l_] > b.v[l_] ? a.v[l_] : b.v[l_]; return a; }
 static inline vf vf_abs(vf a) { KV_FOR16 a.v[l_] = fabsf(a.v[l_]); return a; }
 static inline vf vf_fmadd(vf a, vf b, vf c) { KV_FOR16 c.v[l_] = fmaf(a.v[l_], b.v[l_], c.v[l_]); return c; }
@@ -456,6 +462,16 @@ static inline vi vi_dot_q8(vi acc, vb a, vb b) {
 #endif
 
 /* ---- built on the layer above, the same on every ISA ---------------------------------------- */
+
+/* the horizontal sums of four vectors at once (x86: three VHADDPS instead of four reductions) */
+static inline void vf_reduce_add4(vf a, vf b, vf c, vf d, float *out) {
+#if defined(KV_ISA_AVX512) || defined(KV_ISA_AVX2)
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(kv_fold8(a), kv_fold8(b)), _mm256_hadd_ps(kv_fold8(c), kv_fold8(d)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+    out[0] = vf_reduce_add(a), out[1] = vf_reduce_add(b), out[2] = vf_reduce_add(c), out[3] = vf_reduce_add(d);
+#endif
+}
 
 /* exp(x) for softmax arguments (x <= 0): 2^(x log2 e) = 2^i * 2^f with i the nearest integer and
  * |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error below 1e-8). */
