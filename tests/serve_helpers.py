@@ -31,6 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Poll `url`/health until 200; raise with the server's output if it exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not become healthy")
+
+
 class TinyServer:
     """`kvserve serve` on the tiny model; `pre` is Python run in the server process before the CLI (faults)."""
 
@@ -47,17 +62,7 @@ class TinyServer:
             self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become healthy")
+        wait_healthy(self.proc, self.url, timeout)
 
     def stats(self) -> dict[str, float]:
         """The engine gauges from /metrics (refreshed by the engine thread while idle)."""

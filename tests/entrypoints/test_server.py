@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,37 +14,22 @@ import time
 import httpx
 import openai
 import pytest
+from serve_helpers import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, *extra: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "KVSERVE_API_KEY": ""}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(self.port),
              "--kv-cache-memory", "384MiB", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not become healthy")
+        wait_healthy(self.proc, self.url)
 
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
@@ -272,7 +256,7 @@ def test_api_key_and_queue_limit():
 
 
 def test_health_503_while_loading_then_200():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(port),
                              "--kv-cache-memory", "64MiB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = set()
@@ -295,7 +279,7 @@ def test_health_503_while_loading_then_200():
 
 
 def test_serve_bad_model_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(_free_port()),
+    r = subprocess.run([sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(free_port()),
                         "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing.gguf: no such file" in r.stderr and "Traceback" not in r.stderr
 

@@ -56,7 +56,18 @@ IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key
                   "parallel_tool_calls", "stream_options.include_obfuscation")
 
 
-class _Common(_Body):
+class _Ignored(_Body):
+    """Fields OpenAI documents that change nothing here: accepted and ignored (IGNORED_FIELDS)."""
+
+    user: ShortStr | None = None
+    store: bool | None = None
+    metadata: Metadata | None = None
+    service_tier: ShortStr | None = None
+    prompt_cache_key: ShortStr | None = None
+    safety_identifier: ShortStr | None = None
+
+
+class _Common(_Ignored):
     model: ShortStr | None = None
     n: int = Field(1, le=MAX_N)  # the lower bound is SamplingParams' (its message names it)
     stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
@@ -68,13 +79,6 @@ class _Common(_Body):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # accepted, ignored (IGNORED_FIELDS)
-    user: ShortStr | None = None
-    store: bool | None = None
-    metadata: Metadata | None = None
-    service_tier: ShortStr | None = None
-    prompt_cache_key: ShortStr | None = None
-    safety_identifier: ShortStr | None = None
     # extensions, as vLLM names them
     top_k: int | None = Field(None, ge=-1, lt=2**31)
     min_p: float | None = None
@@ -228,7 +232,7 @@ class DetokenizeRequest(_Body):
     tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(_Ignored):
     """POST /v1/responses: text or message items in, one assistant message out (no tools, no stored state)."""
     model: ShortStr | None = None
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]  # the prompt: limits.check_prompt
@@ -243,13 +247,6 @@ class ResponsesRequest(_Body):
     tools: list[Any] | None = Field(None, max_length=MAX_STOP)  # only empty
     include: list[ShortStr] | None = Field(None, max_length=MAX_STOP)  # only empty
     stream_options: StreamOptions | None = None  # only include_obfuscation here, ignored
-    # accepted, ignored (IGNORED_FIELDS)
-    user: ShortStr | None = None
-    store: bool | None = None
-    metadata: Metadata | None = None
-    service_tier: ShortStr | None = None
-    prompt_cache_key: ShortStr | None = None
-    safety_identifier: ShortStr | None = None
     parallel_tool_calls: bool | None = None
     # extensions, as for chat
     top_k: int | None = Field(None, ge=-1, lt=2**31)
