@@ -79,9 +79,9 @@ def _decode_kernel(
             v_s = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
             k = (k.to(tl.float32) * k_s[:, None]).to(q.dtype)
             v = (v.to(tl.float32) * v_s[:, None]).to(q.dtype)
-        elif DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        else:  # a cache dtype other than the model's (fp32 model, bf16 cache): tl.dot needs one dtype
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # every tile in the loop has at least one valid key, so m_new is finite

@@ -70,9 +70,9 @@ def _extend_kernel(
                 v_s = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
                 k = (k.to(tl.float32) * k_s[:, None]).to(q.dtype)
                 v = (v.to(tl.float32) * v_s[:, None]).to(q.dtype)
-            elif DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            else:  # a cache dtype other than the model's (fp32 model, bf16 cache): tl.dot needs one dtype
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             causal = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             s = tl.where(causal, s, float("-inf"))
