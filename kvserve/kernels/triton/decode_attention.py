@@ -23,12 +23,13 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale,  # softmax scale * log2(e)
+    num_splits,  # a runtime value: one compiled kernel serves every split count > 1
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch,  # K and V caches share strides; head_dim stride 1
     stride_sb, stride_st,  # int8 scales [num_blocks, block_size, Hkv]; head stride 1
@@ -36,7 +37,7 @@ def _decode_kernel(
     stride_pi, stride_ph, stride_ps,  # partials [Bd, H, splits, D]; lse [Bd, H, splits] is contiguous
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,  # SPLIT: num_splits > 1
     DOT_F32: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 (see dot_options)
 ):
     i = tl.program_id(0)
@@ -46,7 +47,7 @@ def _decode_kernel(
     row = tl.load(query_start_ptr + seq)
     seq_len = tl.load(seq_lens_ptr + seq)
     # each split takes a whole number of BLOCK_N tiles; trailing splits of a short sequence are empty
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -93,7 +94,7 @@ def _decode_kernel(
         m_i = m_new
 
     out_mask = h_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -103,22 +104,22 @@ def _decode_kernel(
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         part = i * stride_pi + heads * stride_ph + split * stride_ps
         tl.store(part_out_ptr + part[:, None] + d[None, :], o, mask=out_mask)
-        tl.store(part_lse_ptr + (i * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split, lse, mask=h_mask)
+        tl.store(part_lse_ptr + (i * GROUP * tl.num_programs(1) + heads) * num_splits + split, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, seq_ids_ptr,
-    stride_pi, stride_ph, stride_ps, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_pi, stride_ph, stride_ps, stride_ot, stride_oh, num_splits,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.load(query_start_ptr + tl.load(seq_ids_ptr + i))
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + (i * tl.num_programs(1) + head) * NUM_SPLITS + s, mask=s_mask,
+    s_mask = s < num_splits
+    lse = tl.load(part_lse_ptr + (i * tl.num_programs(1) + head) * num_splits + s, mask=s_mask,
                   other=float("-inf"))
     m = tl.max(lse, axis=0)  # finite: the first split always holds a token
     w = tl.exp2(lse - m)
@@ -199,7 +200,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, k_scale, v_scale,
         block_tables, seq_lens, query_start_loc, seq_ids,
         out, part_out, part_lse,
-        scale * LOG2E,
+        scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides,
@@ -207,12 +208,12 @@ def paged_decode_attention(
         *part_strides,
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, QUANT=quant, **dot_options(q.dtype),
+        SPLIT=num_splits > 1, QUANT=quant, **dot_options(q.dtype),
     )
     if num_splits > 1:
         _merge_kernel[(num_decodes, num_heads)](
             part_out, part_lse, out, query_start_loc, seq_ids,
-            *part_strides, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            *part_strides, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
         )
