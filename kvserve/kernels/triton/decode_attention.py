@@ -143,6 +143,15 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
     return {"PRECISION": "ieee" if dtype == torch.float32 or dot_f32 else None, "DOT_F32": dot_f32}
 
 
+def decode_tiles(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the decode kernel: no register spills on sm_80/sm_90 (see extend_tiles).
+
+    16-bit: 32 keys a tile, 4 warps. float32 with head_dim 128 spilled 300-500 bytes a thread at
+    that size (fp32 K/V tiles, no tensor cores): 16 keys over 8 warps.
+    """
+    return (16, 8) if dtype == torch.float32 else (32, 4)
+
+
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       min_tokens_per_split: int = 256, max_splits: int = 16) -> int:
     """Enough splits to give the GPU ~2 programs per SM, each with at least a few hundred tokens."""
@@ -168,13 +177,13 @@ def paged_decode_attention(
     num_splits: int = 1,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
 ) -> None:
     """Attend the single query token of each sequence in `seq_ids` over its paged context.
 
     q, out: [T, H, D] (flat batch; sequence s's token is row query_start_loc[s]);
     caches: [num_blocks, block_size, Hkv, D]; seq_lens include the new token (already written).
-    Writes out's rows in place; other rows are untouched.
+    Writes out's rows in place; other rows are untouched. block_n defaults to `decode_tiles`.
     """
     num_decodes = seq_ids.numel()
     if num_decodes == 0:
@@ -188,6 +197,8 @@ def paged_decode_attention(
     scale_strides = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     if not quant:
         k_scale = v_scale = k_cache  # placeholders, never read
+    tile_n, num_warps = decode_tiles(q.dtype)
+    block_n = block_n or tile_n
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(num_decodes, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -208,7 +219,7 @@ def paged_decode_attention(
         *part_strides,
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        SPLIT=num_splits > 1, QUANT=quant, **dot_options(q.dtype),
+        SPLIT=num_splits > 1, QUANT=quant, **dot_options(q.dtype), num_warps=num_warps,
     )
     if num_splits > 1:
         _merge_kernel[(num_decodes, num_heads)](
