@@ -182,6 +182,23 @@ class Spec:
         return f"{self.name}[{ptrs}] " + " ".join(f"{k}={v}" for k, v in shown.items())
 
 
+def _pack_args(fn, backend, kwargs: dict, bound: dict, specialization: list):
+    """JITFunction._pack_args of Triton 3.9; Triton 3.6 does the same inline in JITFunction.run."""
+    if hasattr(fn, "_pack_args"):
+        return fn._pack_args(backend, kwargs, bound, specialization, None)
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [x[0] for x in specialization]
+    signature = {p.name: v for p, v in zip(fn.params, sigvals)}
+    constexprs = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+    constexprs = {path: get_iterable_path(list(bound.values()), path) for path in constexprs}
+    attrvals = ["" if x[0] == "constexpr" else x[1] for x in specialization]
+    attrs = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+    attrs = {k: backend.parse_attr(get_iterable_path(attrvals, k)) for k in attrs}
+    return options, signature, constexprs, attrs
+
+
 def bind(launch: Launch, target) -> Spec:
     """What the JIT would hand triton.compile for this launch on `target` (Triton's own binder)."""
     from triton.compiler import make_backend
@@ -191,21 +208,22 @@ def bind(launch: Launch, target) -> Spec:
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, launch.kwargs, bound, specialization, options)
+    options, signature, constexprs, attrs = _pack_args(fn, backend, launch.kwargs, bound, specialization)
     names = list(signature)
     named = {names[path[0]]: value for path, value in constexprs.items()}
     opts = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     return Spec(fn.__name__, signature, named, attrs, opts, fn, set(launch.tags))
 
 
-def _ptxas() -> str:
+def _ptxas(capability: int) -> str:
+    """Triton's own ptxas (3.9: get_ptxas(capability); 3.6: get_ptxas()), else its bundled binary, else PATH."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         try:
-            return get_ptxas().path
+            return get_ptxas(capability).path
         except TypeError:
-            return get_ptxas(90).path
-    except Exception:  # noqa: BLE001 - any Triton version: fall back to its bundled binary, then PATH
+            return get_ptxas().path
+    except Exception:  # noqa: BLE001 - any Triton version
         import triton.backends.nvidia as nv
 
         path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
@@ -219,8 +237,8 @@ def ptxas_usage(ptx: str) -> dict:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        cmd = [_ptxas(int(re.sub(r"\D", "", arch))), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else 0  # noqa: E731
     return {"arch": arch, "registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
             "spill_loads": num(r"(\d+) bytes spill loads"), "stack": num(r"(\d+) bytes stack frame")}
