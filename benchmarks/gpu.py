@@ -1,14 +1,16 @@
 """GPU benchmark in one call: card figures, kernel correctness, decode vs roofline, throughput, baseline.
 
 1. the card's copy bandwidth and bf16 GEMM rate;
-2. the Triton kernels against the torch reference on the GPU (max relative error, bf16);
+2. the Triton kernels against the torch reference on the GPU (max relative error, bf16), and the
+   greedy tokens of a tiny random Llama through Triton + CUDA graphs against the all-torch engine
+   (fp32 and bf16);
 3. a Llama-3-8B-shaped model with random bf16 weights through the engine: decode tok/s at
    batch 1 (as a fraction of the roofline = measured bandwidth / weight bytes), 32 and 128;
 4. throughput on the Qwen3-0.6B shape: 256 requests, prompt and output lengths uniform in
    [100, 1024], ignore_eos;
 5. transformers `generate` on the 8B shape at batch 1 and 128 in the same process, and the ratio.
 
-Prints a table, then one JSON line last. Every section is timed against --budget-s and
+Prints a table, then one JSON line last (and writes it to --json PATH). Every section is timed against --budget-s and
 skipped (with the reason in the JSON) when too little time is left; a failing section is
 reported and the others still run.
 
@@ -45,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers")
     ap.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs")
+    ap.add_argument("--json", help="also write the JSON of all figures to this file")
     return ap.parse_args()
 
 
@@ -376,6 +379,58 @@ def transformers_baseline(device: torch.device, dtype: torch.dtype, shape: dict,
 # -- driver ---------------------------------------------------------------------------------------
 
 
+def greedy_tokens(loaded, device: torch.device, backend: str, prompts: list[list[int]], n: int,
+                  enforce_eager: bool) -> tuple[list[list[int]], bool]:
+    """Greedy outputs of `prompts` through the engine on `backend` (torch: every layer on torch too)."""
+    from kvserve.engine.llm_engine import LLMEngine
+
+    old = os.environ.get("KVSERVE_DISABLE_TRITON")
+    if backend == "torch":
+        os.environ["KVSERVE_DISABLE_TRITON"] = "1"  # the fused layers too: the reference is all torch
+    try:
+        eng = LLMEngine(loaded=loaded, device=str(device), attention_backend=backend, enforce_eager=enforce_eager,
+                        kv_cache_memory="64MiB", block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
+                        enable_prefix_caching=True)
+        for i, p in enumerate(prompts):
+            eng.add_request(f"g{i}", p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        done = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = list(o.outputs[0].token_ids)
+        graphs = eng.runner.graphs is not None and eng.runner.graphs.mode == "cuda"
+        del eng
+        return [done[f"g{i}"] for i in range(len(prompts))], graphs
+    finally:
+        if old is None:
+            os.environ.pop("KVSERVE_DISABLE_TRITON", None)
+        else:
+            os.environ["KVSERVE_DISABLE_TRITON"] = old
+
+
+def greedy_equality(device: torch.device, dtypes: list[torch.dtype]) -> dict:
+    """Triton (+ CUDA graphs on CUDA) vs the all-torch engine on a tiny random Llama: the same greedy tokens?
+
+    The token budget (64) forces chunked prefill, and two prompts share a prefix, so steps mix decodes
+    with extends over cached blocks; the first divergent position is reported, not only a yes/no.
+    """
+    rng = np.random.default_rng(7)
+    shared = rng.integers(0, TINY["vocab_size"], 40).tolist()
+    prompts = [rng.integers(0, TINY["vocab_size"], n).tolist() for n in (1, 9, 33, 100)]
+    prompts += [shared + [5], shared + [7, 8, 9]]
+    out = {}
+    for dtype in dtypes:
+        loaded = random_model(TINY, dtype, device)
+        want, _ = greedy_tokens(loaded, device, "torch", prompts, 24, enforce_eager=True)
+        got, graphs = greedy_tokens(loaded, device, "triton", prompts, 24, enforce_eager=ARGS.enforce_eager)
+        first = [next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), None) for g, w in zip(got, want)]
+        out[str(dtype).removeprefix("torch.")] = {"equal": got == want, "cuda_graphs": graphs,
+                                                  "first_divergence": first}
+        del loaded
+        free_memory()
+    return out
+
+
 def section(results: dict, name: str, need_s: float, fn, *a, **kw) -> dict | None:
     left = ARGS.budget_s - elapsed()
     if left < need_s:
@@ -429,6 +484,10 @@ def main() -> None:
         section(results, "kernels", 10, kernel_correctness, device, tiny)
     else:
         results["kernels"] = {"skipped": "triton not installed"}
+    if triton_version is not None:
+        # fp32 first: no bf16 rounding ties, so a mismatch there is a bug, not noise
+        section(results, "greedy_tiny", 20, greedy_equality, device,
+                [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16])
     section(results, "decode_8b", 60, decode_8b, device, dtype, big, batches, bandwidth, prompt_len, new_tokens)
     if not ARGS.no_baseline:
         section(results, "transformers_8b", 60, transformers_baseline, device, dtype, big, base_batches, prompt_len,
@@ -441,6 +500,8 @@ def main() -> None:
     results["total_s"] = round(elapsed(), 1)
     print_table(results, batches, base_batches)
     print(json.dumps(results))
+    if ARGS.json:
+        Path(ARGS.json).write_text(json.dumps(results, indent=1))
 
 
 def print_table(r: dict, batches: list[int], base_batches: list[int]) -> None:
@@ -454,6 +515,9 @@ def print_table(r: dict, batches: list[int], base_batches: list[int]) -> None:
 
     rows = [("copy bandwidth (GB/s)", get("card", "copy_bandwidth_GBps"), ""),
             (f"GEMM {get('card', 'gemm_shape')} (TFLOP/s)", get("card", "gemm_TFLOPs"), "")]
+    for dt, g in (r.get("greedy_tiny") or {}).items():
+        if isinstance(g, dict) and "equal" in g:
+            rows.append((f"tiny greedy Triton == torch, {dt}", g["equal"], "ok" if g["equal"] else "FAIL"))
     kern = r.get("kernels", {})
     for k, v in kern.items():
         if k != "section_s":

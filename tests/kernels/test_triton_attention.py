@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from kvserve.kernels.triton.extend_attention import paged_extend_attention
 from kvserve.kernels.triton.kv_write import write_kv
 
 ATOL = 2e-5  # float32 everywhere: only the summation order differs
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def make_case(*args, **kw):
@@ -190,3 +194,37 @@ def test_int8_cache_without_scales_is_rejected():
     case = make_case([1], [4], 2, 2, 64, int8=True)
     with pytest.raises(InvalidRequestError):
         TritonAttentionBackend().run(case.q, case.k, case.v, case.kv_cache[:2], case.meta, 0.1)
+
+
+# -- a cache dtype other than the model's (resolve_kv_dtype allows any of float32/bfloat16/float16) --------
+
+
+@pytest.mark.parametrize("model_dtype,kv_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                  (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32-bf16kv", "fp32-fp16kv", "bf16-fp16kv", "bf16-fp32kv"])
+@pytest.mark.parametrize("name", ["mixed_decode_extend", "extend_over_prefix"])
+def test_cache_dtype_other_than_model_dtype(model_dtype, kv_dtype, name):
+    """The kernels read K/V in q's dtype, as the torch backend does (its gather/read take q.dtype)."""
+    from kvserve.layers.attention import AttentionMetadata, KVCache, TorchAttentionBackend
+
+    qlens, slens, bs = CASES[name]
+    case = make_case(qlens, slens, 6, 2, 64, block_size=bs, dtype=model_dtype, seed=21)
+    case = dataclasses.replace(case, kv_cache=tuple(t.to(kv_dtype) for t in case.kv_cache))
+    _, want_cache = torch_reference(case, 0.125)
+    got, cache = run_triton(case, 0.125)
+    assert got.dtype == model_dtype and cache[0].dtype == kv_dtype
+    for a, b in zip(cache, want_cache):
+        if INTERPRETED and model_dtype == torch.float32 and kv_dtype == torch.bfloat16:
+            # the interpreter narrows fp32 to bf16 by truncation (compiled kernels round to nearest even)
+            torch.testing.assert_close(a, b, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(a, b)
+    # attention alone, over the cache the kernel wrote: the torch backend reads it in q's dtype
+    m = case.meta
+    meta = AttentionMetadata(m.query_start_loc, m.seq_lens, m.query_lens_cpu, m.seq_lens_cpu, None, m.block_tables)
+    want = TorchAttentionBackend().run(case.q, case.k, case.v, KVCache(*cache), meta, 0.125)
+    if model_dtype == torch.float32:
+        # the same products of the same (rounded) K/V, in fp32: only the summation order differs
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

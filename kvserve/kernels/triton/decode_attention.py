@@ -23,12 +23,13 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, seq_ids_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale,  # softmax scale * log2(e)
+    num_splits,  # a runtime value: one compiled kernel serves every split count > 1
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch,  # K and V caches share strides; head_dim stride 1
     stride_sb, stride_st,  # int8 scales [num_blocks, block_size, Hkv]; head stride 1
@@ -36,7 +37,7 @@ def _decode_kernel(
     stride_pi, stride_ph, stride_ps,  # partials [Bd, H, splits, D]; lse [Bd, H, splits] is contiguous
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,  # SPLIT: num_splits > 1
     DOT_F32: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16 (see dot_options)
 ):
     i = tl.program_id(0)
@@ -46,7 +47,7 @@ def _decode_kernel(
     row = tl.load(query_start_ptr + seq)
     seq_len = tl.load(seq_lens_ptr + seq)
     # each split takes a whole number of BLOCK_N tiles; trailing splits of a short sequence are empty
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -79,9 +80,9 @@ def _decode_kernel(
             v_s = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
             k = (k.to(tl.float32) * k_s[:, None]).to(q.dtype)
             v = (v.to(tl.float32) * v_s[:, None]).to(q.dtype)
-        elif DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        else:  # a cache dtype other than the model's (fp32 model, bf16 cache): tl.dot needs one dtype
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # every tile in the loop has at least one valid key, so m_new is finite
@@ -93,7 +94,7 @@ def _decode_kernel(
         m_i = m_new
 
     out_mask = h_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -103,22 +104,22 @@ def _decode_kernel(
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         part = i * stride_pi + heads * stride_ph + split * stride_ps
         tl.store(part_out_ptr + part[:, None] + d[None, :], o, mask=out_mask)
-        tl.store(part_lse_ptr + (i * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split, lse, mask=h_mask)
+        tl.store(part_lse_ptr + (i * GROUP * tl.num_programs(1) + heads) * num_splits + split, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, seq_ids_ptr,
-    stride_pi, stride_ph, stride_ps, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_pi, stride_ph, stride_ps, stride_ot, stride_oh, num_splits,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.load(query_start_ptr + tl.load(seq_ids_ptr + i))
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + (i * tl.num_programs(1) + head) * NUM_SPLITS + s, mask=s_mask,
+    s_mask = s < num_splits
+    lse = tl.load(part_lse_ptr + (i * tl.num_programs(1) + head) * num_splits + s, mask=s_mask,
                   other=float("-inf"))
     m = tl.max(lse, axis=0)  # finite: the first split always holds a token
     w = tl.exp2(lse - m)
@@ -140,6 +141,15 @@ def dot_options(dtype: torch.dtype) -> dict[str, object]:
     dot_f32 = interpret and dtype == torch.bfloat16
     # None keeps tl.dot's default for 16-bit operands (precision only matters for fp32 inputs)
     return {"PRECISION": "ieee" if dtype == torch.float32 or dot_f32 else None, "DOT_F32": dot_f32}
+
+
+def decode_tiles(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the decode kernel: no register spills on sm_80/sm_90 (see extend_tiles).
+
+    16-bit: 32 keys a tile, 4 warps. float32 with head_dim 128 spilled 300-500 bytes a thread at
+    that size (fp32 K/V tiles, no tensor cores): 16 keys over 8 warps.
+    """
+    return (16, 8) if dtype == torch.float32 else (32, 4)
 
 
 def num_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
@@ -167,13 +177,13 @@ def paged_decode_attention(
     num_splits: int = 1,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
 ) -> None:
     """Attend the single query token of each sequence in `seq_ids` over its paged context.
 
     q, out: [T, H, D] (flat batch; sequence s's token is row query_start_loc[s]);
     caches: [num_blocks, block_size, Hkv, D]; seq_lens include the new token (already written).
-    Writes out's rows in place; other rows are untouched.
+    Writes out's rows in place; other rows are untouched. block_n defaults to `decode_tiles`.
     """
     num_decodes = seq_ids.numel()
     if num_decodes == 0:
@@ -187,6 +197,8 @@ def paged_decode_attention(
     scale_strides = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     if not quant:
         k_scale = v_scale = k_cache  # placeholders, never read
+    tile_n, num_warps = decode_tiles(q.dtype)
+    block_n = block_n or tile_n
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(num_decodes, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -199,7 +211,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, k_scale, v_scale,
         block_tables, seq_lens, query_start_loc, seq_ids,
         out, part_out, part_lse,
-        scale * LOG2E,
+        scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *scale_strides,
@@ -207,12 +219,12 @@ def paged_decode_attention(
         *part_strides,
         BLOCK_SIZE=k_cache.shape[1], GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, QUANT=quant, **dot_options(q.dtype),
+        SPLIT=num_splits > 1, QUANT=quant, **dot_options(q.dtype), num_warps=num_warps,
     )
     if num_splits > 1:
         _merge_kernel[(num_decodes, num_heads)](
             part_out, part_lse, out, query_start_loc, seq_ids,
-            *part_strides, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            *part_strides, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
         )

@@ -70,9 +70,9 @@ def _extend_kernel(
                 v_s = tl.load(v_scale_ptr + s_off, mask=n_mask, other=0.0)
                 k = (k.to(tl.float32) * k_s[:, None]).to(q.dtype)
                 v = (v.to(tl.float32) * v_s[:, None]).to(q.dtype)
-            elif DOT_F32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            else:  # a cache dtype other than the model's (fp32 model, bf16 cache): tl.dot needs one dtype
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             causal = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             s = tl.where(causal, s, float("-inf"))
@@ -90,6 +90,24 @@ def _extend_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+def extend_tiles(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for q of `dtype`: large tiles that spill no register
+    on sm_80 or sm_90, at BLOCK_M and at the smaller BLOCK_M short queries take.
+
+    Checked by tests/kernels/test_triton_compile.py (ptxas -v on every launch the engine can make).
+    16-bit, head_dim <= 64: 64x64, 4 warps. 16-bit, head_dim 128: 64x64 spills on sm_80 (no wgmma:
+    the accumulator lives in registers; 255 registers and 28-40 bytes of spills, int8 already at
+    BLOCK_M=32), so 64x32 with two pipeline stages (at most 248 registers, int8 on sm_80).
+    float32 multiplies on the FMA units (ieee precision, no tensor cores) with tiles twice the size
+    of bf16 ones: 64x64 spilled kilobytes per thread, so small tiles over 8 warps (32x32 for
+    head_dim <= 64, 16x16 above). float32 keeps the Triton path on a GPU (one code path, decode
+    CUDA graphs), but it is not a performance target: serve bf16.
+    """
+    if dtype == torch.float32:
+        return (32, 32, 8, 3) if head_dim <= 64 else (16, 16, 8, 3)
+    return (64, 64, 4, 3) if head_dim <= 64 else (64, 32, 4, 2)
+
+
 def paged_extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -103,14 +121,15 @@ def paged_extend_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> None:
     """Causal attention of the new tokens of each sequence in `seq_ids` over its paged context.
 
     q, out: [T, H, D] flat batch; sequence s owns rows query_start_loc[s]:query_start_loc[s+1],
     the last of its seq_lens[s] positions. `max_query_len` bounds those row counts (host value,
-    it sizes the grid). Writes out's rows of those sequences in place.
+    it sizes the grid). Writes out's rows of those sequences in place. block_m/block_n default to
+    `extend_tiles` for q's dtype.
     """
     num_seqs = seq_ids.numel()
     if num_seqs == 0 or max_query_len == 0:
@@ -123,6 +142,8 @@ def paged_extend_attention(
     scale_strides = (k_scale.stride(0), k_scale.stride(1)) if quant else (0, 0)
     if not quant:
         k_scale = v_scale = k_cache  # placeholders, never read
+    tile_m, tile_n, num_warps, num_stages = extend_tiles(q.dtype, head_dim)
+    block_m, block_n = block_m or tile_m, block_n or tile_n
     # small queries (chunk tails, short prompts) waste less of a smaller tile
     block_m = min(block_m, max(16, triton.next_power_of_2(max_query_len)))
     grid = (num_seqs, num_heads, triton.cdiv(max_query_len, block_m))
@@ -136,5 +157,5 @@ def paged_extend_attention(
         block_tables.stride(0),
         BLOCK_SIZE=k_cache.shape[1], GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        QUANT=quant, **dot_options(q.dtype),
+        QUANT=quant, **dot_options(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
