@@ -46,6 +46,18 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None
     raise RuntimeError("server did not become healthy")
 
 
+def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
+    """SIGTERM (if still running), then the exit code and everything the server printed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out
+
+
 class TinyServer:
     """`kvserve serve` on the tiny model; `pre` is Python run in the server process before the CLI (faults)."""
 
@@ -87,11 +99,4 @@ class TinyServer:
     headers: dict = {}
 
     def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        return self.proc.returncode, out
+        return stop_server(self.proc)

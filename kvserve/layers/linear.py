@@ -51,7 +51,7 @@ class Linear(nn.Module):
         are); gguf runs the checkpoint's own codes in whatever format they are, else `fallback`."""
         if method not in ("gguf", "int8", "int4"):
             raise ValueError(f"unknown quantization method {method!r}")
-        parts = self._gguf_parts()
+        parts = self._gguf_parts() if method in ("gguf", "int4") else None  # int8 never reads them
         if method == "gguf" and parts is not None:
             self.qweight = Int4Weight(parts=parts.q4()) if parts.bits == 4 else WideWeight(parts)
         elif method == "gguf":

@@ -14,7 +14,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import free_port, wait_healthy
+from serve_helpers import free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -32,13 +32,7 @@ class Server:
         wait_healthy(self.proc, self.url)
 
     def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        return self.proc.returncode, out
+        return stop_server(self.proc)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["dp1", "dp2"])

@@ -28,35 +28,37 @@ void kv_quantize_act(const float *x, int64_t M, int64_t K, uint8_t *xq, float *d
         }
 }
 
-/* x [M, K] -> xq [M, G*32] int8 = round(x / dx), dx [M, G] = amax / 127, xs [M, G] = dx * sum(xq) */
-void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs) {
+/* The signed quantizer behind both entry points: xq [M, G*32] int8 = round(x / dx), dx [M, G] =
+ * amax / 127, and dx * sum(xq) either per group (xs [M, G], hs NULL) or per half group with the
+ * integer sums too (xs, hs [M, G, 2]). */
+static void quantize_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs, int32_t *hs) {
     const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
 #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             vi qa, qb;
             const float d = kv_quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
-            dx[m * G + g] = d;
-            xs[m * G + g] = d * (float)vi_reduce_add(vi_add(qa, qb));
+            const int64_t i = m * G + g;
+            dx[i] = d;
+            if (hs) {
+                const int32_t sa = vi_reduce_add(qa), sb = vi_reduce_add(qb);
+                xs[2 * i] = d * (float)sa, xs[2 * i + 1] = d * (float)sb;
+                hs[2 * i] = sa, hs[2 * i + 1] = sb;
+            } else {
+                xs[i] = d * (float)vi_reduce_add(vi_add(qa, qb));
+            }
             vi_store_bytes(xq + m * ldx + g * GROUP, qa);
             vi_store_bytes(xq + m * ldx + g * GROUP + 16, qb);
         }
 }
 
+/* x [M, K] -> xq [M, G*32] int8 = round(x / dx), dx [M, G] = amax / 127, xs [M, G] = dx * sum(xq) */
+void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs) {
+    quantize_s8(x, M, K, xq, dx, xs, NULL);
+}
+
 /* As kv_quantize_act_s8, with the sums per half group (16 values): xs [M, G, 2] = dx * sum and
  * hs [M, G, 2] the integer sums (for weights with a scale and minimum per 16 inputs). */
 void kv_quantize_act_s8h(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs, int32_t *hs) {
-    const int64_t G = (K + GROUP - 1) / GROUP, ldx = G * GROUP;
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            vi qa, qb;
-            const float d = kv_quantize_group(x + m * K, K, g * GROUP, &qa, &qb);
-            const int32_t sa = vi_reduce_add(qa), sb = vi_reduce_add(qb);
-            dx[m * G + g] = d;
-            xs[(m * G + g) * 2] = d * (float)sa, xs[(m * G + g) * 2 + 1] = d * (float)sb;
-            hs[(m * G + g) * 2] = sa, hs[(m * G + g) * 2 + 1] = sb;
-            vi_store_bytes(xq + m * ldx + g * GROUP, qa);
-            vi_store_bytes(xq + m * ldx + g * GROUP + 16, qb);
-        }
+    quantize_s8(x, M, K, xq, dx, xs, hs);
 }
