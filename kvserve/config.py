@@ -89,7 +89,9 @@ class EngineConfig:
                                  "int8: W8A8; int4: W4A8 (Q4_1-style groups of 32); gguf/int8/int4 are CPU only")
     block_size: int = arg(16, help="tokens per KV cache block")
     max_num_seqs: int = arg(256, help="sequences scheduled in one step at most")
-    max_num_batched_tokens: int = arg(2048, help="tokens computed in one step at most (prompt chunks + decodes)")
+    max_num_batched_tokens: int | None = arg(None, help="tokens computed in one step at most (prompt chunks + decodes; "
+                                                        "default 512 on a CPU, where the GEMMs run at full speed from "
+                                                        "there and activations stay small, 2048 on a GPU)")
     max_model_len: int | None = arg(None, help="longest prompt + output in tokens (default: the model's own limit)")
     kv_cache_memory: int | str | None = arg(None, help="KV cache size, e.g. 2GiB (default: share of free memory)")
     cpu_memory_utilization: float = arg(0.25, help="share of available RAM for the KV cache (CPU), in (0, 1]")
@@ -99,6 +101,10 @@ class EngineConfig:
                               help="auto: the model's dtype; int8: per-token, per-head float32 scales "
                                    "(1.9x the tokens of bfloat16 at head_dim 64)")
     enable_prefix_caching: bool = arg(True, help="reuse the cached KV blocks of a shared prompt prefix")
+    prefix_cache_memory: int | str = arg("64MiB", help="CPU: KV memory that cached prefixes of finished requests may "
+                                                       "keep committed beyond the peak the running requests needed; "
+                                                       "past it a cached block is reused before a new page is touched "
+                                                       "(a GPU cache is allocated whole: no limit)")
     preemption_mode: str = arg("recompute", choices=PREEMPTION_MODES,
                                help="when the KV cache is full: recompute (drop and prefill again later), swap "
                                     "(to host memory, --swap-space), auto (swap long requests, recompute short)")
@@ -198,12 +204,15 @@ class EngineConfig:
         if dtype == "auto":
             dtype = "bfloat16" if dev.type == "cuda" else "float32"
         quantization = choice("quantization", "auto" if self.quantization is None else self.quantization, QUANTIZATIONS)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs"):
             integer(name, 1)
+        integer("max_num_batched_tokens", 1, optional=True)
+        max_num_batched_tokens = self.max_num_batched_tokens or (512 if dev.type == "cpu" else 2048)
         integer("max_model_len", 0, optional=True)  # 0 or None: the model's own limit
         integer("num_threads", 0, optional=True)  # 0 or None: torch's choice
         kv_cache_memory = byte_size("kv_cache_memory", 1, optional=True)
         swap_space = byte_size("swap_space", 0)
+        prefix_cache_memory = byte_size("prefix_cache_memory", 0)
         cpu_util = number("cpu_memory_utilization", at_most_one=True)
         gpu_util = number("gpu_memory_utilization", at_most_one=True)
         choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
@@ -224,7 +233,9 @@ class EngineConfig:
         timeout = number("distributed_timeout")
         self.parallel_config().validate()  # node_rank < nnodes, ranks a multiple of nodes
         return replace(self, model=model, device=device, dtype=dtype, quantization=quantization,
-                       kv_cache_memory=kv_cache_memory, swap_space=swap_space, cpu_memory_utilization=cpu_util,
+                       max_num_batched_tokens=max_num_batched_tokens,
+                       kv_cache_memory=kv_cache_memory, swap_space=swap_space,
+                       prefix_cache_memory=prefix_cache_memory, cpu_memory_utilization=cpu_util,
                        gpu_memory_utilization=gpu_util, scheduling_max_wait=max_wait, distributed_timeout=timeout)
 
     def parallel_config(self):  # -> kvserve.distributed.parallel_state.ParallelConfig

@@ -4,10 +4,17 @@ The tensors live in the model runner ([num_blocks, block_size, kv_heads, head_di
 for K and V); this module only decides which block ids each request owns.
 
 Invariants (checked by `check_invariants`, exercised by property tests):
-  * every block is in exactly one state: free (ref 0, not cached), cached (ref 0, holds the
-    K/V of a known full block, evictable) or used (ref > 0);
-  * free + cached + used == total;
+  * every block is in exactly one state: fresh (never handed out: its pages may be uncommitted),
+    free (ref 0, not cached), cached (ref 0, holds the K/V of a known full block, evictable) or
+    used (ref > 0);
+  * fresh + free + cached + used == total;
   * a block with ref > 0 is never on the evictable list, so it is never handed out twice.
+
+Where the cache tensors commit pages as they are first written (CPU), fresh blocks cost no
+memory until used, so which block to hand out decides the process's RSS: a freed block first,
+then a fresh one while the blocks ever used stay under the peak in use plus `retain_blocks`,
+else the least recently used cached block. RSS then follows the load (with a bounded prefix
+cache on top), not the budget.
 """
 
 from __future__ import annotations
@@ -40,23 +47,28 @@ def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -
 
 
 class BlockPool:
-    """Hands out block ids. Blocks whose ref count drops to 0 go to the back of an LRU queue;
-    allocation takes from the front, evicting a cached block's hash if it had one."""
+    """Hands out block ids: freed blocks first, then fresh ones (lowest id first) or the least
+    recently used cached block, evicting its hash (see the module docstring for the choice)."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, retain_blocks: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.evictable: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # blocks handed out before whose ref count is 0: plain free ones at the front, cached ones
+        # behind them from least to most recently used
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.next_fresh = 0  # blocks next_fresh.. have never been handed out
+        self.retain_blocks = retain_blocks  # None: fresh blocks before any cached one (no limit)
+        self.peak_used = 0
         self.cached: dict[bytes, KVCacheBlock] = {}
         self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks that can be allocated now (free or cached-and-evictable)."""
-        return len(self.evictable)
+        """Blocks that can be allocated now (fresh, free or cached-and-evictable)."""
+        return len(self.evictable) + self.num_blocks - self.next_fresh
 
     @property
     def num_cached_blocks(self) -> int:
@@ -64,21 +76,36 @@ class BlockPool:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.evictable)
+        return self.next_fresh - len(self.evictable)
+
+    @property
+    def num_touched_blocks(self) -> int:
+        """Blocks ever handed out: on a lazily committed cache, the ones whose pages are resident."""
+        return self.next_fresh
+
+    def _take(self) -> int:
+        front = next(iter(self.evictable), None)
+        if front is not None and self.blocks[front].block_hash is None:
+            return self.evictable.popitem(last=False)[0]
+        if self.next_fresh < self.num_blocks and (
+                front is None or self.retain_blocks is None or self.next_fresh < self.peak_used + self.retain_blocks):
+            self.next_fresh += 1
+            return self.next_fresh - 1
+        return self.evictable.popitem(last=False)[0]
 
     def allocate(self, n: int) -> list[KVCacheBlock]:
-        if n > len(self.evictable):
-            raise RuntimeError(f"asked for {n} blocks, {len(self.evictable)} free")  # callers check first
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"asked for {n} blocks, {self.num_free_blocks} free")  # callers check first
         out = []
         for _ in range(n):
-            bid, _ = self.evictable.popitem(last=False)
-            block = self.blocks[bid]
+            block = self.blocks[self._take()]
             if block.block_hash is not None:
                 del self.cached[block.block_hash]
                 block.block_hash = None
                 self.num_evictions += 1
             block.ref_cnt = 1
             out.append(block)
+        self.peak_used = max(self.peak_used, self.num_used_blocks)
         return out
 
     def lookup(self, block_hash: bytes) -> KVCacheBlock | None:
@@ -116,7 +143,11 @@ class BlockPool:
         used = [b for b in self.blocks if b.ref_cnt > 0]
         assert all(b.ref_cnt >= 0 for b in self.blocks)
         assert all(self.blocks[i].ref_cnt == 0 for i in self.evictable)
-        assert len(used) + len(self.evictable) == self.num_blocks
+        assert all(i < self.next_fresh for i in self.evictable)
+        assert all(b.ref_cnt == 0 and b.block_hash is None for b in self.blocks[self.next_fresh:])
+        assert len(used) + len(self.evictable) == self.next_fresh
+        if self.retain_blocks is not None:  # committed blocks: the peak in use plus the cache's allowance
+            assert self.next_fresh <= self.peak_used + self.retain_blocks
         assert all(self.cached[b.block_hash] is b for b in self.blocks if b.block_hash is not None)
         assert len(self.cached) == sum(1 for b in self.blocks if b.block_hash is not None)
 
@@ -125,9 +156,9 @@ class KVCacheManager:
     """Block tables of requests; prefix lookup; slot allocation for the tokens of one step."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, retain_blocks: int | None = None) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching, retain_blocks)
         # host-side pool for swap preemption (pinned CPU memory on GPU); same block size
         self.host_pool = BlockPool(num_host_blocks, enable_caching=False) if num_host_blocks > 0 else None
         self.swapped: dict[str, list[KVCacheBlock]] = {}

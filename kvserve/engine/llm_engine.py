@@ -78,7 +78,11 @@ class LLMEngine:
         num_host_blocks = 0
         if c.preemption_mode != "recompute":
             num_host_blocks = int(c.swap_space) // (self.budget.kv_bytes_per_token * c.block_size)
-        self.kv = KVCacheManager(self.budget.num_blocks, c.block_size, c.enable_prefix_caching, num_host_blocks)
+        # a CPU cache commits pages as blocks are first written: bound what cached prefixes keep resident
+        retain = None if self.device.type != "cpu" else int(c.prefix_cache_memory) // (
+            self.budget.kv_bytes_per_token * c.block_size)
+        self.kv = KVCacheManager(self.budget.num_blocks, c.block_size, c.enable_prefix_caching, num_host_blocks,
+                                 retain)
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len, c.preemption_mode), self.kv,
             make_policy(c.scheduling_policy, c.scheduling_max_wait),

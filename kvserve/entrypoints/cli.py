@@ -445,7 +445,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(header)
     for name in policies:
         cfg = SimConfig(num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_num_batched_tokens=args.max_num_batched_tokens or 2048,
                         max_model_len=args.max_model_len or 8192, preemption_mode=args.preemption_mode,
                         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=name.strip(),
                         scheduling_max_wait=args.scheduling_max_wait, replicas=args.replicas)

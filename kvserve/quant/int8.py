@@ -35,13 +35,14 @@ class Int8Weight:
     def __init__(self, weight: torch.Tensor | None = None,
                  rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """From a float weight, or from `rows` = (int8 [N, K], scale [N]) already quantized by
-        `quantize_rows` (an int8 embedding table the tied LM head shares)."""
+        `quantize_rows` (an int8 embedding table the tied LM head shares), which this takes over:
+        the kernel's layout may be written over them."""
         q, self.scale = rows if rows is not None else quantize_rows(weight)
         self.out_features, self.in_features = q.shape
         self.native = native.available()
         self.corr: torch.Tensor | None = None
         if self.native:
-            self.q, self.corr = native.pack_weight(q)
+            self.q, self.corr = native.pack_weight(q, inplace=True)
         else:
             self.q = q
 

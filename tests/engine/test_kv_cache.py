@@ -29,14 +29,15 @@ op = st.one_of(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, min_size=1, max_size=60), num_blocks=st.integers(4, 24), block_size=st.sampled_from([1, 2, 4, 16]),
        budget=st.sampled_from([1, 3, 16, 64]), max_seqs=st.sampled_from([1, 4, 16]), caching=st.booleans(),
-       mode=st.sampled_from(["recompute", "swap", "auto"]), host_blocks=st.integers(1, 20))
+       mode=st.sampled_from(["recompute", "swap", "auto"]), host_blocks=st.integers(1, 20),
+       retain=st.sampled_from([0, 2, 10_000]))
 def test_random_workloads_keep_block_invariants(tiny, ops, num_blocks, block_size, budget, max_seqs, caching, mode,
-                                                host_blocks):
+                                                host_blocks, retain):
     m = tiny.config
     per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * block_size
     eng = LLMEngine(loaded=tiny, kv_cache_memory=num_blocks * per_block, block_size=block_size,
                     max_num_batched_tokens=budget, max_num_seqs=max_seqs, enable_prefix_caching=caching,
-                    preemption_mode=mode, swap_space=host_blocks * per_block)
+                    preemption_mode=mode, swap_space=host_blocks * per_block, prefix_cache_memory=retain * per_block)
     eng.scheduler.config.swap_min_tokens = 8  # let auto choose both ways on these short requests
     eng.runner = FakeRunner(eng)
     ids: list[str] = []
@@ -94,6 +95,55 @@ def test_pool_lru_eviction_and_reuse():
     with pytest.raises(RuntimeError):
         pool.allocate(1)
     pool.check_invariants()
+
+
+def test_retained_cache_is_bounded_by_peak_use_plus_allowance():
+    """A lazily committed pool hands out fresh blocks only while the blocks ever used stay under
+    the peak in use plus the allowance; past it, the least recently used cached block is reused."""
+    pool = BlockPool(16, retain_blocks=1)
+    for i in range(5):  # five requests one after another, each filling 2 blocks that stay cached
+        a = pool.allocate(2)
+        pool.register(a[0], hash_block(None, [i, 0]))
+        pool.register(a[1], hash_block(None, [i, 1]))
+        pool.free(list(reversed(a)))
+        pool.check_invariants()
+    assert pool.peak_used == 2 and pool.num_touched_blocks == 3  # 2 in use at peak + 1 kept for the cache
+    assert pool.num_cached_blocks == 3 and pool.num_evictions == 7
+    assert pool.lookup(hash_block(None, [4, 1])) is not None  # the newest survive
+    assert pool.lookup(hash_block(None, [0, 0])) is None
+    assert pool.num_free_blocks == 16
+    # demand beyond the touched blocks still gets fresh ones (all 16 are usable)
+    b = pool.allocate(16)
+    assert sorted(x.block_id for x in b) == list(range(16)) and pool.peak_used == 16
+    pool.check_invariants()
+
+
+def test_unbounded_pool_prefers_fresh_blocks_over_cached():
+    pool = BlockPool(6)  # retain_blocks None (a GPU cache, allocated whole): keep every cached block
+    a = pool.allocate(2)
+    pool.register(a[0], hash_block(None, [1]))
+    pool.free(a)
+    assert [b.block_id for b in pool.allocate(2)] == [1, 2]  # the plain freed block, then a fresh one
+    assert pool.lookup(hash_block(None, [1])) is a[0]
+    pool.check_invariants()
+
+
+def test_engine_rss_blocks_follow_load_not_history(tiny):
+    """Many different prompts one after another: the blocks ever touched stay at the peak one request
+    needed plus the prefix cache allowance, however large the budget."""
+    m = tiny.config
+    per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
+    eng = LLMEngine(loaded=tiny, kv_cache_memory=200 * per_block, block_size=4, prefix_cache_memory=3 * per_block)
+    eng.runner = FakeRunner(eng)
+    for i in range(12):
+        eng.add_request(f"r{i}", [i + 1] * 10, SamplingParams(max_tokens=6, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            eng.step()
+        eng.kv.check_invariants()
+    pool = eng.kv.pool
+    assert pool.peak_used == 4 and pool.num_touched_blocks == 4 + 3
+    eng.add_request("again", [12] * 10 + [0], SamplingParams(max_tokens=1))  # the last prompt is still cached
+    assert eng.kv.get_computed_blocks(eng.scheduler.waiting[0])[1] == 8
 
 
 def test_hash_is_chained_and_content_addressed():

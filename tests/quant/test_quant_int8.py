@@ -82,3 +82,19 @@ def test_linear_quantize_keeps_bias_and_dtype():
     torch.testing.assert_close(y.float(), ref, rtol=0, atol=0.05 * float(ref.abs().max()))
     with pytest.raises(ValueError, match="unknown quantization"):
         Linear(4, 4).quantize("fp4")
+
+
+@needs_native
+@pytest.mark.parametrize("n,k", [(64, 96), (48, 100), (40, 64)])
+def test_in_place_pack_writes_the_same_layout(n, k):
+    """Packing over the rows themselves (N % 16 == 0, K % 32 == 0) gives the copy's bytes; other
+    shapes fall back to a copy and leave the rows alone."""
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n + k))
+    rows = q.clone()
+    want, want_corr = native.pack_weight(q)
+    got, got_corr = native.pack_weight(rows, inplace=True)
+    assert torch.equal(got, want) and torch.equal(got_corr, want_corr)
+    shares = got.data_ptr() == rows.data_ptr()
+    assert shares == (n % 16 == 0 and k % 32 == 0)
+    assert shares or torch.equal(rows, q)
+    assert torch.equal(unpack(got, n, k), q)

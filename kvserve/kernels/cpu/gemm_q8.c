@@ -30,6 +30,31 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp) {
                 }
 }
 
+/* The same layout written over the rows themselves (N a multiple of 16, K of 32: a block of 16
+ * rows fills exactly the bytes it packs into), one block through a small copy at a time: a big
+ * table (an LM head) never exists twice. Returns 0, or -1 when the block copy could not be allocated. */
+int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
+    if (N % 16 || K % GROUP) return -2;
+    int failed = 0;
+#pragma omp parallel
+    {
+        int8_t *tmp = KV_ALLOC(int8_t, 16 * K);
+        if (!tmp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < N / 16; b++) {
+            if (!tmp) continue;
+            int8_t *blk = w + b * 16 * K;
+            memcpy(tmp, blk, (size_t)(16 * K));
+            kv_pack_weight(tmp, 16, K, blk);
+        }
+        free(tmp);
+    }
+    return failed ? -1 : 0;
+}
+
 /* MR tokens x NR blocks of 16 channels. corr: [N16][G][16] int32, -128 x the group sums of W. */
 #define TILE(NAME, MR, NR)                                                                                  \
     static void NAME(const uint8_t *xq, int64_t ldx, const float *dx, int64_t G, const int8_t *wp,         \

@@ -46,6 +46,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "kv_qgemm": ([p, p, i64, i64, p, p, p, i64, p], None),
         "kv_linear": ([p, i64, i64, p, p, p, i64, p], i32),
         "kv_pack_weight": ([p, i64, i64, p], None),
+        "kv_pack_weight_inplace": ([p, i64, i64], i32),
         "kv_paged_decode_attention": ([p, p, p, p, p, i32, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p], i32),
         "kv_paged_prefill_attention": ([p, p, p, p, p, i32, p, i64, p, p, p, i64, i64, i64, i64, i64,
                                         ctypes.c_float, p], i32),

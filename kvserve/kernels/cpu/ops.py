@@ -23,23 +23,34 @@ def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, dx
 
 
-def pack_weight(wq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_weight(wq: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 [N, K] -> the kernel's layout (blocks of 16 channels x groups of 4 k's, zero padded)
-    and the offset correction -128 x each 32-group's sum, [N/16, K/32, 16] int32."""
+    and the offset correction -128 x each 32-group's sum, [N/16, K/32, 16] int32. With `inplace`
+    (N a multiple of 16, K of 32, wq contiguous and the caller's to give) the layout is written
+    over wq's own bytes, which are returned: a big table is never held twice."""
     lib = _lib()
     assert lib is not None and wq.dtype == torch.int8
-    wq = wq.contiguous()
     n, k = wq.shape
     n16, g = -(-n // 16), -(-k // GROUP)
-    wp = torch.empty(n16 * g * GROUP * 16, dtype=torch.int8)
-    lib.kv_pack_weight(wq.data_ptr(), n, k, wp.data_ptr())
+    inplace = inplace and wq.is_contiguous() and n % 16 == 0 and k % GROUP == 0
+    wq = wq.contiguous()
+    wp = wq.view(-1) if inplace else torch.empty(n16 * g * GROUP * 16, dtype=torch.int8)
+    corr = _group_correction(wq, n16, g)  # from the rows, before an in-place pack overwrites them
+    if inplace:
+        _check(lib.kv_pack_weight_inplace(wp.data_ptr(), n, k), "int8 pack")
+    else:
+        lib.kv_pack_weight(wq.data_ptr(), n, k, wp.data_ptr())
+    return wp, corr
+
+
+def _group_correction(wq: torch.Tensor, n16: int, g: int) -> torch.Tensor:
+    n, k = wq.shape
     # -128 x each group's sum, computed a chunk of rows at a time (no int32 copy of a big weight)
     sums = torch.zeros(n16 * 16, g, dtype=torch.int32)
-    for r in range(0, n, 4096):
-        part = torch.nn.functional.pad(wq[r : r + 4096].to(torch.int32), (0, g * GROUP - k))
+    for r in range(0, n, 1024):
+        part = torch.nn.functional.pad(wq[r : r + 1024].to(torch.int32), (0, g * GROUP - k))
         sums[r : r + len(part)] = part.view(len(part), g, GROUP).sum(-1, dtype=torch.int32)
-    corr = (-128 * sums.view(n16, 16, g)).transpose(1, 2).contiguous()
-    return wp, corr
+    return (-128 * sums.view(n16, 16, g)).transpose(1, 2).contiguous()
 
 
 def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
