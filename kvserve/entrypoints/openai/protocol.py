@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvserve.errors import InvalidRequestError
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 MAX_N = 32  # samples per prompt
@@ -26,6 +26,8 @@ MAX_MESSAGES = 2048
 MAX_METADATA = 16  # OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512
 MAX_TOKEN_IDS = 2**20  # token ids in one /detokenize request (the body limit bounds them too)
 MAX_TEXT_CHARS = 2**20  # a /tokenize prompt, /v1/responses instructions (a prompt for the engine: max_model_len)
+MAX_CHOICES = 1024  # strings of a choice constraint
+MAX_GRAMMAR_CHARS = 2**18  # a regex or grammar (a JSON schema is bounded by the body and its depth)
 INT64 = 2**63
 StopStr = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 ShortStr = Annotated[str, Field(max_length=256)]
@@ -67,6 +69,21 @@ class _Ignored(_Body):
     safety_identifier: ShortStr | None = None
 
 
+GrammarStr = Annotated[str, Field(max_length=MAX_GRAMMAR_CHARS)]
+ChoiceList = Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LEN * 4)]], Field(max_length=MAX_CHOICES)]
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's `structured_outputs`: exactly one constraint (the names of StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: GrammarStr | None = None
+    choice: ChoiceList | None = None
+    grammar: GrammarStr | None = None
+    json_object: bool | None = None
+
+
 class _Common(_Ignored):
     model: ShortStr | None = None
     n: int = Field(1, le=MAX_N)  # the lower bound is SamplingParams' (its message names it)
@@ -89,9 +106,31 @@ class _Common(_Ignored):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # scheduling priority (--scheduling-policy priority): lower runs first
+    # structured outputs, as vLLM names them (and its older guided_* fields)
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: GrammarStr | None = None
+    guided_choice: ChoiceList | None = None
+    guided_grammar: GrammarStr | None = None
+
+    def structured(self, extra: dict[str, StructuredOutputsParams] | None = None) -> StructuredOutputsParams | None:
+        """The one output constraint of this request (or None); `extra`: other sources by field name."""
+        found: dict[str, StructuredOutputsParams] = dict(extra or {})
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            found["structured_outputs"] = StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
+                                                                  grammar=so.grammar, json_object=so.json_object)
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                found[name] = StructuredOutputsParams(**{kind: getattr(self, name)})
+        if len(found) > 1:
+            raise InvalidRequestError(f"give one output constraint, got {', '.join(sorted(found))}")
+        return next(iter(found.values()), None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
-                        default_max_tokens: int | None = None) -> SamplingParams:
+                        default_max_tokens: int | None = None,
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed with stream=true")
         try:
@@ -119,6 +158,7 @@ class _Common(_Ignored):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             priority=self.priority,
+            structured_outputs=structured,
         )
 
 
@@ -139,9 +179,30 @@ class ChatMessage(_Body):
         return "".join(parts)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+class JsonSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema. `strict` changes nothing here: the schema is always enforced."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = Field(None, max_length=MAX_STOP_LEN * 16)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None:
+            raise InvalidRequestError("response_format json_schema needs a json_schema object (name, schema)")
+        schema = self.json_schema.schema_
+        # OpenAI: no schema means any JSON object
+        return StructuredOutputsParams(json=schema) if schema is not None else StructuredOutputsParams(json_object=True)
 
 
 class ChatCompletionRequest(_Common):
@@ -155,13 +216,13 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None  # accepted, ignored: no tools here (a `tools` field is a 400)
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(f"response_format {self.response_format.type!r} is not supported yet")
+        fmt = self.response_format.constraint() if self.response_format is not None else None
+        structured = self.structured({"response_format": fmt} if fmt is not None else None)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true")
         lp = (self.top_logprobs or 0) if self.logprobs else None
         mt = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(mt, lp, default_max_tokens=default_max_tokens)
+        return self.sampling_params(mt, lp, default_max_tokens=default_max_tokens, structured=structured)
 
 
 class CompletionRequest(_Common):
@@ -182,7 +243,8 @@ class CompletionRequest(_Common):
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
         # scoring: one token is generated (the engine's least) and left out of the answer
         max_tokens = 1 if self.score_only else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs, prompt_lp, default_max_tokens=default_max_tokens)
+        return self.sampling_params(max_tokens, self.logprobs, prompt_lp, default_max_tokens=default_max_tokens,
+                                    structured=self.structured())
 
     @property
     def score_only(self) -> bool:
