@@ -148,6 +148,31 @@ def test_parse_pydantic_response_format(client):
     assert c.choices[0].text == "Paris"
 
 
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tool_calls_required_and_named(client):
+    """tool_choice required (not streamed) and a named function (streamed): calls that always parse."""
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER_TOOL], tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    args, finish = "", None
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER_TOOL], tool_choice=named,
+                                                max_tokens=40, temperature=0, stream=True):
+        if not chunk.choices:
+            continue
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            args += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and json.loads(args) == json.loads(call.function.arguments)
+
+
 def test_async_client_concurrent(server):
     async def main():
         ac = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)

@@ -55,7 +55,7 @@ class StreamOptions(_Body):
 
 # Fields accepted and ignored: they change nothing about the answer here (README: "Ignored fields").
 IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
-                  "parallel_tool_calls", "stream_options.include_obfuscation")
+                  "stream_options.include_obfuscation")
 
 
 class _Ignored(_Body):
@@ -162,11 +162,37 @@ class _Common(_Ignored):
         )
 
 
+MAX_TOOLS = 128
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCallIn(_Body):
+    name: FunctionName
+    arguments: str = Field("{}", max_length=MAX_TEXT_CHARS)
+
+
+class ToolCallIn(_Body):
+    """An assistant message's earlier call, as OpenAI (and LangChain) send it back in the conversation."""
+    id: ShortStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     # the bound is on the parts (a Field max_length here would cap a string's characters); text: check_prompt
     content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
     name: ShortStr | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)  # assistant
+    tool_call_id: ShortStr | None = None  # tool
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidRequestError(f"tool_calls is only allowed on assistant messages, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidRequestError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -177,6 +203,27 @@ class ChatMessage(_Body):
                 raise InvalidRequestError(f"message content part of type {p.get('type')!r} is not supported")
             parts.append(p.get("text", ""))
         return "".join(parts)
+
+
+class FunctionDef(_Body):
+    name: FunctionName
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # changes nothing: required and named calls always follow the schema
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: FunctionName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Body):
@@ -213,11 +260,34 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
-    parallel_tool_calls: bool | None = None  # accepted, ignored: no tools here (a `tools` field is a 400)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool | None = None  # default true: several calls in one answer
 
-    def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
-        fmt = self.response_format.constraint() if self.response_format is not None else None
-        structured = self.structured({"response_format": fmt} if fmt is not None else None)
+    def tool_mode(self) -> str:
+        """none, auto, required, or the named function's name; raises on a choice the tools cannot meet."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tools: function names must be unique")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise InvalidRequestError(f"tool_choice names function {choice.function.name!r}, which is not in tools"
+                                          f" ({', '.join(names) or 'none given'})")
+            return choice.function.name
+        if choice in ("auto", "required") and not names:
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools")
+        return choice
+
+    def to_sampling_params(self, default_max_tokens: int | None,
+                           tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+        """tool_constraint: the grammar of the calls that tool_choice required / a named function demands."""
+        sources = {}
+        if self.response_format is not None and (fmt := self.response_format.constraint()) is not None:
+            sources["response_format"] = fmt
+        if tool_constraint is not None:
+            sources["tool_choice"] = tool_constraint
+        structured = self.structured(sources)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true")
         lp = (self.top_logprobs or 0) if self.logprobs else None
@@ -264,9 +334,21 @@ class CompletionRequest(_Common):
         return list(p)  # type: ignore[arg-type]
 
 
-def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them (content parts joined to text)."""
-    return [{"role": m.role, "content": m.text()} for m in messages]
+def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them (content parts joined to text; tool fields kept)."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            d["name"] = m.name
+        out.append(d)
+    return out
 
 
 class TokenizeRequest(_Body):
