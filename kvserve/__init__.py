@@ -2,7 +2,7 @@
 
 from kvserve.config import EngineConfig
 from kvserve.entrypoints.llm import LLM
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "EngineConfig"]

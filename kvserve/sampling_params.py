@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from kvserve.errors import InvalidRequestError
@@ -11,7 +13,65 @@ _FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "logit_bias", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
     "ignore_eos", "logprobs", "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output", "priority",
+    "structured_outputs",
 )
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on the output, as vLLM names them; exactly one field is set.
+
+    json: a JSON schema (a dict, or its JSON text); json_object: any JSON object; regex: the
+    whole output matches it (Rust `regex` syntax); choice: exactly one of these strings;
+    grammar: a context-free grammar in llguidance's Lark syntax (GBNF, as llama.cpp writes it,
+    is converted). Compiled and checked when the request is added (kvserve/structured/).
+    """
+
+    json: str | dict[str, Any] | bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        set_ = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            set_.append("json_object")
+        if len(set_) != 1:
+            raise InvalidRequestError("structured outputs: give exactly one of json, regex, choice, grammar, "
+                                      f"json_object (got {', '.join(set_) if set_ else 'none'})")
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as e:
+                raise InvalidRequestError(f"structured outputs: the JSON schema is not valid JSON: {e}") from None
+        elif self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise InvalidRequestError("structured outputs: json must be a JSON schema (an object or its text)")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(f"structured outputs: {name} must be a non-empty string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise InvalidRequestError("structured outputs: choice must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: json, json_object, regex, choice or grammar."""
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what a compiled grammar is cached by (a schema's key order is kept: it is the output's)."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind == "json" and isinstance(self.json, str):
+            return kind, self.json
+        if kind in ("json", "choice"):
+            return kind, json.dumps(value, ensure_ascii=False)
+        return kind, "" if kind == "json_object" else value
 
 
 class SamplingParams:
@@ -40,6 +100,7 @@ class SamplingParams:
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         priority: int = 0,
+        structured_outputs: StructuredOutputsParams | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -64,6 +125,7 @@ class SamplingParams:
         self.skip_special_tokens = skip_special_tokens
         self.include_stop_str_in_output = include_stop_str_in_output
         self.priority = priority  # scheduling priority (policy "priority"): lower runs first
+        self.structured_outputs = structured_outputs  # a constraint on the output (kvserve/structured/)
         self._validate()
 
     def _validate(self) -> None:
@@ -103,6 +165,8 @@ class SamplingParams:
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             bad(f"priority must be an integer, got {self.priority!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs must be a StructuredOutputsParams")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a non-empty string or a list of them")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.kv_cache import KVCacheManager
@@ -12,6 +12,9 @@ from kvserve.errors import InvalidRequestError
 from kvserve.loader.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from kvserve.structured.backend import GrammarBackend
+
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, kv: KVCacheManager) -> None:
@@ -19,6 +22,16 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.kv = kv
+        self._grammars: GrammarBackend | None = None  # built at the first constrained request
+
+    @property
+    def grammars(self) -> GrammarBackend:
+        """The structured-output backend over this model's tokenizer (built once, on first use)."""
+        if self._grammars is None:
+            from kvserve.structured.backend import GrammarBackend
+
+            self._grammars = GrammarBackend(self.tokenizer, self.vocab_size)
+        return self._grammars
 
     def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """The token ids of a conversation through the model's chat template."""
@@ -71,6 +84,8 @@ class InputProcessor:
             if bad:  # a negative or too-large id would index the logits out of range inside the step
                 raise InvalidRequestError(f"{name}: token id {bad[0]} is out of vocabulary (size {self.vocab_size})")
         limit = self._token_limit(len(ids), params)
+        # compiled (or found in the cache) and checked here, before the request can hold any KV
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs is not None else None
         eos = self.tokenizer.eos_token_ids
         children: list[Request] = []
         for i in range(params.n):
@@ -79,6 +94,8 @@ class InputProcessor:
             r = Request(child_id, ids, p, eos, limit, arrival_time, group_id=request_id)
             r.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens, p.stop,
                                                    p.include_stop_str_in_output)
+            if grammar is not None:
+                r.grammar = grammar.matcher()  # one per sample: each follows its own tokens
             if i > 0:
                 r.wait_for = children[0]  # siblings share the first sample's cached prompt
             children.append(r)

@@ -13,6 +13,7 @@ from kvserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvserve.engine.detokenizer import IncrementalDetokenizer
+    from kvserve.structured.matcher import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -72,6 +73,8 @@ class Request:
         # text so far and stop strings; None where there is no tokenizer (the simulator)
         self.detokenizer: IncrementalDetokenizer | None = None
         self._stop_str: str | None = None  # the stop string the last token completed
+        # the structured-output constraint's state (params.structured_outputs), advanced by the post-step update
+        self.grammar: GrammarMatcher | None = None
         self.prompt_logprobs: list[Logprob | None] = []
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_scheduled_time: float | None = None

@@ -265,8 +265,10 @@ class Scheduler:
         For each scheduled request: its scheduled tokens now have K/V in the cache; its prompt
         logprobs of this chunk are kept; each sampled token (one, or several when speculative
         tokens were accepted) is appended and checked against the stop rules (EOS and stop ids
-        after min_tokens, stop strings through the request's detokenizer, the length limit);
-        at the first stop the request finishes, its blocks freed, and later tokens are dropped.
+        after min_tokens, stop strings through the request's detokenizer, the length limit, a
+        structured-output grammar that is complete; a constrained request's matcher consumes each
+        token before it is appended); at the first stop the request finishes, its blocks freed,
+        and later tokens are dropped.
         A request preempted or aborted while its batch ran (pipelining) has the result dropped.
         """
         now = self.clock()
@@ -290,8 +292,19 @@ class Scheduler:
                 r.first_token_time = now
             lps = result.logprobs.get(rid)
             for j, tok in enumerate(tokens):
+                g = r.grammar
+                if g is not None:
+                    assert g.num_tokens == len(r.output_token_ids), "grammar matcher out of step with the request"
+                    if not g.accept(tok):  # the mask allowed it: only a broken state lands here
+                        logger.error("request %s: token %d rejected by its grammar (%s); stopping it", rid, tok,
+                                     g.error or "not allowed")
+                        self.finish(r, "stop")
+                        finished.append(r)
+                        break
                 r.append_token(tok, lps[j] if lps else None)
                 reason = r.check_stop()
+                if reason is None and g is not None and g.is_done:
+                    reason = "stop"  # the grammar is complete: only EOS could follow, save its step
                 if reason is not None:
                     self.finish(r, reason)
                     finished.append(r)

@@ -1,6 +1,7 @@
 """Sampling, vectorised over the batch with per-request parameters.
 
-Order of logit processing: logit bias, min_tokens (EOS masked), repetition / presence /
+Order of logit processing: logit bias, min_tokens (EOS masked), the structured-output grammar
+mask (only rows whose request has a matcher: the others pay nothing), repetition / presence /
 frequency penalties; logprobs are reported from this processed distribution; then
 temperature, top-k, top-p, min-p, and a draw. Greedy rows take the argmax. A row with a seed
 draws with its own generator, so its tokens do not depend on what else is in the batch.
@@ -8,6 +9,7 @@ draws with its own generator, so its tokens do not depend on what else is in the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,12 +59,28 @@ def _top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
+def _apply_grammar_masks(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+    """Tokens a row's grammar does not allow next go to -inf (EOS only where the grammar is complete)."""
+    from kvserve.structured.matcher import token_masks
+
+    allowed = token_masks([reqs[i].grammar for i in rows], logits.shape[1]).to(logits.device, non_blocking=True)
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+
+
 class Sampler:
+    def __init__(self) -> None:
+        self.grammar_mask_s = 0.0  # seconds spent computing and applying grammar masks
+        self.grammar_mask_rows = 0  # rows masked (one per constrained token sampled)
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits: [N, V] float32, one row per request that needs a token."""
         logits = logits.float()
+        constrained: list[int] = []
         for i, r in enumerate(reqs):
             p = r.params
+            if r.grammar is not None:
+                constrained.append(i)
             if p.logit_bias:
                 ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
                 logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
@@ -70,6 +88,11 @@ class Sampler:
                 stop = sorted(r.eos_token_ids | r.stop_token_ids)
                 if stop:
                     logits[i, stop] = float("-inf")
+        if constrained:
+            t0 = time.perf_counter()
+            _apply_grammar_masks(logits, reqs, constrained)
+            self.grammar_mask_s += time.perf_counter() - t0
+            self.grammar_mask_rows += len(constrained)
         _apply_penalties(logits, reqs)
 
         want_lp = [r.params.logprobs is not None for r in reqs]

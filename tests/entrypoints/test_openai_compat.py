@@ -81,7 +81,7 @@ def test_null_means_default(http):
 
 
 @pytest.mark.parametrize("path, body, needle", [
-    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": MSG, "tool_choice": "required"}, "needs tools"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_schema"}}, "json_schema"),
     ("/v1/chat/completions", {"messages": MSG, "reasoning_effort": "high"}, "reasoning_effort"),
     ("/v1/chat/completions", {"messages": MSG, "audio": {"voice": "alloy"}}, "audio"),

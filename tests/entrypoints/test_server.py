@@ -11,9 +11,12 @@ import subprocess
 import sys
 import time
 
+from typing import Literal
+
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 from serve_helpers import free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -126,6 +129,50 @@ def test_chat_logprobs(client):
         assert len(it.top_logprobs) == 3 and it.top_logprobs[0].token == it.token  # greedy = top-1
 
 
+class Weather(BaseModel):
+    city: str
+    condition: Literal["sunny", "cloudy", "rain", "snow"]
+    temperature_c: int = Field(ge=-60, le=60)
+    tags: list[str] = Field(max_length=3)
+
+
+def test_parse_pydantic_response_format(client):
+    """The openai client's parse(): a JSON schema from a pydantic model, the answer parsed into it."""
+    msgs = [{"role": "user", "content": "Describe the weather in Paris today as JSON."}]
+    r = client.chat.completions.parse(model=MODEL, messages=msgs, response_format=Weather, max_tokens=64, temperature=0)
+    assert r.choices[0].finish_reason == "stop"
+    w = r.choices[0].message.parsed
+    assert isinstance(w, Weather) and w.city, r.choices[0].message.content
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0,
+                                  extra_body={"guided_choice": ["Paris", "London", "Rome"]})
+    assert c.choices[0].text == "Paris"
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tool_calls_required_and_named(client):
+    """tool_choice required (not streamed) and a named function (streamed): calls that always parse."""
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER_TOOL], tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    args, finish = "", None
+    for chunk in client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER_TOOL], tool_choice=named,
+                                                max_tokens=40, temperature=0, stream=True):
+        if not chunk.choices:
+            continue
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            args += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and json.loads(args) == json.loads(call.function.arguments)
+
+
 def test_async_client_concurrent(server):
     async def main():
         ac = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
@@ -150,7 +197,8 @@ def _post(server, path, body, headers=None):
 
 @pytest.mark.parametrize("body, status, needle", [
     ({"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
-    ({"messages": MSG, "response_format": {"type": "json_object"}}, 400, "json_object"),
+    ({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 1}}}},
+     400, "invalid json"),
     ({"messages": MSG, "max_tokens": 100000}, 400, "max_model_len (8192)"),
     ({"messages": MSG, "temperature": -1}, 400, "temperature"),
     ({"messages": MSG, "top_p": 0}, 400, "top_p"),

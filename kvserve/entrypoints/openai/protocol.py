@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvserve.errors import InvalidRequestError
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 MAX_N = 32  # samples per prompt
@@ -26,6 +26,8 @@ MAX_MESSAGES = 2048
 MAX_METADATA = 16  # OpenAI's: at most 16 pairs, keys up to 64 characters, values up to 512
 MAX_TOKEN_IDS = 2**20  # token ids in one /detokenize request (the body limit bounds them too)
 MAX_TEXT_CHARS = 2**20  # a /tokenize prompt, /v1/responses instructions (a prompt for the engine: max_model_len)
+MAX_CHOICES = 1024  # strings of a choice constraint
+MAX_GRAMMAR_CHARS = 2**18  # a regex or grammar (a JSON schema is bounded by the body and its depth)
 INT64 = 2**63
 StopStr = Annotated[str, Field(max_length=MAX_STOP_LEN)]
 ShortStr = Annotated[str, Field(max_length=256)]
@@ -53,7 +55,7 @@ class StreamOptions(_Body):
 
 # Fields accepted and ignored: they change nothing about the answer here (README: "Ignored fields").
 IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
-                  "parallel_tool_calls", "stream_options.include_obfuscation")
+                  "stream_options.include_obfuscation")
 
 
 class _Ignored(_Body):
@@ -65,6 +67,21 @@ class _Ignored(_Body):
     service_tier: ShortStr | None = None
     prompt_cache_key: ShortStr | None = None
     safety_identifier: ShortStr | None = None
+
+
+GrammarStr = Annotated[str, Field(max_length=MAX_GRAMMAR_CHARS)]
+ChoiceList = Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LEN * 4)]], Field(max_length=MAX_CHOICES)]
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's `structured_outputs`: exactly one constraint (the names of StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: GrammarStr | None = None
+    choice: ChoiceList | None = None
+    grammar: GrammarStr | None = None
+    json_object: bool | None = None
 
 
 class _Common(_Ignored):
@@ -89,9 +106,31 @@ class _Common(_Ignored):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # scheduling priority (--scheduling-policy priority): lower runs first
+    # structured outputs, as vLLM names them (and its older guided_* fields)
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: GrammarStr | None = None
+    guided_choice: ChoiceList | None = None
+    guided_grammar: GrammarStr | None = None
+
+    def structured(self, extra: dict[str, StructuredOutputsParams] | None = None) -> StructuredOutputsParams | None:
+        """The one output constraint of this request (or None); `extra`: other sources by field name."""
+        found: dict[str, StructuredOutputsParams] = dict(extra or {})
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            found["structured_outputs"] = StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
+                                                                  grammar=so.grammar, json_object=so.json_object)
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                found[name] = StructuredOutputsParams(**{kind: getattr(self, name)})
+        if len(found) > 1:
+            raise InvalidRequestError(f"give one output constraint, got {', '.join(sorted(found))}")
+        return next(iter(found.values()), None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
-                        default_max_tokens: int | None = None) -> SamplingParams:
+                        default_max_tokens: int | None = None,
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed with stream=true")
         try:
@@ -119,14 +158,41 @@ class _Common(_Ignored):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             priority=self.priority,
+            structured_outputs=structured,
         )
 
 
+MAX_TOOLS = 128
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCallIn(_Body):
+    name: FunctionName
+    arguments: str = Field("{}", max_length=MAX_TEXT_CHARS)
+
+
+class ToolCallIn(_Body):
+    """An assistant message's earlier call, as OpenAI (and LangChain) send it back in the conversation."""
+    id: ShortStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     # the bound is on the parts (a Field max_length here would cap a string's characters); text: check_prompt
     content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)] | None = None
     name: ShortStr | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS)  # assistant
+    tool_call_id: ShortStr | None = None  # tool
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidRequestError(f"tool_calls is only allowed on assistant messages, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidRequestError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -139,9 +205,51 @@ class ChatMessage(_Body):
         return "".join(parts)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+class FunctionDef(_Body):
+    name: FunctionName
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # changes nothing: required and named calls always follow the schema
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: FunctionName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema. `strict` changes nothing here: the schema is always enforced."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = Field(None, max_length=MAX_STOP_LEN * 16)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.json_schema is None:
+            raise InvalidRequestError("response_format json_schema needs a json_schema object (name, schema)")
+        schema = self.json_schema.schema_
+        # OpenAI: no schema means any JSON object
+        return StructuredOutputsParams(json=schema) if schema is not None else StructuredOutputsParams(json_object=True)
 
 
 class ChatCompletionRequest(_Common):
@@ -152,16 +260,39 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
-    parallel_tool_calls: bool | None = None  # accepted, ignored: no tools here (a `tools` field is a 400)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool | None = None  # default true: several calls in one answer
 
-    def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(f"response_format {self.response_format.type!r} is not supported yet")
+    def tool_mode(self) -> str:
+        """none, auto, required, or the named function's name; raises on a choice the tools cannot meet."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tools: function names must be unique")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise InvalidRequestError(f"tool_choice names function {choice.function.name!r}, which is not in tools"
+                                          f" ({', '.join(names) or 'none given'})")
+            return choice.function.name
+        if choice in ("auto", "required") and not names:
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools")
+        return choice
+
+    def to_sampling_params(self, default_max_tokens: int | None,
+                           tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+        """tool_constraint: the grammar of the calls that tool_choice required / a named function demands."""
+        sources = {}
+        if self.response_format is not None and (fmt := self.response_format.constraint()) is not None:
+            sources["response_format"] = fmt
+        if tool_constraint is not None:
+            sources["tool_choice"] = tool_constraint
+        structured = self.structured(sources)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true")
         lp = (self.top_logprobs or 0) if self.logprobs else None
         mt = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(mt, lp, default_max_tokens=default_max_tokens)
+        return self.sampling_params(mt, lp, default_max_tokens=default_max_tokens, structured=structured)
 
 
 class CompletionRequest(_Common):
@@ -182,7 +313,8 @@ class CompletionRequest(_Common):
         prompt_lp = self.logprobs if (self.echo and self.logprobs is not None) else None
         # scoring: one token is generated (the engine's least) and left out of the answer
         max_tokens = 1 if self.score_only else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs, prompt_lp, default_max_tokens=default_max_tokens)
+        return self.sampling_params(max_tokens, self.logprobs, prompt_lp, default_max_tokens=default_max_tokens,
+                                    structured=self.structured())
 
     @property
     def score_only(self) -> bool:
@@ -202,9 +334,21 @@ class CompletionRequest(_Common):
         return list(p)  # type: ignore[arg-type]
 
 
-def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them (content parts joined to text)."""
-    return [{"role": m.role, "content": m.text()} for m in messages]
+def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them (content parts joined to text; tool fields kept)."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            d["name"] = m.name
+        out.append(d)
+    return out
 
 
 class TokenizeRequest(_Body):

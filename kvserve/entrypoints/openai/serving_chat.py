@@ -13,10 +13,11 @@ from fastapi.responses import StreamingResponse
 from kvserve.entrypoints.openai.generation import collect, first_outputs, stream_usage, usage, usage_of
 from kvserve.entrypoints.openai.limits import check_prompt, check_request
 from kvserve.entrypoints.openai.logprobs import chat_logprobs
-from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, chat_dicts
+from kvserve.entrypoints.openai.protocol import ChatCompletionRequest
 from kvserve.entrypoints.openai.request_log import record_of
 from kvserve.entrypoints.openai.sse import DONE, error_event, stream_chunk
 from kvserve.entrypoints.openai.state import get_state
+from kvserve.entrypoints.openai.tools import conversation, plan_tools
 from kvserve.errors import KVServeError
 
 router = APIRouter()
@@ -27,11 +28,12 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
     st = get_state(request)
     engine, tokenizer, metrics = st.engine, st.tokenizer, st.metrics
     st.check_model(body.model)
-    params = body.to_sampling_params(default_max_tokens=None)
+    plan = plan_tools(body)
+    params = body.to_sampling_params(default_max_tokens=None, tool_constraint=plan.constraint())
     check_request(body, st, params.max_tokens)
-    messages = chat_dicts(body.messages)
+    messages, template_vars = conversation(body, plan, tokenizer.chat_template)
     prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages,
-                                     add_generation_prompt=body.add_generation_prompt, tokenize=True)
+                                     add_generation_prompt=body.add_generation_prompt, tokenize=True, **template_vars)
     await check_prompt(st, prompt)
     rid = st.new_id("chatcmpl")
     rec = record_of(request, rid)
@@ -40,8 +42,11 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
     if not body.stream:
         out = await collect(engine, request, rid, prompt, params)
         metrics.observe_finished(out)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(tokenizer, c), "finish_reason": c.finish_reason} for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, finish = plan.answer(c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message, "logprobs": chat_logprobs(tokenizer, c),
+                            "finish_reason": finish})
         n_out = sum(len(c.token_ids) for c in out.outputs)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": choices, "usage": usage(len(out.prompt_token_ids), n_out)}
@@ -53,6 +58,7 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
 
     async def stream() -> AsyncIterator[str]:
         sent_lp = [0] * params.n
+        streamers = [plan.streamer() for _ in range(params.n)]  # tool calls: held back until each is whole
         out = first
 
         def chunk(choices: list, usage_: dict | None = None) -> str:
@@ -70,9 +76,18 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Any:
                         lp = chat_logprobs(tokenizer, c, sent_lp[c.index])
                         if c.logprobs is not None:
                             sent_lp[c.index] = len(c.logprobs)
-                        delta = {"content": c.delta_text} if c.delta_text else {}
-                        yield chunk([{"index": c.index, "delta": delta, "logprobs": lp,
-                                      "finish_reason": c.finish_reason}])
+                        streamer = streamers[c.index]
+                        if streamer is None:
+                            delta = {"content": c.delta_text} if c.delta_text else {}
+                            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp,
+                                          "finish_reason": c.finish_reason}])
+                            continue
+                        for delta in streamer.feed(c.delta_text, final=c.finish_reason is not None):
+                            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                            lp = None
+                        if c.finish_reason is not None:
+                            finish = "tool_calls" if streamer.calls else c.finish_reason
+                            yield chunk([{"index": c.index, "delta": {}, "logprobs": lp, "finish_reason": finish}])
                 if out.finished:
                     break
                 out = await gen.__anext__()
