@@ -116,3 +116,21 @@ def test_truncated_and_corrupt_files(default_path, tmp_path):
     garbage.write_bytes(b"GGUF" + np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     with pytest.raises(ModelLoadError, match="garbage.gguf"):
         load_model(garbage)
+
+
+def test_own_reader_matches_the_gguf_package(default_path, tiny_llama, tmp_path):
+    """kvserve's header parser against the gguf package's reader, on the default model and on a
+    file of mixed tensor types: every metadata value, every tensor's type, offset, shape and bytes."""
+    from kvserve.loader.gguf_reader import GGUFReader
+
+    mixed = write_tiny_llama_gguf(tiny_llama, tmp_path / "mixed.gguf", qtype={"attn_v": "Q8_0", "ffn_down": "F16", "*": "Q4_1"})
+    for path in (default_path, mixed):
+        ours, theirs = GGUFReader(path), gguf.GGUFReader(path)
+        want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert ours.fields == want
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert (a.tensor_type, a.n_elements, a.n_bytes, a.data_offset) == (b.tensor_type, b.n_elements, b.n_bytes,
+                                                                                b.data_offset)
+            assert a.data.shape == b.data.shape and a.data.dtype == b.data.dtype
+            assert np.array_equal(a.data, np.asarray(b.data))
