@@ -61,9 +61,15 @@ def _top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 def _apply_grammar_masks(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
     """Tokens a row's grammar does not allow next go to -inf (EOS only where the grammar is complete)."""
-    from kvserve.structured.matcher import token_masks
+    from kvserve.kernels import cpu as native
+    from kvserve.structured.matcher import token_bitmasks, token_masks
 
-    allowed = token_masks([reqs[i].grammar for i in rows], logits.shape[1]).to(logits.device, non_blocking=True)
+    matchers = [reqs[i].grammar for i in rows]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() and native.available():
+        # in place from the packed bits: no [rows, vocab] temporaries (0.3 ms a row on a 49k vocabulary)
+        native.mask_logits(logits, token_bitmasks(matchers), torch.tensor(rows, dtype=torch.int64))
+        return
+    allowed = token_masks(matchers, logits.shape[1]).to(logits.device, non_blocking=True)
     idx = torch.tensor(rows, device=logits.device)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 

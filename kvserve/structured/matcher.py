@@ -51,8 +51,9 @@ class GrammarMatcher:
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
 
-def token_masks(matchers: list[GrammarMatcher], width: int) -> torch.Tensor:
-    """[len(matchers), width] bool on the CPU: True where a row's grammar allows the token (width: the logits')."""
+def token_bitmasks(matchers: list[GrammarMatcher]) -> torch.Tensor:
+    """[len(matchers), ceil(vocab / 32)] int32: bit t % 32 of word t / 32 set where a row's grammar
+    allows token t next (several rows are filled in parallel by llguidance's executor)."""
     global _executor
     k, words = len(matchers), (matchers[0].vocab_size + 31) // 32
     bits = torch.zeros(k, words, dtype=torch.int32)
@@ -62,6 +63,13 @@ def token_masks(matchers: list[GrammarMatcher], width: int) -> torch.Tensor:
         if _executor is None:
             _executor = llg.LLExecutor()
         _executor.unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(matchers)], bits.data_ptr(), words * 4, k)
+    return bits
+
+
+def token_masks(matchers: list[GrammarMatcher], width: int) -> torch.Tensor:
+    """[len(matchers), width] bool on the CPU: True where a row's grammar allows the token (width: the logits')."""
+    bits = token_bitmasks(matchers)
+    k, words = bits.shape
     allowed = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).view(k, words * 32)[:, :width].bool()
     if allowed.shape[1] < width:  # logits wider than the grammar's vocabulary: the rest is never allowed
         allowed = torch.cat([allowed, allowed.new_zeros(k, width - allowed.shape[1])], dim=1)

@@ -16,6 +16,7 @@ from helpers_schemas import SCHEMAS
 from kvserve import LLM, SamplingParams, StructuredOutputsParams
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.errors import InvalidRequestError
+from kvserve.kernels import cpu as native
 from kvserve.layers.sampler import Sampler
 from kvserve.loader import load_model
 from kvserve.structured import GrammarBackend
@@ -194,3 +195,23 @@ def test_sampler_masks_only_constrained_rows(tiny, llm):
     assert sampler.grammar_mask_rows == 1
     sampler(logits.clone(), [r_free, r_free])
     assert sampler.grammar_mask_rows == 1  # unconstrained batches never reach the grammar code
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler or no SIMD ISA")
+@pytest.mark.parametrize("vocab,width", [(49152, 49152), (100, 96 + 37), (70, 64)])
+def test_native_mask_equals_the_torch_expansion(vocab, width):
+    """The in-place C mask against the bool expansion it replaces: same -inf positions, other rows
+    and allowed logits untouched, tokens past the grammar's vocabulary never allowed."""
+    g = torch.Generator().manual_seed(vocab + width)
+    words = (vocab + 31) // 32
+    bits = torch.randint(-2**31, 2**31 - 1, (3, words), generator=g, dtype=torch.int64).to(torch.int32)
+    logits = torch.randn(5, width, generator=g)
+    rows = [4, 0, 2]
+    want = logits.clone()
+    allowed = ((bits.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(3, words * 32)[:, :width].bool()
+    if allowed.shape[1] < width:
+        allowed = torch.cat([allowed, allowed.new_zeros(3, width - allowed.shape[1])], dim=1)
+    want[rows] = want[rows].masked_fill(~allowed, float("-inf"))
+    native.mask_logits(logits, bits, torch.tensor(rows))
+    assert torch.equal(logits, want)
+    assert torch.isinf(logits[[1, 3]]).sum() == 0

@@ -29,6 +29,7 @@ from kvserve.kernels.cpu.ops import (
     cache_dtype_code,
     decode_attention_supported,
     llama_decode,
+    mask_logits,
     pack_q4,
     pack_weight,
     pack_wide,
@@ -48,5 +49,5 @@ __all__ = [
     "best_isa", "build", "build_check_driver", "cache_dtype_code", "decode_attention_supported", "engine_isa", "isa",
     "llama_decode", "load", "pack_q4", "pack_weight", "paged_decode_attention", "paged_prefill_attention", "q4gemm",
     "qgemm", "quantize_act", "quantize_act_s8", "supported_isas", "use_isa", "pack_wide", "quantize_act_s8h",
-    "wide_gemm", "wide_group_bytes",
+    "wide_gemm", "wide_group_bytes", "mask_logits",
 ]

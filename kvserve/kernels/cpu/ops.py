@@ -210,3 +210,14 @@ def llama_decode(model: ModelArgs, layers: ctypes.Array, x: torch.Tensor, positi
     _check(lib.kv_llama_decode(ctypes.byref(model), layers, len(layers), x.data_ptr(), x.shape[0], positions.data_ptr(),
                                slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr()),
            "fused decode step")
+
+
+def mask_logits(logits: torch.Tensor, bits: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: logits[rows[r], t] = -inf wherever bit t of bits[r] (int32 words, 32 tokens each) is
+    clear, and for every t past the bitmask's width. logits float32 [B, V] contiguous on the CPU."""
+    lib = _ready_lib()
+    assert logits.dtype == torch.float32 and logits.is_contiguous() and bits.dtype == torch.int32
+    bits, rows = bits.contiguous(), rows.to(torch.int64).contiguous()
+    assert bits.shape[0] == rows.shape[0] and (rows.numel() == 0 or int(rows.max()) < logits.shape[0])
+    lib.kv_mask_logits(logits.data_ptr(), logits.shape[1], logits.shape[1], bits.data_ptr(), bits.shape[1],
+                       rows.data_ptr(), rows.shape[0])
