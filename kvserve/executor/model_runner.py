@@ -70,6 +70,7 @@ class ModelRunner:
         if not so.scheduled:
             return RunnerOutput()
         batch = self.prepare(so.scheduled)
+        self.sampler.prefetch_masks(batch.samplers)  # grammar masks computed while the forward runs
         hidden = self._forward(batch)
         logits = self.model.compute_logits(hidden[batch.sample_rows]) if batch.samplers else None
         prompt_logits = [self.model.compute_logits(hidden[sp.rows]).float() if sp.num_rows else None

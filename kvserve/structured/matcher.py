@@ -66,9 +66,10 @@ def token_bitmasks(matchers: list[GrammarMatcher]) -> torch.Tensor:
     return bits
 
 
-def token_masks(matchers: list[GrammarMatcher], width: int) -> torch.Tensor:
-    """[len(matchers), width] bool on the CPU: True where a row's grammar allows the token (width: the logits')."""
-    bits = token_bitmasks(matchers)
+def token_masks(matchers: list[GrammarMatcher], width: int, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(matchers), width] bool on the CPU: True where a row's grammar allows the token (width: the
+    logits'); `bits`: the rows' token_bitmasks if already computed."""
+    bits = token_bitmasks(matchers) if bits is None else bits
     k, words = bits.shape
     allowed = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).view(k, words * 32)[:, :width].bool()
     if allowed.shape[1] < width:  # logits wider than the grammar's vocabulary: the rest is never allowed
