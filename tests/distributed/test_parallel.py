@@ -66,10 +66,7 @@ def prompts():
 
 def _llm(**kw) -> LLM:
     kw.setdefault("kv_cache_memory", "4MiB")
-    llm = LLM.__new__(LLM)
-    llm.engine = LLMEngine(**kw)
-    llm._next_id = 0
-    return llm
+    return LLM(**kw)
 
 
 def _reference(path, prompts):

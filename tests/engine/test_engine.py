@@ -28,10 +28,7 @@ def tiny_loaded(tiny_path):
 
 def engine(tiny_loaded, **kw) -> LLM:
     kw.setdefault("kv_cache_memory", "4MiB")
-    llm = LLM.__new__(LLM)
-    llm.engine = LLMEngine(loaded=tiny_loaded, **kw)
-    llm._next_id = 0
-    return llm
+    return LLM(loaded=tiny_loaded, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 
 from helpers_schemas import SCHEMAS
 from kvserve import LLM, SamplingParams, StructuredOutputsParams
-from kvserve.engine.llm_engine import LLMEngine
 from kvserve.loader import load_model
 
 pytestmark = pytest.mark.slow
@@ -19,10 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def llm(default_path):
     """The default model as it serves: its GGUF weights on the native CPU path."""
-    llm = LLM.__new__(LLM)
-    llm.engine = LLMEngine(loaded=load_model(default_path), kv_cache_memory="128MiB")
-    llm._next_id = 0
-    return llm
+    return LLM(loaded=load_model(default_path), kv_cache_memory="128MiB")
 
 
 def _chat(llm: LLM, text: str) -> list[int]:

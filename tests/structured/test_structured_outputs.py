@@ -14,7 +14,6 @@ import torch
 from helpers import make_tiny_hf
 from helpers_schemas import SCHEMAS
 from kvserve import LLM, SamplingParams, StructuredOutputsParams
-from kvserve.engine.llm_engine import LLMEngine
 from kvserve.errors import InvalidRequestError
 from kvserve.kernels import cpu as native
 from kvserve.layers.sampler import Sampler
@@ -29,10 +28,7 @@ def tiny(tmp_path_factory):
 
 def _llm(tiny, **kw) -> LLM:
     kw.setdefault("kv_cache_memory", "8MiB")
-    llm = LLM.__new__(LLM)
-    llm.engine = LLMEngine(loaded=tiny, **kw)
-    llm._next_id = 0
-    return llm
+    return LLM(loaded=tiny, **kw)
 
 
 @pytest.fixture(scope="module")
