@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvserve import __version__
 from kvserve.engine.async_engine import AsyncLLMEngine
-from kvserve.entrypoints.openai import (serving_chat, serving_completion, serving_models, serving_responses,
+from kvserve.entrypoints.openai import (openapi, serving_chat, serving_completion, serving_models, serving_responses,
                                         serving_tokenization)
 from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
 from kvserve.entrypoints.openai.generation import ClientDisconnected
@@ -48,6 +48,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     app.add_exception_handler(Exception, _internal)
     for module in (serving_models, serving_chat, serving_completion, serving_responses, serving_tokenization):
         app.include_router(module.router)
+    openapi.install(app)
     return app
 
 
