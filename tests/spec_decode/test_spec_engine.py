@@ -312,6 +312,25 @@ op = st.one_of(
 )
 
 
+def check_rolled_back(eng: LLMEngine) -> None:
+    """Between steps no request holds a block past its tokens, and a block carries a prefix-cache hash
+    only when computed (accepted) tokens fill it, and then the hash of exactly those tokens."""
+    from kvserve.engine.kv_cache import hash_block
+
+    kv, bs = eng.kv, eng.kv.block_size
+    for r in eng.scheduler.running:
+        blocks = kv.req_blocks.get(r.request_id, [])
+        assert len(blocks) <= kv.blocks_needed(r.num_tokens), (len(blocks), r.num_tokens)
+        parent = None
+        for i, b in enumerate(blocks):
+            if (i + 1) * bs > r.num_tokens:
+                break
+            h = hash_block(parent, r.all_token_ids[i * bs : (i + 1) * bs])
+            if b.block_hash is not None:
+                assert (i + 1) * bs <= r.num_computed_tokens and b.block_hash == h
+            parent = h
+
+
 def _workload(tiny, ops, spec, num_blocks, block_size, budget, max_seqs, caching, mode):
     m = tiny.config
     per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * block_size
@@ -327,6 +346,7 @@ def _workload(tiny, ops, spec, num_blocks, block_size, budget, max_seqs, caching
             if o.finished:
                 outs[o.request_id] = [(c.token_ids, c.finish_reason) for c in o.outputs]
         eng.kv.check_invariants()
+        check_rolled_back(eng)
 
     for o in ops:
         if o[0] == "add":
