@@ -110,3 +110,23 @@ def test_stats_rates():
     assert (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens) == (2, 6, 2)
     assert s.accepted_per_pos == [1, 1, 0, 0]
     assert s.acceptance_rate == pytest.approx(2 / 6) and s.mean_accepted_length == pytest.approx(2.0)
+
+
+def test_data_parallel_stats_take_ratios_of_the_summed_counters():
+    from types import SimpleNamespace
+
+    from kvserve.distributed.data_parallel import DataParallelEngine
+
+    def replica(drafts: int, drafted: int, accepted: int) -> SimpleNamespace:
+        s = SpecDecodeStats()
+        for _ in range(drafts):
+            s.observe(drafted // drafts, accepted // drafts)
+        return SimpleNamespace(stats={"kv_cache_usage_perc": 0.5, "kv_internal_waste_perc": 0.0, **s.as_dict()})
+
+    dp = DataParallelEngine.__new__(DataParallelEngine)
+    dp.replicas = [replica(2, 8, 8), replica(1, 4, 0)]
+    dp.router = SimpleNamespace(routed=[0, 0], prefix_routed=[0, 0])
+    st = dp.stats
+    assert st["spec_decode_num_draft_tokens"] == 12 and st["spec_decode_num_accepted_tokens"] == 8
+    assert st["spec_decode_acceptance_rate"] == pytest.approx(8 / 12)
+    assert st["spec_decode_mean_accepted_length"] == pytest.approx(1 + 8 / 3)
