@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -19,6 +20,7 @@ QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 SCHEDULING_POLICIES = ("fcfs", "priority", "lpf", "mlfq")  # engine/policy.py
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # layers/attention/registry.py
+SPECULATIVE_METHODS = ("ngram",)  # spec_decode/
 
 
 def canonical_dtype(name: str) -> str:
@@ -71,6 +73,60 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's option shape: {"method": "ngram", "num_speculative_tokens": k, ...}.
+
+    ngram (prompt lookup): the last n tokens (n from prompt_lookup_max down to prompt_lookup_min)
+    are looked up in the prompt and output so far, and up to k tokens that followed are proposed.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str) -> SpeculativeConfig:
+        """From a dict or its JSON text; raises InvalidRequestError naming the problem."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise InvalidRequestError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"speculative_config must be a JSON object, got {value!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise InvalidRequestError(f"speculative_config: unknown field(s) {', '.join(map(str, unknown))} "
+                                      f"(known: {', '.join(sorted(names))})")
+        if "method" not in value:
+            raise InvalidRequestError(f"speculative_config needs a method (one of {', '.join(SPECULATIVE_METHODS)})")
+        if "num_speculative_tokens" not in value:
+            raise InvalidRequestError("speculative_config needs num_speculative_tokens (an integer >= 1)")
+        cfg = cls(**value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequestError(f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                                      f"got {self.method!r}")
+        for name, low in (("num_speculative_tokens", 1), ("prompt_lookup_max", 1), ("prompt_lookup_min", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InvalidRequestError(f"speculative_config.{name} must be an integer >= {low}, got {v!r}")
+        if self.num_speculative_tokens > 32:
+            raise InvalidRequestError(f"speculative_config.num_speculative_tokens must be <= 32, got "
+                                      f"{self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise InvalidRequestError(f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                                      f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Engine arguments, named as vLLM names them; the `kvserve` flags are made from these fields.
 
@@ -120,6 +176,10 @@ class EngineConfig:
                                  help="auto: Triton kernels on CUDA when triton is installed, the native kernels (cpu) on a CPU "
                                       "that has them, else torch (the SDPA reference)")
     enforce_eager: bool = arg(False, help="no decode CUDA graphs (they need CUDA and the triton backend)")
+    speculative_config: dict[str, Any] | str | SpeculativeConfig | None = arg(
+        None, type=str, help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
+                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram: prompt lookup; greedy '
+                             'requests speculate, sampled and constrained ones decode one token at a time)')
     # parallelism (kvserve/distributed): one engine over tensor x pipeline ranks
     tensor_parallel_size: int = arg(1, group="parallel", aliases=("-tp",), help="split each layer over N processes")
     pipeline_parallel_size: int = arg(1, group="parallel", aliases=("-pp",), help="split the layers into M stages")
@@ -232,11 +292,15 @@ class EngineConfig:
             raise bad("distributed_init_method", "a URL such as tcp://HOST:PORT or None")
         timeout = number("distributed_timeout")
         self.parallel_config().validate()  # node_rank < nnodes, ranks a multiple of nodes
+        spec = None if self.speculative_config is None else SpeculativeConfig.parse(self.speculative_config)
+        if spec is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise InvalidRequestError("speculative_config is not supported with tensor or pipeline parallelism yet")
         return replace(self, model=model, device=device, dtype=dtype, quantization=quantization,
                        max_num_batched_tokens=max_num_batched_tokens,
                        kv_cache_memory=kv_cache_memory, swap_space=swap_space,
                        prefix_cache_memory=prefix_cache_memory, cpu_memory_utilization=cpu_util,
-                       gpu_memory_utilization=gpu_util, scheduling_max_wait=max_wait, distributed_timeout=timeout)
+                       gpu_memory_utilization=gpu_util, scheduling_max_wait=max_wait, distributed_timeout=timeout,
+                       speculative_config=spec)
 
     def parallel_config(self):  # -> kvserve.distributed.parallel_state.ParallelConfig
         from kvserve.distributed.parallel_state import ParallelConfig

@@ -174,12 +174,19 @@ def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str | dict[str, str] 
 
 
 class FakeRunner:
-    """Samples token (position * 7) % 50 for every row that needs one; checks the batch contract."""
+    """Samples token (position * 7) % 50 for every row that needs one; checks the batch contract.
+
+    The token depends only on the sequence length it extends (`token`), so it is what a greedy model
+    would give: with a speculative draft, each verified position gets the token of its own length."""
 
     num_in_flight = 0
 
     def __init__(self, engine) -> None:  # noqa: ANN001 - an LLMEngine
         self.engine = engine
+
+    def token(self, num_tokens: int) -> int:
+        """The token that follows a sequence of `num_tokens` tokens."""
+        return (num_tokens * 7) % 50
 
     def step(self, scheduler):
         so = scheduler.schedule()
@@ -199,10 +206,12 @@ class FakeRunner:
         for s in so.scheduled:
             r = s.request
             end = r.num_computed_tokens + s.num_new_tokens
-            assert s.num_new_tokens > 0 and end <= r.num_tokens
+            spec = s.spec_token_ids
+            assert s.num_new_tokens > 0 and end <= r.num_tokens + len(spec)
+            assert not spec or (s.samples and end == r.num_tokens + len(spec))  # a draft follows the last token
             assert len(s.block_ids) * self.engine.kv.block_size >= end  # room for every token written
             if s.samples:
-                out.sampled[r.request_id] = [(r.num_tokens * 7) % 50]
+                out.sampled[r.request_id] = [self.token(r.num_tokens + j) for j in range(1 + len(spec))]
         return out
 
 

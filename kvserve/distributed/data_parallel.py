@@ -118,6 +118,11 @@ class DataParallelEngine:
         agg: dict = {k: sum(s[k] for s in per) for k in per[0]}
         for k in ("kv_cache_usage_perc", "kv_internal_waste_perc"):
             agg[k] = agg[k] / len(per)
+        if "spec_decode_num_drafts" in agg:  # ratios of the summed counters, not sums of ratios
+            drafts, drafted = agg["spec_decode_num_drafts"], agg["spec_decode_num_draft_tokens"]
+            accepted = agg["spec_decode_num_accepted_tokens"]
+            agg["spec_decode_acceptance_rate"] = accepted / drafted if drafted else 0.0
+            agg["spec_decode_mean_accepted_length"] = 1.0 + accepted / drafts if drafts else 0.0
         for i, s in enumerate(per):
             s["router_routed"] = self.router.routed[i]
             s["router_prefix_routed"] = self.router.prefix_routed[i]

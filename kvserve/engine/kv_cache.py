@@ -217,13 +217,18 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
-        self, req: Request, num_new_tokens: int, computed_blocks: list[KVCacheBlock] | None = None
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVCacheBlock] | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> bool:
-        """Make room for `num_new_tokens` more tokens of `req` (after its computed ones); False if full."""
+        """Make room for `num_new_tokens` more tokens of `req` (after its computed ones); False if full.
+
+        `num_lookahead_tokens`: slots for speculative draft tokens after those; their blocks are not
+        registered in the prefix cache (the draft may be rejected: see `rollback_slots`)."""
         blocks = self.req_blocks.setdefault(req.request_id, [])
         computed_blocks = computed_blocks or []
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
-        need = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(computed_blocks)
+        need = self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens) - len(blocks) \
+            - len(computed_blocks)
         # touching evictable cached blocks removes them from the free list: count them too
         reclaim = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if need + reclaim > self.pool.num_free_blocks:
@@ -235,16 +240,38 @@ class KVCacheManager:
             blocks.extend(computed_blocks)
         if need > 0:
             blocks.extend(self.pool.allocate(need))
-        if self.pool.enable_caching:
-            # Blocks that are full once this step's tokens are written carry the hash of their tokens.
-            num_full = (num_computed + num_new_tokens) // self.block_size
-            done = self.req_registered.get(req.request_id, 0)
-            if num_full > done:
-                hashes = self._hashes(req, num_full * self.block_size)
-                for i in range(done, num_full):
-                    self.pool.register(blocks[i], hashes[i])
-                self.req_registered[req.request_id] = num_full
+        # Blocks that are full once this step's tokens are written carry the hash of their tokens.
+        self._register_full(req, blocks, num_computed + num_new_tokens)
         return True
+
+    def _register_full(self, req: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        """Register the hashes of the blocks that the request's first `num_tokens` tokens fill."""
+        if not self.pool.enable_caching:
+            return
+        num_full = num_tokens // self.block_size
+        done = self.req_registered.get(req.request_id, 0)
+        if num_full > done:
+            hashes = self._hashes(req, num_full * self.block_size)
+            for i in range(done, num_full):
+                self.pool.register(blocks[i], hashes[i])
+            self.req_registered[req.request_id] = num_full
+
+    def rollback_slots(self, req: Request) -> None:
+        """After a speculative step: free the blocks past the request's tokens (they held only
+        rejected draft slots) and register the blocks its accepted tokens filled.
+
+        Rejected slots inside the kept blocks are simply overwritten by later steps; the hashes were
+        never registered for them (`allocate_slots` registers scheduled, not lookahead, tokens)."""
+        blocks = self.req_blocks.get(req.request_id)
+        if not blocks:
+            return
+        keep = self.blocks_needed(req.num_tokens)
+        if len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            assert all(b.block_hash is None for b in tail), "a block past the request's tokens was registered"
+            self.pool.free(list(reversed(tail)))
+        self._register_full(req, blocks, req.num_computed_tokens)
 
     def swap_out(self, req: Request) -> list[tuple[int, int]] | None:
         """Move a request's blocks to the host pool; (device, host) id pairs to copy, or None if it is full."""

@@ -23,6 +23,7 @@ from kvserve.layers.attention import make_attention_backend, resolve_kv_dtype, s
 from kvserve.loader import LoadedModel, load_model
 from kvserve.platform import tune_allocator
 from kvserve.sampling_params import SamplingParams
+from kvserve.spec_decode import make_proposer
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class LLMEngine:
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len, c.preemption_mode), self.kv,
             make_policy(c.scheduling_policy, c.scheduling_max_wait),
         )
+        if c.speculative_config is not None:
+            self.scheduler.proposer = make_proposer(c.speculative_config)
+            logger.info("speculative decoding: %s", c.speculative_config)
         self.input_processor = InputProcessor(self.tokenizer, mcfg.vocab_size, self.max_model_len, self.kv)
         if self.executor is not None:
             self.runner = self.executor.make_runner(self.lm, self.budget.num_blocks, c.block_size, self.kv_dtype,
@@ -154,6 +158,7 @@ class LLMEngine:
             "blocks_used": pool.num_used_blocks,
             "kv_internal_waste_perc": self.kv.internal_waste(
                 {r.request_id: r.num_computed_tokens for r in self.scheduler.running}),
+            **self.scheduler.spec_stats.as_dict(),  # zeros without speculative decoding
         }
 
     def pipeline_stats(self) -> dict[str, float]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from kvserve.engine.request import Logprob, Request, RequestStatus
+from kvserve.spec_decode.stats import SpecDecodeStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +34,27 @@ class ScheduledRequest:
     """One request's share of a step, frozen when it was scheduled (the request moves on afterwards)."""
 
     request: Request
-    num_new_tokens: int  # tokens computed this step, starting at `start`
+    num_new_tokens: int  # tokens computed this step, starting at `start` (draft tokens included)
     block_ids: list[int]
     start: int = 0  # request.num_computed_tokens when scheduled: the first position computed
     samples: bool = False  # the step reaches the end of the request's tokens: its last logits give a new token
     num_preemptions: int = 0  # request.num_preemptions when scheduled: a later preemption voids the result
+    # speculative draft tokens after the request's last token, computed at positions num_tokens ..; the
+    # runner returns the target's token at each of the 1 + len(spec_token_ids) positions
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, request: Request, num_new_tokens: int, block_ids: list[int]) -> "ScheduledRequest":
+    def of(cls, request: Request, num_new_tokens: int, block_ids: list[int],
+           spec_token_ids: list[int] | None = None) -> "ScheduledRequest":
         start = request.num_computed_tokens
-        return cls(request, num_new_tokens, block_ids, start, start + num_new_tokens == request.num_tokens,
-                   request.num_preemptions)
+        spec = spec_token_ids or []
+        return cls(request, num_new_tokens + len(spec), block_ids, start,
+                   start + num_new_tokens == request.num_tokens, request.num_preemptions, spec)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Positions whose logits give a token: the last one, and one per draft token."""
+        return (1 + len(self.spec_token_ids)) if self.samples else 0
 
 
 @dataclass
@@ -67,7 +78,8 @@ class SchedulerOutput:
 class RunnerOutput:
     """What the model runner hands back for one SchedulerOutput."""
 
-    sampled: dict[str, list[int]] = field(default_factory=dict)  # request id -> new tokens (one, or several)
+    # request id -> new tokens: one, or with a draft the target's token at each of its 1 + k positions
+    sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[Logprob]] = field(default_factory=dict)  # one per sampled token, when asked
     prompt_logprobs: dict[str, list[Logprob]] = field(default_factory=dict)  # this step's chunk
 
@@ -97,6 +109,9 @@ class Scheduler:
         # ids of requests in a batch whose result is not back yet (schedule() adds, update_from_output()
         # removes): under pipelining several batches are in flight, and a request's next tokens depend on its last
         self.in_flight: set[str] = set()
+        # speculative decoding (kvserve/spec_decode): asked for a draft when a decoding request is scheduled
+        self.proposer = None  # an object with .k and .propose(token_ids, k) -> list[int]; None: off
+        self.spec_stats = SpecDecodeStats()
 
     def add(self, req: Request) -> None:
         self.policy.on_add(req)
@@ -201,6 +216,14 @@ class Scheduler:
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            draft = self._propose(req, n, budget) if self.proposer is not None else []
+            # a draft never preempts for its slots: without room for them the request decodes one token as
+            # usual (the draft's blocks can still leave less room for requests scheduled after it this step)
+            if draft and self.kv.allocate_slots(req, n, num_lookahead_tokens=len(draft)):
+                out.scheduled.append(ScheduledRequest.of(req, n, self.kv.block_ids(req.request_id), draft))
+                budget -= n + len(draft)
+                i += 1
+                continue
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim, out, now)
@@ -259,6 +282,29 @@ class Scheduler:
         self.in_flight.update(x.request.request_id for x in out.scheduled)
         return out
 
+    @staticmethod
+    def can_speculate(req: Request) -> bool:
+        """Whether a request's next tokens can be verified several at once with greedy exactness.
+
+        This first part verifies greedy requests only: each draft position's token is then the argmax
+        of the target's logits there, the same token a step of its own would pick. A sampled request
+        (no rejection sampler yet), a constrained one (its matcher would have to advance along the
+        draft), one with penalties or an unmet min_tokens (their masks depend on the tokens before
+        each position) decodes one token at a time."""
+        p = req.params
+        return (p.greedy and req.grammar is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+                and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens)
+
+    def _propose(self, req: Request, n: int, budget: int) -> list[int]:
+        """A draft for a decoding request (its one uncomputed token is its last), cut to the budget and
+        to the tokens it may still emit (1 + len(draft) at most); [] for no speculation this step."""
+        if n != 1 or req.num_computed_tokens != req.num_tokens - 1 or not self.can_speculate(req):
+            return []
+        k = min(self.proposer.k, budget - 1, req.max_total_tokens - req.num_tokens - 1)
+        if k <= 0:
+            return []
+        return self.proposer.propose(req.all_token_ids, k)[:k]
+
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """THE post-step update; returns the requests it finished.
 
@@ -270,6 +316,12 @@ class Scheduler:
         token before it is appended); at the first stop the request finishes, its blocks freed,
         and later tokens are dropped.
         A request preempted or aborted while its batch ran (pipelining) has the result dropped.
+
+        Speculation: a request scheduled with a draft gets the target's token at each draft position
+        and one after; the longest prefix of the draft equal to the target's tokens is accepted, plus the
+        target's next token (so 1 .. k+1 tokens, each stop-checked as above). The rejected positions
+        are rolled back: num_computed_tokens counts the accepted ones only, the blocks past the
+        request's tokens are freed and only blocks filled by accepted tokens get a prefix-cache hash.
         """
         now = self.clock()
         finished: list[Request] = []
@@ -279,18 +331,30 @@ class Scheduler:
             self.in_flight.discard(rid)
             if r.status != RequestStatus.RUNNING or r.num_preemptions != s.num_preemptions:
                 continue
-            r.num_computed_tokens += s.num_new_tokens
+            spec = s.spec_token_ids
+            tokens = result.sampled.get(rid)
+            lps = result.logprobs.get(rid)
+            if spec:
+                assert tokens is not None and len(tokens) == len(spec) + 1, "a verify step returns 1 + k tokens"
+                accepted = 0
+                while accepted < len(spec) and spec[accepted] == tokens[accepted]:
+                    accepted += 1
+                self.spec_stats.observe(len(spec), accepted)
+                r.num_computed_tokens += s.num_new_tokens - (len(spec) - accepted)
+                tokens = tokens[: accepted + 1]
+                if lps:
+                    lps = lps[: accepted + 1]
+            else:
+                r.num_computed_tokens += s.num_new_tokens
             prompt_lps = result.prompt_logprobs.get(rid)
             if prompt_lps is not None:
                 if not r.prompt_logprobs:
                     r.prompt_logprobs.append(None)  # the first prompt token has no logprob
                 r.prompt_logprobs.extend(prompt_lps)
-            tokens = result.sampled.get(rid)
             if not tokens:
                 continue
             if r.first_token_time is None:
                 r.first_token_time = now
-            lps = result.logprobs.get(rid)
             for j, tok in enumerate(tokens):
                 g = r.grammar
                 if g is not None:
@@ -309,4 +373,6 @@ class Scheduler:
                     self.finish(r, reason)
                     finished.append(r)
                     break
+            if spec and not r.is_finished:
+                self.kv.rollback_slots(r)
         return finished

@@ -22,7 +22,8 @@ from kvserve.layers.attention import AttentionMetadata
 # 39-44 ms; a 512-token prompt unchanged at 64 (5-8% slower at 128).
 FUSED_PROMPT_POSITIONS = 64
 
-Piece = tuple[Request, int, int, list[int]]  # (request, first position, token count, block ids)
+# (request, first position, token count, block ids, draft tokens after the request's own)
+Piece = tuple[Request, int, int, list[int], list[int]]
 
 
 @dataclass
@@ -65,8 +66,10 @@ class FlatBatch:
 
 @dataclass
 class ForwardBatch(FlatBatch):
-    samplers: list[Request]  # sequences whose last token this step gives a new token, in row order
-    sample_rows: list[int]  # the flat row of each one's last token
+    # sequences whose last token this step gives a new token, in row order; a request with a draft
+    # once per verified position (its last token and each draft token), consecutively
+    samplers: list[Request]
+    sample_rows: list[int]  # the flat row of each entry of samplers
     prompt_spans: list[PromptLogprobSpan]
     decode_only: bool  # one new token per sequence
     native: NativeRoute | None = None  # set when the runner has the fused native step
@@ -83,9 +86,11 @@ def flatten(pieces: list[Piece], block_size: int, device: torch.device) -> FlatB
     positions: list[int] = []
     qlens: list[int] = []
     slens: list[int] = []
-    for r, start, n, _ in pieces:
+    for r, start, n, _, spec in pieces:
         end = start + n
         ids.extend(r.all_token_ids[start:end])
+        if end > r.num_tokens:  # speculative draft positions
+            ids.extend(spec[max(start - r.num_tokens, 0) : end - r.num_tokens])
         positions.extend(range(start, end))
         qlens.append(n)
         slens.append(end)
@@ -100,10 +105,15 @@ def flatten(pieces: list[Piece], block_size: int, device: torch.device) -> FlatB
 
 def build_forward_batch(scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
                         native: bool = False) -> ForwardBatch:
-    flat = flatten([(s.request, s.start, s.num_new_tokens, s.block_ids) for s in scheduled], block_size, device)
+    flat = flatten([(s.request, s.start, s.num_new_tokens, s.block_ids, s.spec_token_ids) for s in scheduled],
+                   block_size, device)
     rows = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
-    samplers = [s.request for s in scheduled if s.samples]
-    sample_rows = [rows[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples]
+    samplers: list[Request] = []
+    sample_rows: list[int] = []
+    for i, s in enumerate(scheduled):
+        m = s.num_sampled_rows
+        samplers.extend([s.request] * m)
+        sample_rows.extend(range(rows[i + 1] - m, rows[i + 1]))
     spans = []
     for i, s in enumerate(scheduled):
         r = s.request
@@ -126,11 +136,13 @@ def _native_route(scheduled: list[ScheduledRequest], batch: ForwardBatch, starts
     rest_rows: list[torch.Tensor] = []
     for i, s in enumerate(scheduled):
         first, n = s.start, s.num_new_tokens
-        k = n if n == 1 else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
+        # a verify step's tokens all go fused, each over its own prefix: every token's logits then come
+        # from the same computation as a plain decode of it, so greedy speculation changes no token
+        k = n if n == 1 or s.spec_token_ids else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
         if k:
             fused.append((i, k))
         if k < n:
-            rest.append((s.request, first + k, n - k, s.block_ids))
+            rest.append((s.request, first + k, n - k, s.block_ids, s.spec_token_ids))
             rest_rows.append(torch.arange(starts[i] + k, starts[i] + n))
     if not fused:
         return None

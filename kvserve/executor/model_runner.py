@@ -113,10 +113,10 @@ class ModelRunner:
         if batch.samplers:
             assert logits is not None
             res = self.sampler(logits, batch.samplers)
-            for r, tok, lp in zip(batch.samplers, res.token_ids, res.logprobs):
-                out.sampled[r.request_id] = [tok]
+            for r, tok, lp in zip(batch.samplers, res.token_ids, res.logprobs):  # a draft's rows come in order
+                out.sampled.setdefault(r.request_id, []).append(tok)
                 if lp is not None:
-                    out.logprobs[r.request_id] = [Logprob(tok, lp[0], lp[1])]
+                    out.logprobs.setdefault(r.request_id, []).append(Logprob(tok, lp[0], lp[1]))
         for sp, lg in zip(batch.prompt_spans, prompt_logits):
             entries = prompt_logprob_entries(torch.log_softmax(lg, dim=-1), sp) if lg is not None else []
             out.prompt_logprobs[sp.request.request_id] = entries

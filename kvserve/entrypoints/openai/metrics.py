@@ -44,6 +44,20 @@ class Metrics:
                                 registry=r)
         self.rep_prefix_routed = Gauge("kvserve:replica_requests_routed_by_prefix",
                                        "Requests routed to a replica for its cached prefix", rep, registry=r)
+        # speculative decoding (vLLM's names): counters follow the engine's totals
+        self.spec_counters = {
+            "spec_decode_num_drafts": Counter("kvserve:spec_decode_num_drafts", "Verify steps that carried a draft",
+                                              registry=r),
+            "spec_decode_num_draft_tokens": Counter("kvserve:spec_decode_num_draft_tokens", "Draft tokens verified",
+                                                    registry=r),
+            "spec_decode_num_accepted_tokens": Counter("kvserve:spec_decode_num_accepted_tokens",
+                                                       "Draft tokens the target model accepted", registry=r),
+        }
+        self._spec_seen = dict.fromkeys(self.spec_counters, 0.0)
+        self.spec_acceptance = Gauge("kvserve:spec_decode_draft_acceptance_rate",
+                                     "Accepted / drafted tokens since start (0-1)", registry=r)
+        self.spec_mean_len = Gauge("kvserve:spec_decode_mean_accepted_length",
+                                   "Tokens emitted per verify step (accepted drafts + 1)", registry=r)
         self.queue = Histogram("kvserve:request_queue_time_seconds", "Time from arrival to first scheduling",
                                buckets=_LATENCY_BUCKETS, registry=r)
 
@@ -59,6 +73,14 @@ class Metrics:
         self.waste.set(st["kv_internal_waste_perc"])
         self.prefix_queries.set(st["prefix_cache_queries"])
         self.prefix_hits.set(st["prefix_cache_hits"])
+        if "spec_decode_num_drafts" in st:
+            for key, counter in self.spec_counters.items():
+                delta = st[key] - self._spec_seen[key]
+                if delta > 0:  # a snapshot older than the last one seen adds nothing
+                    counter.inc(delta)
+                    self._spec_seen[key] = st[key]
+            self.spec_acceptance.set(st["spec_decode_acceptance_rate"])
+            self.spec_mean_len.set(st["spec_decode_mean_accepted_length"])
         for i, rs in enumerate(st.get("per_replica", ())):
             lab = str(i)
             self.rep_running.labels(lab).set(rs["num_requests_running"])

@@ -1,0 +1,131 @@
+"""Speculative decoding (n-gram prompt lookup) vs none, in one run: decode tok/s, speed-up, acceptance.
+
+Workloads: input-grounded requests (copy / edit a paragraph of text or a file of this repo, where the
+answer repeats spans of the prompt) and open chat prompts; batch 1 and 16; greedy (temperature 0:
+outputs must be identical, checked) and temperature 0.8 (those requests do not speculate in this
+first part: the figure shows what that costs). Prints one line per case, then one JSON line.
+
+    python benchmarks/spec_decode.py [--num-speculative-tokens 4] [--max-tokens 128] [--batch-sizes 1,16]
+    python benchmarks/spec_decode.py --tiny     # dry run: a tiny random model, a few tokens, no timings worth reading
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHAT = ["What are three good habits for writing readable code?", "Explain what a hash table is to a child.",
+        "Give me a short plan for learning to cook.", "Why is the sky blue?"]
+
+
+def grounded_prompts(n: int, chars: int = 1200) -> list[str]:
+    """Copy-or-edit requests built from files in the repo: the answer copies spans of the prompt."""
+    files = sorted((ROOT / "kvserve" / "engine").glob("*.py")) + [ROOT / "README.md"]
+    out = []
+    for i in range(n):
+        text = files[i % len(files)].read_text()
+        start = (i * 997) % max(1, len(text) - chars)
+        chunk = text[start : start + chars]
+        task = ("Rewrite this code with the same behaviour, keeping every line:" if files[i % len(files)].suffix
+                == ".py" else "Repeat the following text exactly:")
+        out.append(f"{task}\n\n{chunk}\n\nAnswer:\n\n{chunk[:80]}")
+    return out
+
+
+def run(loaded, prompts: list[str], spec: dict | None, batch: int, temperature: float, args) -> dict:
+    from kvserve import SamplingParams
+    from kvserve.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(loaded=loaded, kv_cache_memory=args.kv_cache_memory, max_num_seqs=batch,
+                    speculative_config=spec)
+    params = SamplingParams(temperature=temperature, seed=0 if temperature else None, max_tokens=args.max_tokens,
+                            ignore_eos=True)
+    eng.add_request("warm", prompts[0][:40], SamplingParams(max_tokens=2))
+    while eng.has_unfinished_requests():
+        eng.step()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"q{i}", p, params)
+    outs: dict[str, list[int]] = {}
+    decode_s = [0.0]
+
+    def observe(so, dt: float) -> None:  # noqa: ANN001 - a SchedulerOutput
+        # a decode step: no scheduled request computed a prompt token
+        if so.scheduled and all(s.start >= s.request.num_prompt_tokens - 1 for s in so.scheduled):
+            decode_s[0] += dt
+
+    eng.step_observers.append(observe)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+    st = eng.stats()
+    total = sum(len(t) for t in outs.values())
+    n_decoded = total - len(prompts)  # each request's first token comes with its prompt's last chunk
+    return {"tokens": [outs[f"q{i}"] for i in range(len(prompts))], "output_tokens": total,
+            "decode_tok_s": round(n_decoded / decode_s[0], 2) if decode_s[0] else None,
+            "acceptance_rate": round(st["spec_decode_acceptance_rate"], 3),
+            "mean_accepted_length": round(st["spec_decode_mean_accepted_length"], 3),
+            "drafted": st["spec_decode_num_draft_tokens"], "accepted": st["spec_decode_num_accepted_tokens"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M GGUF")
+    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--prompt-lookup-max", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--kv-cache-memory", default="1GiB")
+    ap.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny random model and a few tokens")
+    args = ap.parse_args()
+
+    from kvserve.loader import load_model
+
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from helpers import make_tiny_hf
+
+        loaded = load_model(make_tiny_hf(Path(tempfile.mkdtemp(prefix="kvserve-spec-")), "llama",
+                                         max_position_embeddings=1024))
+        args.max_tokens, args.kv_cache_memory = 8, "32MiB"
+        batch_sizes = [1, 2]
+    else:
+        loaded = load_model(args.model)
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
+            "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1}
+    tok = loaded.tokenizer
+    workloads = {"grounded": grounded_prompts(16, 250 if args.tiny else 1200), "chat": [
+        tok.apply_chat_template([{"role": "user", "content": c}], tokenize=True, add_generation_prompt=True)
+        if getattr(tok, "chat_template", None) else c for c in CHAT * 4]}
+    rows = []
+    for name, prompts in workloads.items():
+        for batch in batch_sizes:
+            ps = prompts[:batch] if batch > 1 else prompts[:2]
+            for temperature in (0.0, 0.8):
+                base = run(loaded, ps, None, batch, temperature, args)
+                sd = run(loaded, ps, spec, batch, temperature, args)
+                same = base["tokens"] == sd["tokens"]
+                if temperature == 0 and not same:
+                    raise SystemExit(f"{name} batch {batch}: greedy outputs differ with speculation")
+                speedup = (sd["decode_tok_s"] / base["decode_tok_s"]) if base["decode_tok_s"] and sd["decode_tok_s"] \
+                    else None
+                row = {"workload": name, "batch": batch, "temperature": temperature,
+                       "base_tok_s": base["decode_tok_s"], "spec_tok_s": sd["decode_tok_s"],
+                       "speedup": round(speedup, 3) if speedup else None, "identical": same,
+                       "acceptance_rate": sd["acceptance_rate"], "mean_accepted_length": sd["mean_accepted_length"]}
+                rows.append(row)
+                print(f"{name:9s} batch {batch:2d} T={temperature}: {row['base_tok_s']} -> {row['spec_tok_s']} tok/s "
+                      f"(x{row['speedup']}), acceptance {row['acceptance_rate']}, mean accepted length "
+                      f"{row['mean_accepted_length']}, identical {same}")
+    print(json.dumps({"benchmark": "spec_decode", "method": "ngram", "k": args.num_speculative_tokens,
+                      "tiny": args.tiny, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

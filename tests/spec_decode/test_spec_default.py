@@ -1,0 +1,59 @@
+"""N-gram speculation on the real default model: input-grounded prompts (the answer copies the prompt)
+give identical greedy tokens with and without speculation, on the default native path and in float32."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import long_english_text
+from kvserve import SamplingParams
+from kvserve.engine.llm_engine import LLMEngine
+from kvserve.loader import load_model
+
+pytestmark = pytest.mark.slow
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def default_native(default_path):
+    """The default engine's own load (quantized GGUF, fused native decode where the CPU has it)."""
+    return load_model(default_path)
+
+
+def _prompts() -> list[str]:
+    paras = [p for p in long_english_text().split("\n\n") if 250 < len(p) < 450][:2]
+    return [f"{p}\n\nThe same paragraph, copied word for word:\n\n{p[:60]}" for p in paras]
+
+
+def _run(eng: LLMEngine, prompts, params) -> list[list[int]]:
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", p, sp)
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        eng.kv.check_invariants()
+    assert eng.kv.pool.num_used_blocks == 0
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("which", ["native", "float32"])
+def test_copying_prompts_identical_and_mostly_accepted(request, which):
+    loaded = request.getfixturevalue("default_native" if which == "native" else "smollm")
+    prompts = _prompts()
+    assert len(prompts) == 2
+    # one sampled request rides along without speculating
+    params = [GREEDY] * 2 + [SamplingParams(temperature=0.7, seed=1, max_tokens=20)]
+    prompts = prompts + [prompts[0]]
+    want = _run(LLMEngine(loaded=loaded, kv_cache_memory="64MiB"), prompts, params)
+    eng = LLMEngine(loaded=loaded, kv_cache_memory="64MiB", speculative_config=NGRAM)
+    got = _run(eng, prompts, params)
+    assert got[:2] == want[:2]
+    assert len(got[2]) == 20
+    st = eng.stats()
+    print(which, {k: v for k, v in st.items() if k.startswith("spec")})
+    assert st["spec_decode_num_drafts"] > 10
+    assert st["spec_decode_acceptance_rate"] > 0.25  # the answers copy the prompt
