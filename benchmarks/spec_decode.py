@@ -76,6 +76,8 @@ def run(loaded, prompts: list[str], spec: dict | None, batch: int, temperature: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M GGUF")
+    ap.add_argument("--quantization", default="auto",
+                    help="as the engine's flag: auto (default: the GGUF's own formats on the native CPU path), none ...")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -95,7 +97,7 @@ def main() -> None:
         args.max_tokens, args.kv_cache_memory = 8, "32MiB"
         batch_sizes = [1, 2]
     else:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, quantization=args.quantization)
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
             "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1}
