@@ -64,6 +64,25 @@ def make_tiny_hf(path: Path, arch: str, seed: int = 0, **overrides: object) -> P
     return path
 
 
+def run_engine(eng, prompts: list, params, check_invariants: bool = False) -> list[list[int]]:
+    """Add prompts as r0, r1, ... (one SamplingParams, or one per prompt), step the engine until all
+    finish, and return each request's output token ids in prompt order; with `check_invariants`, the KV
+    block invariants after every step and no block in use at the end."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", p, sp)
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        if check_invariants:
+            eng.kv.check_invariants()
+    if check_invariants:
+        assert eng.kv.pool.num_used_blocks == 0
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
 def run_prefill(model: torch.nn.Module, seqs: list[list[int]]) -> list[torch.Tensor]:
     """Logits of every position of each sequence, all in one flat batch without a KV cache."""
     ids = torch.tensor([t for s in seqs for t in s])

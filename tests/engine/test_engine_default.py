@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_engine
 from kvserve import SamplingParams
 from kvserve.engine.llm_engine import LLMEngine
 
@@ -28,14 +29,7 @@ def _prompts(tok) -> list[list[int]]:
 
 
 def _run(engine: LLMEngine, prompts, params) -> list[list[int]]:
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
-    return [done[f"r{i}"] for i in range(len(prompts))]
+    return run_engine(engine, prompts, params)
 
 
 @pytest.fixture(scope="module")

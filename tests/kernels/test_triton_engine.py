@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 # CPU: the kernels run in the interpreter (conftest.py); CUDA: compiled, and decode CUDA graphs are captured
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-from helpers import TINY_VOCAB, make_tiny_hf, random_ids
+from helpers import TINY_VOCAB, make_tiny_hf, random_ids, run_engine
 
 from kvserve import SamplingParams
 from kvserve.engine.llm_engine import LLMEngine
@@ -30,14 +30,7 @@ def generate(loaded, backend: str, prompts: list[list[int]]) -> tuple[list[list[
     eng = LLMEngine(loaded=loaded, attention_backend=backend, device=DEVICE, kv_cache_memory="1MiB", block_size=8,
                     max_num_batched_tokens=24, enable_prefix_caching=True)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}", p, params)
-    done = {}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
-    return [done[f"r{i}"] for i in range(len(prompts))], eng
+    return run_engine(eng, prompts, params), eng
 
 
 def test_engine_greedy_tokens_match_torch_backend(tiny_loaded, monkeypatch):

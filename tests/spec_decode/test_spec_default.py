@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import long_english_text
+from helpers import long_english_text, run_engine
 from kvserve import SamplingParams
 from kvserve.engine.llm_engine import LLMEngine
 from kvserve.loader import load_model
@@ -27,17 +27,7 @@ def _prompts() -> list[str]:
 
 
 def _run(eng: LLMEngine, prompts, params) -> list[list[int]]:
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(f"r{i}", p, sp)
-    done = {}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
-        eng.kv.check_invariants()
-    assert eng.kv.pool.num_used_blocks == 0
-    return [done[f"r{i}"] for i in range(len(prompts))]
+    return run_engine(eng, prompts, params, check_invariants=True)
 
 
 @pytest.mark.parametrize("which", ["native", "float32"])
