@@ -3,7 +3,9 @@
 Workloads: input-grounded requests (copy / edit a paragraph of text or a file of this repo, where the
 answer repeats spans of the prompt) and open chat prompts; batch 1 and 16; greedy (temperature 0:
 outputs must be identical, checked) and temperature 0.8 (those requests do not speculate in this
-first part: the figure shows what that costs). Prints one line per case, then one JSON line.
+first part: --temperatures 0,0.8 shows what that costs). Each case runs three engines: no speculation,
+fixed draft lengths ("adaptive": false) and the default adaptive lengths. Prints one line per case,
+then one JSON line.
 
     python benchmarks/spec_decode.py [--num-speculative-tokens 4] [--max-tokens 128] [--batch-sizes 1,16]
     python benchmarks/spec_decode.py --tiny     # dry run: a tiny random model, a few tokens, no timings worth reading
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--temperatures", default="0",
+                    help="comma-separated; sampled requests (T > 0) do not speculate yet: 0,0.8 shows what that costs")
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny random model and a few tokens")
     args = ap.parse_args()
@@ -106,25 +110,28 @@ def main() -> None:
         tok.apply_chat_template([{"role": "user", "content": c}], tokenize=True, add_generation_prompt=True)
         if getattr(tok, "chat_template", None) else c for c in CHAT * 4]}
     rows = []
+    temperatures = [float(t) for t in args.temperatures.split(",")]
     for name, prompts in workloads.items():
         for batch in batch_sizes:
             ps = prompts[:batch] if batch > 1 else prompts[:2]
-            for temperature in (0.0, 0.8):
+            for temperature in temperatures:
                 base = run(loaded, ps, None, batch, temperature, args)
-                sd = run(loaded, ps, spec, batch, temperature, args)
-                same = base["tokens"] == sd["tokens"]
-                if temperature == 0 and not same:
-                    raise SystemExit(f"{name} batch {batch}: greedy outputs differ with speculation")
-                speedup = (sd["decode_tok_s"] / base["decode_tok_s"]) if base["decode_tok_s"] and sd["decode_tok_s"] \
-                    else None
-                row = {"workload": name, "batch": batch, "temperature": temperature,
-                       "base_tok_s": base["decode_tok_s"], "spec_tok_s": sd["decode_tok_s"],
-                       "speedup": round(speedup, 3) if speedup else None, "identical": same,
-                       "acceptance_rate": sd["acceptance_rate"], "mean_accepted_length": sd["mean_accepted_length"]}
+                row = {"workload": name, "batch": batch, "temperature": temperature, "base_tok_s": base["decode_tok_s"]}
+                for label, cfg in (("fixed", {**spec, "adaptive": False}), ("adaptive", spec)):
+                    sd = run(loaded, ps, cfg, batch, temperature, args)
+                    same = base["tokens"] == sd["tokens"]
+                    if temperature == 0 and not same:
+                        raise SystemExit(f"{name} batch {batch} ({label}): greedy outputs differ with speculation")
+                    speedup = (sd["decode_tok_s"] / base["decode_tok_s"]) if base["decode_tok_s"] and \
+                        sd["decode_tok_s"] else None
+                    row[label] = {"tok_s": sd["decode_tok_s"], "speedup": round(speedup, 3) if speedup else None,
+                                  "identical": same, "acceptance_rate": sd["acceptance_rate"],
+                                  "mean_accepted_length": sd["mean_accepted_length"], "drafted": sd["drafted"]}
                 rows.append(row)
-                print(f"{name:9s} batch {batch:2d} T={temperature}: {row['base_tok_s']} -> {row['spec_tok_s']} tok/s "
-                      f"(x{row['speedup']}), acceptance {row['acceptance_rate']}, mean accepted length "
-                      f"{row['mean_accepted_length']}, identical {same}")
+                print(f"{name:9s} batch {batch:2d} T={temperature}: none {row['base_tok_s']} tok/s; " + "; ".join(
+                    f"{label} {r['tok_s']} (x{r['speedup']}, acceptance {r['acceptance_rate']}, mean accepted length "
+                    f"{r['mean_accepted_length']}, drafted {r['drafted']})"
+                    for label, r in ((k, row[k]) for k in ("fixed", "adaptive"))))
     print(json.dumps({"benchmark": "spec_decode", "method": "ngram", "k": args.num_speculative_tokens,
                       "tiny": args.tiny, "rows": rows}))
 

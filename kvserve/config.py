@@ -84,6 +84,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # draft lengths chosen per step from measured step times and each request's acceptance, up to
+    # num_speculative_tokens (spec_decode/adaptive.py); False: always as long as the proposer finds
+    adaptive: bool = True
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str) -> SpeculativeConfig:
@@ -118,6 +121,8 @@ class SpeculativeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise InvalidRequestError(f"speculative_config.{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(self.adaptive, bool):
+            raise InvalidRequestError(f"speculative_config.adaptive must be true or false, got {self.adaptive!r}")
         if self.num_speculative_tokens > 32:
             raise InvalidRequestError(f"speculative_config.num_speculative_tokens must be <= 32, got "
                                       f"{self.num_speculative_tokens}")

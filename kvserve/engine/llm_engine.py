@@ -24,6 +24,7 @@ from kvserve.loader import LoadedModel, load_model
 from kvserve.platform import tune_allocator
 from kvserve.sampling_params import SamplingParams
 from kvserve.spec_decode import make_proposer
+from kvserve.spec_decode.adaptive import DraftLengthController
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class LLMEngine:
         )
         if c.speculative_config is not None:
             self.scheduler.proposer = make_proposer(c.speculative_config)
+            if c.speculative_config.adaptive:
+                self.scheduler.draft_control = DraftLengthController()
             logger.info("speculative decoding: %s", c.speculative_config)
         self.input_processor = InputProcessor(self.tokenizer, mcfg.vocab_size, self.max_model_len, self.kv)
         if self.executor is not None:
@@ -131,8 +134,11 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter() if self.step_observers else 0.0
+        timed = self.step_observers or self.scheduler.draft_control is not None
+        t0 = time.perf_counter() if timed else 0.0
         so, result = self.runner.step(self.scheduler)  # schedule + execute (pipelined: the oldest micro-batch back)
+        if self.scheduler.draft_control is not None:  # adaptive draft lengths learn what a step costs
+            self.scheduler.draft_control.step_time.observe(so.total_num_tokens, time.perf_counter() - t0)
         self.scheduler.update_from_output(so, result)  # tokens, stops, freed blocks: the one post-step update
         outputs = self.output_processor.process(so)
         if self.step_observers:

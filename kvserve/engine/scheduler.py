@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from kvserve.engine.request import Logprob, Request, RequestStatus
+from kvserve.spec_decode.adaptive import Acceptance, DraftLengthController
 from kvserve.spec_decode.stats import SpecDecodeStats
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Scheduler:
         self.in_flight: set[str] = set()
         # speculative decoding (kvserve/spec_decode): asked for a draft when a decoding request is scheduled
         self.proposer = None  # an object with .k and .propose(token_ids, k) -> list[int]; None: off
+        self.draft_control: DraftLengthController | None = None  # adaptive draft lengths; None: always k
         self.spec_stats = SpecDecodeStats()
 
     def add(self, req: Request) -> None:
@@ -206,6 +208,8 @@ class Scheduler:
                 self.waiting = deque(sorted(self.waiting, key=key))
         policy_preempted = len(out.preempted)
 
+        planned = self._plan_drafts(budget) if self.proposer is not None else {}
+
         # 1. Running requests in order (fcfs: oldest first; else by policy key); preempt from the back
         # (the newest, or the worst-ranked) when blocks run out.
         cap = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
@@ -216,7 +220,7 @@ class Scheduler:
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            draft = self._propose(req, n, budget) if self.proposer is not None else []
+            draft = planned.get(req.request_id, [])[: max(0, budget - n)] if n == 1 else []
             # a draft never preempts for its slots: without room for them the request decodes one token as
             # usual (the draft's blocks can still leave less room for requests scheduled after it this step)
             if draft and self.kv.allocate_slots(req, n, num_lookahead_tokens=len(draft)):
@@ -295,15 +299,43 @@ class Scheduler:
         return (p.greedy and req.grammar is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens)
 
-    def _propose(self, req: Request, n: int, budget: int) -> list[int]:
-        """A draft for a decoding request (its one uncomputed token is its last), cut to the budget and
-        to the tokens it may still emit (1 + len(draft) at most); [] for no speculation this step."""
-        if n != 1 or req.num_computed_tokens != req.num_tokens - 1 or not self.can_speculate(req):
-            return []
-        k = min(self.proposer.k, budget - 1, req.max_total_tokens - req.num_tokens - 1)
-        if k <= 0:
-            return []
-        return self.proposer.propose(req.all_token_ids, k)[:k]
+    def _plan_drafts(self, budget: int) -> dict[str, list[int]]:
+        """This step's draft per decoding request that can speculate (its one uncomputed token is its
+        last), cut to the tokens it may still emit (1 + len(draft) at most) and, with adaptive draft
+        lengths, to what the step's cost buys (spec_decode/adaptive.py); requests without one are absent."""
+        control = self.draft_control
+        cands: list[tuple[Request, list[int]]] = []
+        base = 0
+        for req in self.running:
+            if self.in_flight and req.request_id in self.in_flight:
+                continue
+            need = req.num_tokens - req.num_computed_tokens
+            base += need
+            if need != 1 or not self.can_speculate(req):
+                continue
+            k = min(self.proposer.k, req.max_total_tokens - req.num_tokens - 1)
+            draft = self.proposer.propose(req.all_token_ids, k)[:k] if k > 0 else []
+            if draft:
+                cands.append((req, draft))
+            elif control is not None and req.draft_record is not None:
+                control.idle(req.draft_record)
+        if control is None or not cands:
+            return {r.request_id: d for r, d in cands}
+        for req in self.waiting:  # prompt tokens the step may also carry
+            if base >= budget:
+                break
+            base += req.num_tokens - req.num_computed_tokens
+        for req, _ in cands:
+            if req.draft_record is None:
+                req.draft_record = Acceptance()
+        lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), len(d)) for r, d in cands])
+        planned = {}
+        for (req, draft), k in zip(cands, lengths):
+            if k:
+                planned[req.request_id] = draft[:k]
+            else:
+                control.idle(req.draft_record)
+        return planned
 
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """THE post-step update; returns the requests it finished.
@@ -340,6 +372,8 @@ class Scheduler:
                 while accepted < len(spec) and spec[accepted] == tokens[accepted]:
                     accepted += 1
                 self.spec_stats.observe(len(spec), accepted)
+                if self.draft_control is not None and r.draft_record is not None:
+                    self.draft_control.observe(r.draft_record, len(spec), accepted)
                 r.num_computed_tokens += s.num_new_tokens - (len(spec) - accepted)
                 tokens = tokens[: accepted + 1]
                 if lps:

@@ -11,7 +11,8 @@ from kvserve.engine.llm_engine import LLMEngine
 from kvserve.loader import load_model
 
 pytestmark = pytest.mark.slow
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+# fixed draft lengths: the verify path runs on every draft the proposer finds (adaptive lengths: test_spec_adaptive.py)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1, "adaptive": False}
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 

@@ -18,7 +18,8 @@ from kvserve.errors import InvalidRequestError
 from kvserve.kernels import cpu as native
 from kvserve.loader import load_model
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+# fixed draft lengths: the verify path runs on every draft the proposer finds (adaptive lengths: test_spec_adaptive.py)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1, "adaptive": False}
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
@@ -208,7 +209,7 @@ def test_max_tokens_and_stops_inside_an_accepted_run(tiny, tiny_path, prompts, r
             cases.append(SamplingParams(temperature=0, max_tokens=24, stop=[text[6:8]], ignore_eos=True))
             ps.append(prompts[i])
     want = run(make_engine(tiny), ps, cases)
-    eng = with_proposer(make_engine(tiny, {"method": "ngram", "num_speculative_tokens": 6}),
+    eng = with_proposer(make_engine(tiny, {"method": "ngram", "num_speculative_tokens": 6, "adaptive": False}),
                         oracle(prompts, reference, k=6, corrupt_every=0))
     got = run(eng, ps, cases)
     assert eng.stats()["spec_decode_acceptance_rate"] == 1.0
@@ -380,7 +381,7 @@ def _workload(tiny, ops, spec, num_blocks, block_size, budget, max_seqs, caching
 def test_periodic_workload_drafts_accepts_and_rejects(tiny):
     ops = [("add", 20, 30, 1, 0, None, 0), ("add", 9, 25, 2, 1, 41, 0), ("add", 14, 30, 1, 0, 7, 3),
            ("step", 3), ("add", 25, 12, 1, 0, None, 0)]
-    spec = {"method": "ngram", "num_speculative_tokens": 4}
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
     with_spec, eng = _workload(tiny, ops, spec, 24, 4, 16, 4, True, "recompute")
     without, plain = _workload(tiny, ops, None, 24, 4, 16, 4, True, "recompute")
     assert with_spec == without
@@ -394,10 +395,45 @@ def test_periodic_workload_drafts_accepts_and_rejects(tiny):
        budget=st.sampled_from([2, 5, 16, 64]), max_seqs=st.sampled_from([1, 4, 16]), caching=st.booleans(),
        mode=st.sampled_from(["recompute", "swap"]), k=st.integers(1, 5))
 def test_random_workloads_with_speculation(tiny, ops, num_blocks, block_size, budget, max_seqs, caching, mode, k):
-    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3}
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3, "adaptive": False}
     with_spec, eng = _workload(tiny, ops, spec, num_blocks, block_size, budget, max_seqs, caching, mode)
     without, _ = _workload(tiny, ops, None, num_blocks, block_size, budget, max_seqs, caching, mode)
     assert with_spec == without  # no token lost, duplicated or changed; stops cut at the same place
     st_ = eng.stats()
     event(f"drafted: {st_['spec_decode_num_drafts'] > 0}, rejected: "
           f"{st_['spec_decode_num_accepted_tokens'] < st_['spec_decode_num_draft_tokens']}")
+
+
+class FixedStepTime:
+    """A step-time model that ignores the engine's clock: seconds = a + b * tokens."""
+
+    empty = False
+
+    def __init__(self, a: float, b: float) -> None:
+        self.a, self.b = a, b
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def estimate(self, num_tokens: int) -> float:
+        return self.a + self.b * num_tokens
+
+
+@pytest.mark.parametrize("cost", ["memory-bound", "compute-bound", "measured"])
+def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, reference, cost):
+    """Where extra positions are free every draft is kept; where each costs a token's share none is
+    (the oracle is right 2 times in 3); on the real clock, whatever is chosen, the tokens are the same."""
+    spec = {**NGRAM, "adaptive": True}
+    eng = with_proposer(make_engine(tiny, spec), oracle(prompts, reference, corrupt_every=3))
+    control = eng.scheduler.draft_control
+    assert control is not None
+    if cost != "measured":
+        control.step_time = FixedStepTime(1.0, 0.0) if cost == "memory-bound" else FixedStepTime(0.0, 1.0)
+    assert tokens(run(eng, prompts, GREEDY), len(prompts)) == reference
+    st_ = eng.stats()
+    if cost == "memory-bound":
+        assert st_["spec_decode_num_drafts"] > 20
+        assert st_["spec_decode_num_draft_tokens"] > 3 * st_["spec_decode_num_drafts"]  # whole drafts (k=4 mostly)
+    elif cost == "compute-bound":
+        assert st_["spec_decode_num_drafts"] == 0
+    assert NGRAM["adaptive"] is False and make_engine(tiny, NGRAM).scheduler.draft_control is None

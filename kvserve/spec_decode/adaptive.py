@@ -1,0 +1,135 @@
+"""Adaptive draft lengths: speculate only as far as the step's extra cost buys tokens.
+
+A verify step that carries k draft tokens of a request computes k more positions. While the step is
+memory-bound (few tokens: the weights stream once whatever the batch) that is almost free; once it
+is compute-bound (a large batch, or a CPU, where a step is compute-bound from a handful of tokens)
+each position costs about what a real token costs, and drafts the target rejects slow everyone down.
+So the length of each request's draft is chosen every step from two things the engine measures:
+
+- **what a step costs** as a function of its tokens (`StepTimeModel`, learnt from the steps it ran);
+- **how likely each draft position is to be accepted**: per request, from its own verify results,
+  with the engine's overall acceptance as the prior; position j (1-based) of a draft survives with
+  probability a^j when each token is accepted with probability a given the ones before.
+
+`DraftLengthController.choose` then keeps the draft positions, most probable first, that maximise
+expected tokens emitted per second of step: (base tokens + sum of kept probabilities) / time(base
+tokens + kept positions). No fixed batch-size cut-off: the machine's own step times decide.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+class StepTimeModel:
+    """Seconds a step takes as a function of the tokens it computes, from the steps observed.
+
+    One running average per token count (exact up to 128 tokens, then in buckets of 32); between
+    observed counts the time is interpolated linearly, below the smallest it is that one's time (a
+    step cannot get cheaper than its weights' streaming), and above the largest it grows in
+    proportion to the tokens (compute-bound: the cautious guess). The curve is made non-decreasing
+    before use, so noise cannot make more tokens look cheaper."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight  # of a new observation in its count's running average
+        self._mean: dict[int, float] = {}
+        self._curve: tuple[list[int], list[float]] | None = None
+
+    @staticmethod
+    def bucket(num_tokens: int) -> int:
+        return num_tokens if num_tokens <= 128 else num_tokens // 32 * 32
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0 or not seconds > 0.0:
+            return
+        b = self.bucket(num_tokens)
+        old = self._mean.get(b)
+        self._mean[b] = seconds if old is None else old + self.weight * (seconds - old)
+        self._curve = None
+
+    @property
+    def empty(self) -> bool:
+        return not self._mean
+
+    def _points(self) -> tuple[list[int], list[float]]:
+        if self._curve is None:
+            xs = sorted(self._mean)
+            ys: list[float] = []
+            for x in xs:
+                ys.append(max(self._mean[x], ys[-1] if ys else 0.0))
+            self._curve = (xs, ys)
+        return self._curve
+
+    def estimate(self, num_tokens: int) -> float:
+        """Expected seconds of a step of `num_tokens` tokens (0.0 before any observation)."""
+        xs, ys = self._points()
+        if not xs:
+            return 0.0
+        if num_tokens <= xs[0]:
+            return ys[0]
+        if num_tokens >= xs[-1]:
+            return ys[-1] * num_tokens / xs[-1]
+        i = bisect.bisect_left(xs, num_tokens)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+
+
+@dataclass
+class Acceptance:
+    """A request's draft record: accepted tokens and rejections, both decayed so it follows change."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+
+class DraftLengthController:
+    """Chooses each request's draft length in a step (see the module docstring)."""
+
+    PRIOR = 2.0  # weight, in verify results, of the engine-wide acceptance for a request's estimate
+    DECAY = 0.8  # of a request's record per verify result, so recent drafts count most
+    IDLE_DECAY = 0.95  # per step without a draft: the record fades back to the prior, so drafting is retried
+
+    def __init__(self, step_time: StepTimeModel | None = None) -> None:
+        self.step_time = step_time or StepTimeModel()
+        self.accepted = 1.0  # engine-wide, undecayed (with a prior of one accepted and one rejected)
+        self.rejected = 1.0
+
+    def acceptance(self, rec: Acceptance | None) -> float:
+        """Probability that a draft token is accepted given the ones before it were."""
+        prior = self.accepted / (self.accepted + self.rejected)
+        if rec is None:
+            return prior
+        return (rec.accepted + self.PRIOR * prior) / (rec.accepted + rec.rejected + self.PRIOR)
+
+    def observe(self, rec: Acceptance, num_draft: int, num_accepted: int) -> None:
+        """A verify result: `num_accepted` of `num_draft` draft tokens agreed with the target."""
+        rejected = 1.0 if num_accepted < num_draft else 0.0
+        rec.accepted = rec.accepted * self.DECAY + num_accepted
+        rec.rejected = rec.rejected * self.DECAY + rejected
+        self.accepted += num_accepted
+        self.rejected += rejected
+
+    def idle(self, rec: Acceptance) -> None:
+        rec.accepted *= self.IDLE_DECAY
+        rec.rejected *= self.IDLE_DECAY
+
+    def choose(self, base_tokens: int, drafts: list[tuple[float, int]]) -> list[int]:
+        """Draft lengths for a step that computes `base_tokens` tokens without drafts, given per
+        candidate request (acceptance probability, longest draft it has): the lengths that maximise
+        expected tokens emitted per second. Before any step was timed every draft is kept whole."""
+        if self.step_time.empty or not drafts:
+            return [k for _, k in drafts]
+        # every draft position with its survival probability a^j, most probable first
+        cand = sorted(((a ** j, i) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
+        gain, best, best_n = float(base_tokens), -1.0, 0
+        for n in range(len(cand) + 1):
+            if n:
+                gain += cand[n - 1][0]
+            rate = gain / self.step_time.estimate(base_tokens + n)
+            if rate > best:
+                best, best_n = rate, n
+        lengths = [0] * len(drafts)
+        for _, i in cand[:best_n]:  # a^j decreases in j: the kept positions of a request are its first ones
+            lengths[i] += 1
+        return lengths

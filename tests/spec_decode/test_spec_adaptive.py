@@ -1,0 +1,82 @@
+"""Adaptive draft lengths (spec_decode/adaptive.py): the step-time curve, the acceptance estimate and the
+lengths chosen, with exact numbers; no model (the engine-level tests are in test_spec_engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvserve.config import SpeculativeConfig
+from kvserve.errors import InvalidRequestError
+from kvserve.spec_decode.adaptive import Acceptance, DraftLengthController, StepTimeModel
+
+
+def model(points: dict[int, float]) -> StepTimeModel:
+    m = StepTimeModel()
+    for n, t in points.items():
+        m.observe(n, t)
+    return m
+
+
+def test_step_time_interpolates_clamps_below_and_grows_in_proportion_above():
+    m = model({1: 0.010, 4: 0.013, 16: 0.040})
+    assert m.estimate(1) == m.estimate(0) == 0.010
+    assert m.estimate(2) == pytest.approx(0.011)
+    assert m.estimate(10) == pytest.approx(0.0265)
+    assert m.estimate(32) == pytest.approx(0.080)  # beyond the largest: compute-bound, in proportion
+
+
+def test_step_time_running_average_buckets_and_monotone_curve():
+    m = model({1: 0.010})
+    m.observe(1, 0.020)
+    assert m.estimate(1) == pytest.approx(0.012)  # 0.010 + 0.2 * (0.020 - 0.010)
+    m.observe(8, 0.005)  # noise: more tokens may not look cheaper
+    assert m.estimate(8) == pytest.approx(0.012)
+    m.observe(200, 1.0)
+    m.observe(223, 2.0)  # one bucket of 32 above 128 tokens
+    assert StepTimeModel.bucket(223) == StepTimeModel.bucket(200) == 192
+    assert m.estimate(192) == pytest.approx(1.2)
+    m.observe(0, 1.0), m.observe(3, 0.0)  # ignored
+    assert m.estimate(3) == pytest.approx(0.012)
+
+
+def test_acceptance_estimate_mixes_the_request_record_with_the_engine_prior():
+    c = DraftLengthController(model({1: 0.01}))
+    assert c.acceptance(None) == 0.5  # one accepted and one rejected as the engine's prior
+    rec = Acceptance()
+    c.observe(rec, 4, 4)
+    assert (rec.accepted, rec.rejected, c.accepted, c.rejected) == (4.0, 0.0, 5.0, 1.0)
+    assert c.acceptance(rec) == pytest.approx((4 + 2 * 5 / 6) / 6)
+    c.observe(rec, 4, 0)
+    assert (rec.accepted, rec.rejected) == (pytest.approx(3.2), 1.0)
+    assert c.acceptance(rec) == pytest.approx((3.2 + 2 * 5 / 7) / (4.2 + 2))
+    c.idle(rec)
+    assert (rec.accepted, rec.rejected) == (pytest.approx(3.04), pytest.approx(0.95))
+
+
+def test_memory_bound_steps_keep_every_draft_token():
+    c = DraftLengthController(model({1: 0.010, 64: 0.010}))
+    assert c.choose(2, [(0.5, 3), (0.9, 4)]) == [3, 4]
+
+
+def test_compute_bound_steps_keep_no_draft_token():
+    c = DraftLengthController(model({1: 0.010, 16: 0.160}))  # time in proportion to tokens
+    assert c.choose(16, [(0.95, 4)] * 16) == [0] * 16
+
+
+def test_lengths_maximise_expected_tokens_per_second():
+    # rates by positions kept n: 1/.010=100, 1.9/.011=172.7, 2.71/.012=225.8, 3.439/.021=163.8, 4.0951/.030=136.5
+    c = DraftLengthController(model({1: 0.010, 2: 0.011, 3: 0.012, 5: 0.030}))
+    assert c.choose(1, [(0.9, 4)]) == [2]
+    # the most probable positions across requests first: 0.9, 0.81 of the first before 0.3 of the second
+    assert c.choose(1, [(0.9, 4), (0.3, 4)]) == [2, 0]
+
+
+def test_before_any_timed_step_drafts_are_kept_whole():
+    assert DraftLengthController().choose(3, [(0.1, 2), (0.2, 5)]) == [2, 5]
+
+
+def test_config_adaptive_flag():
+    assert SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2}).adaptive is True
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2, "adaptive": false}').adaptive is False
+    with pytest.raises(InvalidRequestError, match="adaptive must be true or false"):
+        SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, "adaptive": 1})
