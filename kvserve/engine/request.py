@@ -76,6 +76,7 @@ class Request:
         # the structured-output constraint's state (params.structured_outputs), advanced by the post-step update
         self.grammar: GrammarMatcher | None = None
         self.draft_record = None  # speculative decoding: its drafts' acceptance record (spec_decode/adaptive.py)
+        self.rng_states: list[torch.Tensor] = []  # a seeded verify step: its generator after each position's draw
         self.prompt_logprobs: list[Logprob | None] = []
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.first_scheduled_time: float | None = None

@@ -290,13 +290,13 @@ class Scheduler:
     def can_speculate(req: Request) -> bool:
         """Whether a request's next tokens can be verified several at once with greedy exactness.
 
-        This first part verifies greedy requests only: each draft position's token is then the argmax
-        of the target's logits there, the same token a step of its own would pick. A sampled request
-        (no rejection sampler yet), a constrained one (its matcher would have to advance along the
-        draft), one with penalties or an unmet min_tokens (their masks depend on the tokens before
-        each position) decodes one token at a time."""
+        Each draft position's token is drawn as a one-token step at that position would draw it (the
+        argmax, or a sample with the request's own generator: see layers/sampler.py), and draft tokens
+        equal to what was drawn are accepted. A constrained request (its matcher would have to advance
+        along the draft) and one with penalties or an unmet min_tokens (their logit changes depend on
+        the tokens before each position) decode one token at a time."""
         p = req.params
-        return (p.greedy and req.grammar is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+        return (req.grammar is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens)
 
     def _plan_drafts(self, budget: int) -> dict[str, list[int]]:
@@ -372,6 +372,9 @@ class Scheduler:
                 while accepted < len(spec) and spec[accepted] == tokens[accepted]:
                     accepted += 1
                 self.spec_stats.observe(len(spec), accepted)
+                if r.rng_states:  # seeded sampling: as if only the accepted positions and the next were drawn
+                    r.generator.set_state(r.rng_states[accepted])
+                    r.rng_states = []
                 if self.draft_control is not None and r.draft_record is not None:
                     self.draft_control.observe(r.draft_record, len(spec), accepted)
                 r.num_computed_tokens += s.num_new_tokens - (len(spec) - accepted)

@@ -5,6 +5,13 @@ mask (only rows whose request has a matcher: the others pay nothing), repetition
 frequency penalties; logprobs are reported from this processed distribution; then
 temperature, top-k, top-p, min-p, and a draw. Greedy rows take the argmax. A row with a seed
 draws with its own generator, so its tokens do not depend on what else is in the batch.
+
+A speculative verify step brings several rows of one request (its draft's positions, in order); each
+is processed and drawn exactly as a one-token step at that position would be, and the scheduler
+accepts the draft tokens equal to what was drawn. That is lossless for any draft (every emitted token
+is a draw from the target's distribution given the tokens before it), accepts a draft token x with
+probability p(x) (what rejection sampling gives a proposer that is sure of its token, as n-gram
+lookup is), and with a seed gives the very tokens decoding without speculation gives.
 """
 
 from __future__ import annotations
@@ -149,12 +156,25 @@ class Sampler:
             if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
                 scaled = _top_k_top_p_min_p(scaled, top_k, top_p, min_p)
             probs = scaled.softmax(dim=-1)
-            # Draw by the exponential race: argmax(p / E) with E ~ Exp(1) is a sample from p.
-            noise = torch.empty_like(probs).exponential_()
+            # Draw by inverting the CDF at one uniform number per row (a seeded row's from its own
+            # generator): one number a token instead of one a vocabulary entry, so a batch of sampled
+            # rows costs about what its softmax costs. The CDF is summed in float64; a token of zero
+            # probability (cut by top-k / top-p / min-p) has an empty interval and is never drawn.
+            u = torch.rand(len(reqs), dtype=torch.float64)
+            rows_of: dict[int, int] = {}
+            for r in reqs:
+                rows_of[id(r)] = rows_of.get(id(r), 0) + 1
             for i, r in enumerate(reqs):
                 if r.generator is not None and not r.params.greedy:
-                    noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(probs.device)
-            sampled = (probs / noise).argmax(dim=-1)
+                    u[i] = torch.rand(1, generator=r.generator, dtype=torch.float64)[0]
+                    if rows_of[id(r)] > 1:  # a verify step: the generator after each position's draw, so the
+                        # post-step update leaves it where one-token decoding of the accepted tokens would
+                        if i == 0 or reqs[i - 1] is not r:
+                            r.rng_states = []
+                        r.rng_states.append(r.generator.get_state())
+            cdf = probs.to(torch.float64).cumsum_(dim=-1)
+            at = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+            sampled = torch.searchsorted(cdf, at, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
             chosen = torch.where(greedy, chosen, sampled)
 
         token_ids = chosen.tolist()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -157,12 +158,13 @@ def test_preemption_with_speculation_keeps_outputs(tiny, prompts, reference):
 
 
 def test_mixed_with_requests_that_do_not_speculate(tiny, prompts, reference):
-    """Greedy requests speculate beside sampled, penalised and min_tokens ones; the greedy ones stay exact,
-    the others are never given a draft."""
-    others = [SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True),
-              SamplingParams(temperature=0, presence_penalty=0.5, max_tokens=24, ignore_eos=True),
+    """Greedy and seeded sampled requests speculate beside penalised and min_tokens ones; all keep the
+    tokens they get without speculation, and the penalised and min_tokens ones are never given a draft."""
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
+    others = [sampled, SamplingParams(temperature=0, presence_penalty=0.5, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0, min_tokens=24, max_tokens=24)]
     params = [GREEDY if i % 2 == 0 else others[i // 2 % 3] for i in range(len(prompts))]
+    want = tokens(run(make_engine(tiny), prompts, params), len(prompts))
     eng = with_proposer(make_engine(tiny, NGRAM), oracle(prompts, reference))
     drafted: set[str] = set()
     schedule = eng.scheduler.schedule
@@ -175,12 +177,16 @@ def test_mixed_with_requests_that_do_not_speculate(tiny, prompts, reference):
     eng.scheduler.schedule = spy
     done = run(eng, prompts, params)
     got = tokens(done, len(prompts))
+    assert got == want
     for i in range(0, len(prompts), 2):
         assert got[i] == reference[i]
     assert all(len(t) == 24 for t in got)
-    assert drafted and all(int(rid[1:]) % 2 == 0 for rid in drafted)
-    for sp in others:
+    speculating = {f"r{i}" for i, p in enumerate(params) if p is GREEDY or p is sampled}
+    assert drafted <= speculating and any(params[int(rid[1:])] is sampled for rid in drafted)
+    assert any(params[int(rid[1:])] is GREEDY for rid in drafted)
+    for sp in others[1:]:
         assert not Scheduler.can_speculate(Request("x", [1, 2], sp, [], 100))
+    assert Scheduler.can_speculate(Request("x", [1, 2], sampled, [], 100))
     assert Scheduler.can_speculate(Request("x", [1, 2], GREEDY, [], 100))
 
 
@@ -437,3 +443,62 @@ def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, r
     elif cost == "compute-bound":
         assert st_["spec_decode_num_drafts"] == 0
     assert NGRAM["adaptive"] is False and make_engine(tiny, NGRAM).scheduler.draft_control is None
+
+
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_seeded_sampling_under_speculation_gives_the_tokens_of_decoding_without(tiny, tiny_int8, prompts, path):
+    """Sampled requests speculate too: each draft position is drawn as its own step would draw it and
+    the generator is left where one-token decoding leaves it, so with a seed the tokens are the same,
+    whatever was drafted, accepted or rejected (top-k / top-p rows included)."""
+    loaded = tiny if path == "torch" else tiny_int8
+    params = [SamplingParams(temperature=t, top_p=tp, top_k=tk, seed=100 + i, max_tokens=20, ignore_eos=True)
+              for i, (t, tp, tk) in enumerate([(0.7, 1.0, 0), (1.0, 0.9, 0), (0.5, 1.0, 20), (1.3, 0.95, 50)] * 4)]
+    ps = prompts[: len(params)]
+    want = tokens(run(make_engine(loaded), ps, params), len(ps))
+    # drafts: the unspeculated sampled continuation, corrupted every second proposal, so runs of
+    # accepted tokens and rejections at every draft position both occur
+    eng = with_proposer(make_engine(loaded, NGRAM), oracle(ps, want, corrupt_every=2))
+    assert tokens(run(eng, ps, params), len(ps)) == want
+    st_ = eng.stats()
+    assert st_["spec_decode_num_drafts"] > 20
+    assert 0 < st_["spec_decode_num_accepted_tokens"] < st_["spec_decode_num_draft_tokens"]
+
+
+def test_unseeded_sampling_under_speculation_keeps_the_distribution(tiny):
+    """Without a seed: over 1000 samples of a three-token continuation, with the second token always
+    drafted as the same guess, the distribution of the first two tokens matches 1000 samples without
+    speculation (total variation < 0.15; two samples of one distribution on this support differ by
+    about 0.07; accepting every draft would put the guess's whole mass on one token, TV ~0.6)."""
+    torch.manual_seed(0)  # the unseeded draws come from torch's global generator: a repeatable test
+    prompt = random_ids(12, TINY_VOCAB, seed=7)
+    params = SamplingParams(temperature=2.0, top_k=4, max_tokens=3, ignore_eos=True)
+    n = 1000
+
+    def sample(spec, proposer=None):
+        eng = make_engine(tiny, spec, max_num_seqs=64)
+        if proposer is not None:
+            with_proposer(eng, proposer)
+        hist: dict[tuple[int, ...], float] = {}
+        for t in tokens(run(eng, [prompt] * n, params), n):
+            hist[tuple(t[:2])] = hist.get(tuple(t[:2]), 0) + 1 / n
+        return hist, eng.stats()
+
+    base, _ = sample(None)
+    seconds: dict[int, float] = {}
+    for (_, y2), p in base.items():
+        seconds[y2] = seconds.get(y2, 0) + p
+    guess = max(seconds, key=seconds.get)
+
+    class Guess:
+        k = 1
+
+        def propose(self, token_ids, k):
+            return [guess] if len(token_ids) - len(prompt) == 1 else []
+
+    spec_hist, st_ = sample(NGRAM, Guess())
+    assert st_["spec_decode_num_drafts"] == n
+    assert 0.03 * n < st_["spec_decode_num_accepted_tokens"] < 0.5 * n  # the guess is right about 1 time in 15
+    support = set(base) | set(spec_hist)
+    tv = 0.5 * sum(abs(base.get(x, 0) - spec_hist.get(x, 0)) for x in support)
+    assert tv < 0.15, (tv, len(support))
+    print(f"total variation {tv:.3f} over {len(support)} pairs")

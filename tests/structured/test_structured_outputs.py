@@ -65,7 +65,12 @@ def test_json_object_regex_choice_grammar(llm):
     specs = [S(json_object=True), S(regex=r"[0-9]{3}-[a-z]{2,4}"), S(choice=["red", "green", "blue"]),
              S(grammar=lark), S(grammar=gbnf), S(json='{"type": "array", "items": {"type": "integer", '
                                                      '"minimum": 0, "maximum": 9}, "maxItems": 3}')]
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, n=3, structured_outputs=spec)
+    # random weights put about equal mass on every token a JSON string allows, so a string would
+    # rarely end within max_tokens: a logit bias towards the closing characters makes objects short
+    tok = llm.get_tokenizer()
+    closers = {tok.encode(c, add_special_tokens=False)[0]: 6.0 for c in '"}'}
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, n=3, structured_outputs=spec,
+                             logit_bias=closers if s == 0 else None)
               for s, spec in enumerate(specs)]
     outs = llm.generate([f"p{i}" for i in range(len(specs))], params, use_tqdm=False)
     checks = [lambda t: isinstance(json.loads(t), dict), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t),
