@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policies", default=None, help="comma-separated policies to compare (default: --scheduling-policy)")
     sim.add_argument("--json", action="store_true", help="print one JSON line per policy")
 
+    from kvserve.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub, add_engine_args)
+
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
@@ -470,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval" and args.eval_command == "ppl":
             return _cmd_ppl(args)
+        if args.command == "bench":
+            return args.bench_func(args, engine_kwargs(args))
         return commands[args.command](args)
     except KVServeError as e:
         print(f"kvserve: error: {e}", file=sys.stderr)

@@ -14,20 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_helpers import SLOW_STEP, TinyServer
+from conftest import STATS_KEY as KEY
 
-KEY = "dash-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir):
-    s = TinyServer(tiny_dir, "--api-key", KEY, pre=SLOW_STEP)  # 20 ms steps: requests overlap in batches
-    s.headers = AUTH
-    yield s
-    s.stop()
+@pytest.fixture
+def server(stats_server):
+    return stats_server
 
 
 def _complete(url: str, prompt: list[int], max_tokens: int) -> dict:

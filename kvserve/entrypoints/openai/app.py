@@ -60,8 +60,8 @@ def default_api_key(flag: str | None) -> str | None:
 
 
 class Guard:
-    """The API key on every route but /health and /dashboard (and /metrics, /stats with --metrics-public); on /v1 also the declared
-    body size and readiness; all before anything reads the body.
+    """The API key on every route but /health and /dashboard (and /metrics, /stats with --metrics-public); on /v1
+    also the declared body size and readiness; all before anything reads the body.
 
     Plain ASGI, not `app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's disconnect
     from `request.is_disconnected()`, and a request whose client left must be aborted at once."""
