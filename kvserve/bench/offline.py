@@ -64,6 +64,31 @@ def _random_prompts(llm, n: int, length: int, seed: int) -> list[list[int]]:  # 
     return [[rng.randrange(lo, hi) for _ in range(length)] for _ in range(n)]
 
 
+class _StepCount:
+    """A step observer: engine steps and tokens computed while it is attached."""
+
+    def __init__(self, llm) -> None:  # noqa: ANN001 - an LLM
+        self.steps = self.tokens = 0
+        self.engine = llm.engine
+        self.engine.step_observers.append(self)
+
+    def __call__(self, so, dt: float) -> None:  # noqa: ANN001 - a SchedulerOutput
+        if so.scheduled:
+            self.steps += 1
+            self.tokens += so.total_num_tokens
+
+    def roofline(self, elapsed: float) -> tuple[str, dict]:
+        """Each step reads every weight once; each token computed costs 2 FLOP per weight."""
+        from kvserve import roofline
+
+        lm = self.engine.lm
+        bytes_s = lm.weight_bytes * self.steps / elapsed
+        flop_s = 2 * lm.num_params * self.tokens / elapsed
+        figures = {"steps": self.steps, "weight_bytes": lm.weight_bytes, "weight_gb_per_s": bytes_s / 1e9,
+                   "gflop_per_s": flop_s / 1e9}
+        return roofline.line(roofline.cached(self.engine.device), bytes_s, flop_s), figures
+
+
 def _write_json(path: str | None, figures: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(figures, indent=1))
@@ -93,9 +118,11 @@ def throughput(args: argparse.Namespace, engine_kwargs: dict) -> int:
             prompts = _random_prompts(llm, args.num_prompts, args.input_len or 1024, args.seed)
         params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
         llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+        count = _StepCount(llm)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
+        roof, roof_figures = count.roofline(elapsed)
     finally:
         llm.shutdown()
     n_in = sum(len(p) for p in prompts)
@@ -109,11 +136,13 @@ def throughput(args: argparse.Namespace, engine_kwargs: dict) -> int:
              if o.metrics.ttft is not None and o.metrics.e2e is not None and len(o.outputs[0].token_ids) > 1]
     figures.update(summarize_ms("ttft", ttfts))
     figures.update(summarize_ms("tpot", tpots))
+    figures.update(roof_figures)
     print(f"Throughput: {figures['requests_per_second']:.2f} requests/s, {figures['tokens_per_second']:.2f} "
           f"total tokens/s, {figures['output_tokens_per_second']:.2f} output tokens/s")
     print(f"Total num prompt tokens:  {n_in}")
     print(f"Total num output tokens:  {n_out}")
     print(f"Mean TTFT (ms): {figures['mean_ttft_ms']:.2f}  Mean TPOT (ms): {figures['mean_tpot_ms']:.2f}")
+    print(roof)
     _write_json(args.output_json, figures)
     if plot_dir is not None:
         for w in (plot.cdf(plot_dir / "ttft_cdf.png", {"TTFT": ttfts}, "TTFT (ms)", "Time to first token (offline)"),
@@ -143,15 +172,18 @@ def latency(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
         for _ in range(args.num_iters_warmup):
             once()
+        count = _StepCount(llm)
         latencies = [once() for _ in range(args.num_iters)]
+        roof, roof_figures = count.roofline(sum(latencies))
     finally:
         llm.shutdown()
     v = sorted(latencies)
     pct = {str(p): quantile(v, p / 100) for p in (10, 25, 50, 75, 90, 99)}
-    figures = {"avg_latency": sum(v) / len(v), "latencies": latencies, "percentiles": pct}
+    figures = {"avg_latency": sum(v) / len(v), "latencies": latencies, "percentiles": pct, **roof_figures}
     print(f"Avg latency: {figures['avg_latency']:.4f} seconds")
     for p, x in pct.items():
         print(f"{p}% percentile latency: {x:.4f} seconds")
+    print(roof)
     _write_json(args.output_json, figures)
     if plot_dir is not None:
         w = plot.cdf(plot_dir / "latency_cdf.png", {f"batch of {args.batch_size}": latencies}, "latency (ms)",

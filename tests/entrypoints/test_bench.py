@@ -154,7 +154,7 @@ def test_bench_throughput_and_latency_offline(tiny_dir, tmp_path, capsys):
     assert main(["bench", "throughput", *common, "--input-len", "12", "--output-len", "4", "--num-prompts", "6",
                  "--output-json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
-    assert "Throughput:" in out and "requests/s" in out and "output tokens/s" in out
+    assert "Throughput:" in out and "requests/s" in out and "output tokens/s" in out and "GB/s of weights" in out
     t = json.loads((tmp_path / "t.json").read_text())
     assert t["num_requests"] == 6 and t["total_input_tokens"] == 72 and t["total_output_tokens"] == 24
     assert t["requests_per_second"] > 0 and t["tokens_per_second"] > t["output_tokens_per_second"] > 0
@@ -162,7 +162,7 @@ def test_bench_throughput_and_latency_offline(tiny_dir, tmp_path, capsys):
     assert main(["bench", "latency", *common, "--input-len", "8", "--output-len", "4", "--batch-size", "2",
                  "--num-iters-warmup", "1", "--num-iters", "3", "--output-json", str(tmp_path / "l.json")]) == 0
     out = capsys.readouterr().out
-    assert "Avg latency:" in out and "99% percentile latency:" in out
+    assert "Avg latency:" in out and "99% percentile latency:" in out and "roofline: " in out
     lat = json.loads((tmp_path / "l.json").read_text())
     assert len(lat["latencies"]) == 3 and all(x > 0 for x in lat["latencies"])
     assert lat["percentiles"]["10"] <= lat["percentiles"]["50"] <= lat["percentiles"]["99"]
