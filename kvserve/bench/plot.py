@@ -33,8 +33,8 @@ def cdf(path: Path, series: dict[str, list[float]], xlabel: str, title: str) -> 
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1 or next(iter(series)):
-        ax.legend()
+    if any(series):  # named series (a sweep): a legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -62,6 +62,34 @@ def kv_timeline(path: Path, steps: list[dict], t0: float, title: str) -> Path | 
               frameon=False)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sweep(path: Path, runs: list[dict]) -> Path:
+    """Output throughput and median / p99 end-to-end latency against --max-concurrency."""
+    plt = _plt()
+    conc = [r["max_concurrency"] for r in runs]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    a1.plot(conc, [r["output_throughput"] for r in runs], marker="o")
+    a1.set_xlabel("max concurrency")
+    a1.set_ylabel("output tokens / s")
+    a1.set_title("Throughput")
+    a2.plot(conc, [r["median_e2el_ms"] for r in runs], marker="o", label="median e2e")
+    p99 = next((k for k in runs[0] if k.startswith("p") and k.endswith("_e2el_ms")), None)
+    if p99:
+        a2.plot(conc, [r[p99] for r in runs], marker="o", label=p99.split("_")[0] + " e2e")
+    a2.plot(conc, [r["median_ttft_ms"] for r in runs], marker="o", label="median TTFT")
+    a2.set_xlabel("max concurrency")
+    a2.set_ylabel("ms")
+    a2.set_title("Latency")
+    a2.legend(fontsize=8)
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(conc, [str(c) for c in conc])
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -74,7 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--request-rate", default="inf", help="requests per second (Poisson arrivals), or inf")
-    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--max-concurrency", default=None,
+                   help="at most this many requests in flight; a list (1,2,4,8) runs a sweep, one run per value")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM's field): every output is full")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
@@ -107,6 +108,19 @@ def _rate(text: str) -> float:
     if not rate > 0:
         raise InvalidRequestError(f"--request-rate must be > 0, got {text!r}")
     return rate
+
+
+def _concurrencies(text: str | None) -> list[int | None]:
+    """--max-concurrency: None (unlimited), one value, or a comma-separated sweep."""
+    if text is None:
+        return [None]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"--max-concurrency takes a number or a list such as 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidRequestError(f"--max-concurrency must be >= 1, got {text!r}")
+    return list(values)
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
@@ -311,10 +325,9 @@ async def poll_stats(client: Any, base_url: str, stop: asyncio.Event, out: dict)
             pass
 
 
-async def run(args: argparse.Namespace, base_url: str, model: str | None, reqs: list[BenchRequest],
-              headers: dict, rate: float, chat: bool) -> tuple[list[RequestResult], float, float, dict]:
+async def run(args: argparse.Namespace, base_url: str, model: str | None, reqs: list[BenchRequest], headers: dict,
+              rate: float, chat: bool, conc: int | None) -> tuple[list[RequestResult], float, float, dict]:
     httpx = _httpx()
-    conc = args.max_concurrency
     limits = httpx.Limits(max_connections=max(conc or len(reqs), 1) + 4, max_keepalive_connections=64)
     url = base_url + args.endpoint
     rng = random.Random(args.seed + 1)
@@ -380,10 +393,9 @@ def main(args: argparse.Namespace, engine_kwargs: dict | None = None) -> int:
     rate = _rate(args.request_rate)
     percentiles = _percentiles(args.metric_percentiles)
     slos = parse_goodput(args.goodput)
+    sweep = _concurrencies(args.max_concurrency)
     if args.num_prompts < 1:
         raise InvalidRequestError("--num-prompts must be >= 1")
-    if args.max_concurrency is not None and args.max_concurrency < 1:
-        raise InvalidRequestError("--max-concurrency must be >= 1")
     if not args.endpoint.startswith("/"):
         raise InvalidRequestError(f"--endpoint is a path such as /v1/completions, got {args.endpoint!r}")
     chat = "chat" in args.endpoint
@@ -404,17 +416,36 @@ def main(args: argparse.Namespace, engine_kwargs: dict | None = None) -> int:
             pass
         tokens = Tokens(client, base_url, model, args.tokenizer)
         reqs = build_requests(args, tokens, chat)
-    results, duration, t_wall, stats = asyncio.run(run(args, base_url, model, reqs, headers, rate, chat))
-    res = summarize(results, duration, slos, percentiles)
-    res.update({"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "base_url": base_url, "endpoint": args.endpoint,
-                "model_id": model, "num_prompts": args.num_prompts, "request_rate": rate,
-                "max_concurrency": args.max_concurrency, "stats_endpoint": bool(stats["available"]),
-                "kv_timeline": [{"time": s["time"] - t_wall, "kv_cache_usage_perc": s["kv_cache_usage_perc"],
-                                 "running": s["running"], "waiting": s["waiting"]} for s in stats["steps"]]})
+    runs = []
+    for conc in sweep:
+        results, duration, t_wall, stats = asyncio.run(run(args, base_url, model, reqs, headers, rate, chat, conc))
+        res = summarize(results, duration, slos, percentiles)
+        res.update({"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "base_url": base_url,
+                    "endpoint": args.endpoint, "model_id": model, "num_prompts": args.num_prompts,
+                    "request_rate": rate, "max_concurrency": conc, "stats_endpoint": bool(stats["available"]),
+                    "kv_timeline": [{"time": s["time"] - t_wall, "kv_cache_usage_perc": s["kv_cache_usage_perc"],
+                                     "running": s["running"], "waiting": s["waiting"]} for s in stats["steps"]]})
+        _report(res, rate, slos, percentiles)
+        runs.append((res, stats, t_wall))
+    if plot_dir is not None:
+        _plots(plot_dir, runs, args.num_prompts)
+    if args.save_result:
+        res = runs[-1][0] if len(runs) == 1 else {"sweep": [r for r, _, _ in runs], "date": runs[0][0]["date"]}
+        qps = "inf" if rate == float("inf") else f"{rate:g}"
+        name = args.result_filename or f"kvserve-{qps}qps-{(model or 'model').replace('/', '_')}-{res['date']}.json"
+        d = Path(args.result_dir or ".")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(json.dumps(res, indent=1))
+        print(f"result: {d / name}")
+    return 0 if all(r["completed"] for r, _, _ in runs) else 1
+
+
+def _report(res: dict, rate: float, slos: dict, percentiles: tuple[float, ...]) -> None:
+    conc = res["max_concurrency"]
     rows = [("Successful requests", res["completed"]), ("Failed requests", res["failed"]),
-            ("Maximum request concurrency", args.max_concurrency or "unlimited"),
+            ("Maximum request concurrency", conc or "unlimited"),
             ("Request rate (req/s)", "inf" if rate == float("inf") else rate),
-            ("Benchmark duration (s)", duration), ("Total input tokens", res["total_input_tokens"]),
+            ("Benchmark duration (s)", res["duration"]), ("Total input tokens", res["total_input_tokens"]),
             ("Total generated tokens", res["total_output_tokens"]),
             ("Request throughput (req/s)", res["request_throughput"])]
     if slos:
@@ -429,22 +460,26 @@ def main(args: argparse.Namespace, engine_kwargs: dict | None = None) -> int:
     if not res["input_lens_known"]:
         print("note: the server reported no prompt_tokens for some requests and no tokenizer was available; "
               "total input tokens counts only the known ones")
-    if plot_dir is not None:
-        written = [plot.cdf(plot_dir / "ttft_cdf.png", {"TTFT": res["ttfts"]}, "TTFT (ms)", "Time to first token"),
-                   plot.cdf(plot_dir / "tpot_cdf.png", {"TPOT": res["tpots"]}, "TPOT (ms)", "Time per output token")]
-        if stats["available"]:
-            written.append(plot.kv_timeline(plot_dir / "kv_usage.png", stats["steps"], t_wall,
-                                            f"KV cache during the run ({args.num_prompts} requests)"))
-        else:
-            print("plot: the server has no /stats endpoint; no KV-usage timeline")
-        for w in written:
-            if w is not None:
-                print(f"plot: {w}")
-    if args.save_result:
-        qps = "inf" if rate == float("inf") else f"{rate:g}"
-        name = args.result_filename or f"kvserve-{qps}qps-{(model or 'model').replace('/', '_')}-{res['date']}.json"
-        d = Path(args.result_dir or ".")
-        d.mkdir(parents=True, exist_ok=True)
-        (d / name).write_text(json.dumps(res, indent=1))
-        print(f"result: {d / name}")
-    return 0 if res["completed"] else 1
+
+
+def _plots(plot_dir: Path, runs: list[tuple[dict, dict, float]], num_prompts: int) -> None:
+    """CDFs (one curve per run of a sweep), throughput and latency vs concurrency for a sweep, and the KV
+    timeline of the last run (the highest concurrency of a sweep) when the server has /stats."""
+    def label(res: dict) -> str:
+        return f"max concurrency {res['max_concurrency'] or 'unlimited'}" if len(runs) > 1 else ""
+
+    written = [plot.cdf(plot_dir / "ttft_cdf.png", {label(r): r["ttfts"] for r, _, _ in runs}, "TTFT (ms)",
+                        "Time to first token"),
+               plot.cdf(plot_dir / "tpot_cdf.png", {label(r): r["tpots"] for r, _, _ in runs}, "TPOT (ms)",
+                        "Time per output token")]
+    if len(runs) > 1:
+        written.append(plot.sweep(plot_dir / "sweep.png", [r for r, _, _ in runs]))
+    res, stats, t_wall = runs[-1]
+    if stats["available"]:
+        written.append(plot.kv_timeline(plot_dir / "kv_usage.png", stats["steps"], t_wall,
+                                        f"KV cache during the run ({num_prompts} requests)"))
+    else:
+        print("plot: the server has no /stats endpoint; no KV-usage timeline")
+    for w in written:
+        if w is not None:
+            print(f"plot: {w}")

@@ -32,7 +32,7 @@ def _stub_app():
 
         async def events():
             for piece in STUB_CHUNKS:
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.004)
                 choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             yield "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}) + "\n\n"
@@ -120,6 +120,20 @@ def test_bench_serve_chat_against_the_stub(stub, tmp_path, capsys):
     assert res["request_goodput"] == 0  # nobody answers within 0.1 microseconds
 
 
+def test_a_concurrency_sweep(stub, tmp_path, capsys):
+    """--max-concurrency 1,4: one run (and one result table) per value, and the sweep plot."""
+    url, seen = stub
+    seen.clear()
+    res, out = _bench(tmp_path, capsys, "--base-url", url, "--num-prompts", "8", "--random-input-len", "4",
+                      "--random-output-len", "5", "--max-concurrency", "1,4", "--plot", str(tmp_path / "plots"))
+    assert [r["max_concurrency"] for r in res["sweep"]] == [1, 4] and len(seen) == 16
+    for r in res["sweep"]:
+        _sane(r, 8)
+    assert out.count("Serving Benchmark Result") == 2
+    assert res["sweep"][1]["request_throughput"] > res["sweep"][0]["request_throughput"]  # 4 streams at once
+    _pngs(tmp_path / "plots", ["ttft_cdf.png", "tpot_cdf.png", "sweep.png"])
+
+
 @pytest.mark.slow
 def test_bench_serve_against_kvserve(kvserve_server, tmp_path, capsys, monkeypatch):
     """Exact prompt lengths (random ids from the server's /tokenize), the counts /metrics has, and the KV
@@ -174,6 +188,8 @@ def test_bench_throughput_and_latency_offline(tiny_dir, tmp_path, capsys):
     (["serve", "--goodput", "ttft"], "--goodput takes NAME:MILLISECONDS"),
     (["serve", "--goodput", "ttft:-3"], "must be > 0 ms"),
     (["serve", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+    (["serve", "--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+    (["serve", "--max-concurrency", "1,two"], "--max-concurrency takes a number or a list"),
     (["serve", "--metric-percentiles", "101"], "--metric-percentiles must lie in (0, 100]"),
     (["serve", "--endpoint", "v1/completions"], "--endpoint is a path"),
     (["serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"], "cannot reach http://127.0.0.1:9"),

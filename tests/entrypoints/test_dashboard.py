@@ -45,6 +45,7 @@ def _metric(st: dict, name: str) -> float:
     return sum(v for k, v in st.items() if k == name or k.startswith(name + "{"))
 
 
+@pytest.mark.slow  # it may start the shared live server (stats_server)
 def test_stats_agree_with_metrics(server):
     """After a batch of requests, /stats has /metrics' exact counts and gauges, and its step records add up
     to the tokens the requests computed (distinct prompts: no prefix-cache hits)."""
