@@ -169,9 +169,18 @@ def test_dashboard_in_chromium(server, tmp_path):
         tiles = driver.execute_script(  # in one go: each poll redraws the tiles
             "return Object.fromEntries([...document.querySelectorAll('.tile .v')]"
             ".map(e => [e.id, Number(e.dataset.value)]))")
+        # data-parallel records (one ring, each replica's own steps): the charts sum the replicas' latest state
+        def rec(replica, running, waiting, kv):
+            return {"replica": replica, "time": 1.0, "running": running, "waiting": waiting,
+                    "kv_cache_usage_perc": kv, "prefix_cache_hit_rate": 0.5}
+
+        dp = driver.execute_script("return combined(arguments[0])",
+                                   [rec(0, 2, 1, 0.2), rec(1, 3, 0, 0.4), rec(0, 1, 0, 0.1)])
     finally:
         stop.set()
         driver.quit()
+    assert [(r["running"], r["waiting"]) for r in dp] == [(2, 1), (5, 1), (4, 0)]
+    assert [r["kv_cache_usage_perc"] for r in dp] == pytest.approx([0.2, 0.3, 0.25])
     errors = [e for e in logs if e["level"] in ("SEVERE", "ERROR")]
     assert not errors, json.dumps(errors, indent=1)
     assert d["errors"] == 0 and d["polls"] >= 3

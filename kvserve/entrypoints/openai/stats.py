@@ -130,6 +130,9 @@ _NUM = {"type": "number"}
 _OPT_NUM = {"type": ["number", "null"]}
 _PCT = {"type": "object", "required": ["count", "mean", *(f"p{p}" for p in PERCENTILES)],
         "properties": {"count": {"type": "integer"}, "mean": _OPT_NUM, **{f"p{p}": _OPT_NUM for p in PERCENTILES}}}
+# per step: tokens computed (prefill: prompt chunks and recomputes; decode: last tokens and verified drafts),
+# requests in the batch, then the state after the step (running / waiting, KV usage); preempted this step,
+# preemptions, prefix-cache hit rate and speculative acceptance since start; replica: data-parallel index
 STEP_FIELDS = ("seq", "time", "replica", "step_seconds", "prefill_tokens", "decode_tokens", "batch_size", "running",
                "waiting", "preempted", "num_preemptions", "kv_cache_usage_perc", "prefix_cache_hit_rate",
                "structured_requests", "spec_decode_acceptance_rate")
