@@ -157,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policies", default=None, help="comma-separated policies to compare (default: --scheduling-policy)")
     sim.add_argument("--json", action="store_true", help="print one JSON line per policy")
 
+    from kvserve.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub, add_engine_args)
+
+    rf = sub.add_parser("roofline",
+                        help="measure this machine's read bandwidth and GEMM peak once (cached), print them")
+    rf.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    rf.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: torch's)")
+    rf.add_argument("--remeasure", action="store_true", help="measure again even if this machine's peaks are cached")
+    rf.add_argument("--read-size", default=None, help="bytes the bandwidth test reads (default 1GiB on CPU, 2GiB GPU)")
+    rf.add_argument("--gemm-n", type=int, default=None, help="GEMM size n (n x n x n; default 2048 CPU, 8192 GPU)")
+    rf.add_argument("--model", default=None, help="also print the batch-1 decode ceiling for this model's weights")
+    rf.add_argument("--json", action="store_true", help="print one JSON line")
+
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="perplexity, computed as llama.cpp's llama-perplexity does")
@@ -462,6 +476,60 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_roofline(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from kvserve import roofline
+    from kvserve.config import parse_bytes
+
+    here = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    name = args.device or here[-1]
+    if name.split(":")[0] not in here:
+        raise InvalidRequestError(f"--device {name}: not available here ({', '.join(here)})")
+    device = torch.device(name)
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise InvalidRequestError(f"--num-threads must be >= 1, got {args.num_threads}")
+        torch.set_num_threads(args.num_threads)
+    try:
+        nbytes = parse_bytes(args.read_size) if args.read_size is not None else None
+    except (ValueError, TypeError):
+        raise InvalidRequestError(f"--read-size takes a size such as 1GiB or 512MiB, got {args.read_size!r}") from None
+    if (nbytes is not None and nbytes < 4096) or (args.gemm_n is not None and args.gemm_n < 8):
+        raise InvalidRequestError("--read-size must be >= 4KiB and --gemm-n >= 8")
+    weights = None
+    if args.model:
+        p = Path(args.model).expanduser()
+        if not p.exists():
+            raise InvalidRequestError(f"--model {args.model}: no such file or directory")
+        files = [p] if p.is_file() else [*p.glob("*.safetensors"), *p.glob("*.gguf"), *p.glob("*.bin")]
+        weights = sum(f.stat().st_size for f in files)
+        if not weights:
+            raise InvalidRequestError(f"--model {args.model}: no weight files (.safetensors, .gguf, .bin) in it")
+    peaks, hit = roofline.get(device, args.remeasure, nbytes, args.gemm_n)
+    if args.json:
+        out = {**dataclasses.asdict(peaks), "ridge_flop_per_byte": peaks.ridge_flop_per_byte, "cached": hit,
+               "cache": str(roofline.cache_path())}
+        if weights:
+            out["weight_bytes"] = weights
+            out["decode_batch1_ceiling_tok_s"] = peaks.read_bandwidth_gb_s * 1e9 / weights
+        print(json.dumps(out))
+        return 0
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(peaks.measured_at))
+    print(f"roofline of {peaks.device} ({peaks.threads or 'GPU'} threads), measured {when}"
+          f"{' (cached' if hit else ' (now, cached'} in {roofline.cache_path()}; --remeasure to redo)")
+    print(f"  read bandwidth  {peaks.read_bandwidth_gb_s:10.1f} GB/s")
+    print(f"  GEMM peak       {peaks.gemm_gflop_s:10.1f} GFLOP/s ({peaks.gemm_shape})")
+    print(f"  ridge point     {peaks.ridge_flop_per_byte:10.1f} FLOP/byte: a step below it is memory-IO bound "
+          "(decode at small batch), above it compute bound")
+    if weights:
+        print(f"  {args.model}: {weights / 1e6:.0f} MB of weights: batch-1 decode reads them all each token, "
+              f"so at most {peaks.read_bandwidth_gb_s * 1e9 / weights:.1f} tok/s here")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -470,6 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "eval" and args.eval_command == "ppl":
             return _cmd_ppl(args)
+        if args.command == "roofline":
+            return _cmd_roofline(args)
+        if args.command == "bench":
+            return args.bench_func(args, engine_kwargs(args))
         return commands[args.command](args)
     except KVServeError as e:
         print(f"kvserve: error: {e}", file=sys.stderr)

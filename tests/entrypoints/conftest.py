@@ -39,3 +39,18 @@ def oai(http):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return make_tiny_hf(tmp_path_factory.mktemp("tiny-serve"), "llama")
+
+
+STATS_KEY = "dash-key"
+
+
+@pytest.fixture(scope="session")
+def stats_server(tiny_dir):
+    """A live server shared by the dashboard and bench tests (one start instead of two): an API key, and
+    20 ms engine steps so that concurrent requests overlap in batches."""
+    from serve_helpers import SLOW_STEP, TinyServer
+
+    s = TinyServer(tiny_dir, "--api-key", STATS_KEY, pre=SLOW_STEP)
+    s.headers = {"authorization": f"Bearer {STATS_KEY}"}
+    yield s
+    s.stop()

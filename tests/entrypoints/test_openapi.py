@@ -24,7 +24,8 @@ def server(tiny_dir):
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize",
-                                  "/detokenize", "/v1/models/{model_id}", "/v1/models", "/health", "/metrics", "/version"])
+                                  "/detokenize", "/v1/models/{model_id}", "/v1/models", "/health", "/metrics", "/version",
+                                  "/stats", "/dashboard"])
 def test_every_response_is_documented(server, path):
     """Requests generated from the schema (valid and not): each answer a documented status, content
     type and body, and never a 5xx."""
@@ -61,6 +62,11 @@ def test_documented_statuses_and_types(server):
     assert set(doc["paths"]["/health"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     assert "401" not in doc["paths"]["/health"]["get"]["responses"]
+    assert "401" not in doc["paths"]["/dashboard"]["get"]["responses"]
+    assert set(doc["paths"]["/dashboard"]["get"]["responses"]["200"]["content"]) == {"text/html"}
+    stats = doc["paths"]["/stats"]["get"]["responses"]
+    assert {"200", "400", "401"} <= set(stats)
+    assert stats["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/StatsResponse"}
     assert httpx.get(f"{server.url}/health").headers["content-type"].startswith("text/plain")
     bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": [1], "max_tokens": -1})
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}

@@ -25,7 +25,7 @@ def server(tiny_dir):
     s.stop()
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/version", "/openapi.json", "/docs", "/v1/models", "/nope"])
+@pytest.mark.parametrize("path", ["/metrics", "/stats", "/version", "/openapi.json", "/docs", "/v1/models", "/nope"])
 def test_key_required_everywhere_but_health(server, path):
     assert httpx.get(f"{server.url}/health").status_code == 200
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Bearer s3cret-and-more"},
@@ -76,6 +76,7 @@ def test_metrics_public(tiny_dir):
     s = TinyServer(tiny_dir, "--api-key", "s3cret", "--metrics-public")
     try:
         assert httpx.get(f"{s.url}/metrics").status_code == 200
+        assert httpx.get(f"{s.url}/stats").status_code == 200  # the same rule as /metrics
         assert httpx.get(f"{s.url}/version").status_code == 401
     finally:
         rc, out = s.stop()

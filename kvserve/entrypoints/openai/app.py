@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvserve import __version__
 from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.entrypoints.openai import (openapi, serving_chat, serving_completion, serving_models, serving_responses,
-                                        serving_tokenization)
+                                        serving_stats, serving_tokenization)
 from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
 from kvserve.entrypoints.openai.generation import ClientDisconnected
 from kvserve.entrypoints.openai.limits import MAX_BODY_BYTES, BodyGuard
@@ -36,6 +36,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                                            metrics=metrics or Metrics(), tokenizer=engine.tokenizer,
                                            max_model_len=engine.max_model_len, api_key=api_key,
                                            metrics_public=metrics_public)
+    for i, replica in enumerate(getattr(engine, "replicas", [engine])):  # one engine, or data-parallel replicas
+        app.state.serving.steps.attach(replica.engine, i)
     app.add_middleware(BodyGuard)  # inner: runs after Guard (no body is read for a request without the key)
     app.add_middleware(Guard)
     if log_requests:  # outermost (plain ASGI, as the guards): it sees the guards' refusals too
@@ -46,7 +48,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     app.add_exception_handler(KVServeError, _kv)
     app.add_exception_handler(ClientDisconnected, _gone)
     app.add_exception_handler(Exception, _internal)
-    for module in (serving_models, serving_chat, serving_completion, serving_responses, serving_tokenization):
+    for module in (serving_models, serving_chat, serving_completion, serving_responses, serving_tokenization,
+                   serving_stats):
         app.include_router(module.router)
     openapi.install(app)
     return app
@@ -57,8 +60,8 @@ def default_api_key(flag: str | None) -> str | None:
 
 
 class Guard:
-    """The API key on every route but /health (and /metrics with --metrics-public); on /v1 also the declared
-    body size and readiness; all before anything reads the body.
+    """The API key on every route but /health and /dashboard (and /metrics, /stats with --metrics-public); on /v1
+    also the declared body size and readiness; all before anything reads the body.
 
     Plain ASGI, not `app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's disconnect
     from `request.is_disconnected()`, and a request whose client left must be aborted at once."""
@@ -80,7 +83,8 @@ def _refusal(scope: Scope) -> Response | None:
     st: OpenAIServingState = app.state.serving
     headers = Headers(scope=scope)
     path = scope["path"]
-    public = path == "/health" or (path == "/metrics" and st.metrics_public)
+    # /dashboard is a static page with no data in it: it asks for the key and sends it to /stats itself
+    public = path in ("/health", "/dashboard") or (path in ("/metrics", "/stats") and st.metrics_public)
     if st.api_key is not None and not public:
         auth = headers.get("authorization", "")
         if not secrets.compare_digest(auth.encode(), f"Bearer {st.api_key}".encode()):

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter as Tally
+from collections import deque
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvserve.engine.outputs import RequestOutput
 
+RECENT_REQUESTS = 1000  # finished requests whose latencies /stats summarises
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # plain totals and the latencies of the last requests, for /stats (the counters below hold the same sums)
+        self.started = time.time()
+        self.num_finished = self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.finished_by_reason: Tally[str] = Tally()
+        self.recent: deque[dict] = deque(maxlen=RECENT_REQUESTS)
         r = self.registry
         self.running = Gauge("kvserve:num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("kvserve:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
@@ -96,14 +106,21 @@ class Metrics:
         n_out = sum(len(c.token_ids) for c in out.outputs)
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(n_out)
+        self.num_prompt_tokens += len(out.prompt_token_ids)
+        self.num_generation_tokens += n_out
         for c in out.outputs:
             self.requests.labels(finished_reason=c.finish_reason or "unknown").inc()
+            self.num_finished += 1
+            self.finished_by_reason[c.finish_reason or "unknown"] += 1
+        tpot = None
         if m.ttft is not None:
             self.ttft.observe(m.ttft)
         if m.e2e is not None:
             self.e2e.observe(m.e2e)
             if m.ttft is not None and n_out > 1:
-                self.itl.observe((m.e2e - m.ttft) / (n_out - 1))
+                tpot = (m.e2e - m.ttft) / (n_out - 1)
+                self.itl.observe(tpot)
+        self.recent.append({"ttft": m.ttft, "tpot": tpot, "e2e": m.e2e})
         if m.first_scheduled_time is not None:
             self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
 

@@ -2,8 +2,8 @@
 
 FastAPI documents a 422 for every route with a body and `application/json` for every 200. kvserve
 answers validation errors with 400 in OpenAI's error envelope, refuses with 401/404/408/413/429/503
-in the same envelope, serves /health and /metrics as text/plain, and streams generation routes as
-server-sent events: the document is patched after generation to list exactly those.
+in the same envelope, serves /health and /metrics as text/plain and /dashboard as text/html, and streams
+generation routes as server-sent events: the document is patched after generation to list exactly those.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+
+from kvserve.entrypoints.openai import stats
 
 ERROR_SCHEMA = {
     "title": "ErrorResponse",
@@ -32,7 +34,7 @@ _WHY = {400: "invalid request (validation, limits, an unknown model or field val
 _SSE_EVENT = {"type": "object", "required": ["data"],
               "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-PUBLIC = ("/health",)  # no API key
+PUBLIC = ("/health", "/dashboard")  # no API key
 
 
 def _error(status: int) -> dict:
@@ -44,6 +46,8 @@ def statuses(path: str, method: str, has_body: bool) -> list[int]:
     out = [] if path in PUBLIC else [401]
     if has_body:  # every body names a `model`: an unknown one is a 404 (OpenAI's model_not_found)
         out += [400, 404, 413]
+    if path == "/stats":  # a bad `since`
+        out.append(400)
     if path.startswith("/v1/models/"):
         out.append(404)
     if path in GENERATION:
@@ -55,6 +59,7 @@ def statuses(path: str, method: str, has_body: bool) -> list[int]:
 
 def patch(schema: dict[str, Any]) -> dict[str, Any]:
     schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = ERROR_SCHEMA
+    schema["components"]["schemas"]["StatsResponse"] = stats.SCHEMA
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body: never sent
         schema["components"]["schemas"].pop(name, None)
     for path, ops in schema.get("paths", {}).items():
@@ -69,6 +74,10 @@ def patch(schema: dict[str, Any]) -> dict[str, Any]:
             elif path == "/metrics":
                 ok["content"] = {"text/plain": {"schema": {"type": "string"},
                                                 "example": "kvserve:num_requests_running 0.0\n"}}
+            elif path == "/stats":
+                ok["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/StatsResponse"}}}
+            elif path == "/dashboard":
+                ok["content"] = {"text/html": {"schema": {"type": "string"}}}
             elif path in GENERATION:
                 ok["description"] = "The completion, or with `stream: true` its chunks as server-sent events"
                 ok["content"] = {"application/json": {"schema": {"type": "object"}},

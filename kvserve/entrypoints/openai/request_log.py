@@ -14,7 +14,7 @@ from fastapi import Request
 from kvserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger("kvserve.requests")
-QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled by probes and scrapers: not logged
+QUIET_PATHS = frozenset({"/health", "/metrics", "/stats", "/dashboard"})  # polled by probes and scrapers: not logged
 _SCOPE_KEY = "kvserve.request_record"
 _serial = count(1)
 

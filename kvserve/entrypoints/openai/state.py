@@ -10,6 +10,7 @@ from fastapi import Request
 
 from kvserve.entrypoints.openai.errors import APIError
 from kvserve.entrypoints.openai.metrics import Metrics
+from kvserve.entrypoints.openai.stats import StepHistory
 from kvserve.loader.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -25,7 +26,8 @@ class OpenAIServingState:
     tokenizer: Tokenizer
     max_model_len: int
     api_key: str | None = field(default=None, repr=False)
-    metrics_public: bool = False  # /metrics without the API key
+    metrics_public: bool = False  # /metrics and /stats without the API key
+    steps: StepHistory = field(default_factory=StepHistory)  # recent engine steps, for /stats
     _ids_issued: int = field(default=0, init=False, repr=False)
 
     def new_id(self, prefix: str) -> str:
