@@ -62,13 +62,18 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
             const float *qb = q + b * H * D;
             float *pm = part + task * H * (D + 2), *pl = pm + H, *po = pl + H;
             prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
-            prefetch_bytes((const char *)v_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
             /* pass 1: scores[h * n + t] = scale * q_h . k_t */
             for (int64_t t = 0; t < n; t += bs) {
                 const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
-                if (t + bs < n) prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
+                /* while a block's K rows are used: the next block's K rows and this block's V rows, a
+                 * few lines per token rather than a block at once (a burst fills the miss buffers and
+                 * stalls the core), so pass 2 finds V in cache */
+                const char *nk = t + bs < n ? (const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb : NULL;
+                const char *cv = (const char *)v_cache + slot0 * rowb;
                 int64_t o = 0;
-                for (; o + 4 <= m; o += 4) /* four tokens at a time: one reduction network for four dots */
+                for (; o + 4 <= m; o += 4) { /* four tokens at a time: one reduction network for four dots */
+                    if (nk) prefetch_bytes(nk + o * rowb, 4 * rowb);
+                    prefetch_bytes(cv + o * rowb, 4 * rowb);
                     for (int64_t kvh = 0; kvh < Hkv; kvh++) {
                         const int64_t row = (slot0 + o) * Hkv + kvh;
                         for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
@@ -84,7 +89,10 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                                 scores[h * n + t + o + r] = dots[r] * ((dtype == 2 ? k_scale[row + r * Hkv] : 1.0f) * scale);
                         }
                     }
+                }
                 for (; o < m; o++) {
+                    if (nk) prefetch_bytes(nk + o * rowb, rowb);
+                    prefetch_bytes(cv + o * rowb, rowb);
                     for (int64_t kvh = 0; kvh < Hkv; kvh++) {
                         const int64_t row = (slot0 + o) * Hkv + kvh;
                         const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;
@@ -119,7 +127,6 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
             for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
             for (int64_t t = 0; t < n; t += bs) {
                 const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
-                if (t + bs < n) prefetch_bytes((const char *)v_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb, bs * rowb);
                 for (int64_t kvh = 0; kvh < Hkv; kvh++)
                     for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += hstep) {
                         const int64_t hc = (kvh + 1) * group - h0 < hstep ? (kvh + 1) * group - h0 : hstep;
