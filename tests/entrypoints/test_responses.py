@@ -53,8 +53,9 @@ def test_stream_events(oai):
 
 
 @pytest.mark.parametrize("kw, needle", [
-    (dict(input=[{"type": "function_call", "name": "f", "arguments": "{}", "call_id": "c"}]), "function_call"),
-    (dict(input="hi", tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
+    (dict(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]), "call_id"),
+    (dict(input="hi", tools=[{"type": "web_search"}]), "tools"),
+    (dict(input="hi", tool_choice="required"), "needs tools"),
     (dict(input="hi", previous_response_id="resp_1"), "previous_response_id"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]), "input_image"),
     (dict(input="hi", text={"format": {"type": "json_object"}}), "json_object"),

@@ -218,3 +218,83 @@ def test_conversation_with_a_tools_template():
     assert extra == {"tools": TOOLS} and [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
     assert msgs[2]["tool_calls"][0]["function"]["arguments"] == {"a": 2, "b": 3}  # objects, as HF templates expect
     assert msgs[3]["tool_call_id"] == "c1"
+
+
+# -- /v1/responses: the same tools, flat as that API writes them -------------------------------------------
+
+RESP_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+QUESTION = MSG[0]["content"]
+
+
+def _resp_calls(r):
+    calls = [o for o in r.output if o.type == "function_call"]
+    for c in calls:
+        assert c.id.startswith("fc") and c.call_id.startswith("call_") and c.status == "completed"
+        jsonschema.validate(json.loads(c.arguments), SCHEMAS[c.name])
+    return calls
+
+
+def test_responses_required_and_named_calls_equal_chat(oai):
+    """The same prompt, grammar and draws as chat completions: with a seed, the same calls."""
+    for seed in range(2):
+        r = oai.responses.create(model="tiny", input=QUESTION, tools=RESP_TOOLS, tool_choice="required",
+                                 max_output_tokens=200, temperature=1.0, extra_body={"seed": seed})
+        chat = oai.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required",
+                                           max_tokens=200, temperature=1.0, seed=seed).choices[0].message.tool_calls
+        calls = _resp_calls(r)
+        assert r.status == "completed" and calls and all(o.type == "function_call" for o in r.output)
+        assert [(c.name, c.arguments) for c in calls] == [(c.function.name, c.function.arguments) for c in chat]
+        assert r.tool_choice == "required" and [t.name for t in r.tools] == ["get_weather", "add"]
+    r = oai.responses.create(model="tiny", input=QUESTION, tools=RESP_TOOLS, max_output_tokens=200,
+                             tool_choice={"type": "function", "name": "add"}, temperature=1.0, extra_body={"seed": 5})
+    (call,) = _resp_calls(r)
+    assert call.name == "add" and len(r.output) == 1
+
+
+def test_responses_streamed_calls_equal_whole(oai):
+    kw = dict(model="tiny", input=QUESTION, tools=RESP_TOOLS, tool_choice="required", max_output_tokens=200,
+              temperature=1.0, extra_body={"seed": 1})
+    whole = oai.responses.create(**kw)
+    events = list(oai.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    n = len(whole.output)
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert kinds[2:-1] == ["response.output_item.added", "response.function_call_arguments.delta",
+                           "response.function_call_arguments.done", "response.output_item.done"] * n
+    final = events[-1].response
+    assert [(o.name, o.arguments) for o in final.output] == [(o.name, o.arguments) for o in whole.output]
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(o.name, o.arguments, o.call_id) for o in done] == [(o.name, o.arguments, o.call_id) for o in final.output]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_call_items_render_as_chat_tool_messages(oai):
+    """A function_call item and its function_call_output give the prompt chat's tool messages give:
+    the same seed then answers the same text."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    chat = oai.chat.completions.create(model="tiny", tools=TOOLS, tool_choice="none", max_tokens=12, temperature=1.0,
+                                       seed=3, messages=[*MSG, {"role": "assistant", "content": None,
+                                                                "tool_calls": [call]},
+                                                         {"role": "tool", "tool_call_id": "call_1", "content": "5"}])
+    r = oai.responses.create(model="tiny", tools=RESP_TOOLS, tool_choice="none", max_output_tokens=12,
+                             temperature=1.0, extra_body={"seed": 3}, input=[
+                                 {"role": "user", "content": QUESTION},
+                                 {"type": "function_call", "call_id": "call_1", "name": "add",
+                                  "arguments": '{"a": 2, "b": 3}'},
+                                 {"type": "function_call_output", "call_id": "call_1", "output": "5"}])
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_responses_auto_stream_equals_whole(oai):
+    """tool_choice auto: the model may answer in text (random weights mostly do); streamed items match the
+    whole response item for item."""
+    kw = dict(model="tiny", input=QUESTION, tools=RESP_TOOLS, max_output_tokens=40, temperature=1.0,
+              extra_body={"seed": 2})
+    whole = oai.responses.create(**kw)
+    events = list(oai.responses.create(stream=True, **kw))
+    final = events[-1].response
+    assert [o.type for o in final.output] == [o.type for o in whole.output] and final.output_text == whole.output_text
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text
+    assert [e.output_index for e in events if e.type == "response.output_item.done"] == list(range(len(whole.output)))

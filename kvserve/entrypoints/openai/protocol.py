@@ -376,8 +376,19 @@ class DetokenizeRequest(_Body):
     tokens: list[int] = Field(max_length=MAX_TOKEN_IDS)
 
 
+class ResponsesFunctionTool(FunctionDef):
+    """A Responses API function tool: the chat API's function fields, flat."""
+    type: Literal["function"]
+
+
+class ResponsesNamedToolChoice(_Body):
+    type: Literal["function"]
+    name: FunctionName
+
+
 class ResponsesRequest(_Ignored):
-    """POST /v1/responses: text or message items in, one assistant message out (no tools, no stored state)."""
+    """POST /v1/responses: text, message and function-call items in; an assistant message and/or function
+    calls out (no stored state)."""
     model: ShortStr | None = None
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]  # the prompt: limits.check_prompt
     instructions: str | None = Field(None, max_length=MAX_TEXT_CHARS)
@@ -387,8 +398,8 @@ class ResponsesRequest(_Ignored):
     stream: bool = False
     text: dict[str, Any] | None = None  # only {"format": {"type": "text"}}
     truncation: Literal["disabled"] = "disabled"
-    tool_choice: Literal["none", "auto"] | None = None  # there are no tools: either means none
-    tools: list[Any] | None = Field(None, max_length=MAX_STOP)  # only empty
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedToolChoice | None = None
+    tools: list[ResponsesFunctionTool] | None = Field(None, max_length=MAX_TOOLS)
     include: list[ShortStr] | None = Field(None, max_length=MAX_STOP)  # only empty
     stream_options: StreamOptions | None = None  # only include_obfuscation here, ignored
     parallel_tool_calls: bool | None = None
@@ -396,14 +407,27 @@ class ResponsesRequest(_Ignored):
     top_k: int | None = Field(None, ge=-1, lt=2**31)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
 
-    def messages(self) -> list[dict[str, str]]:
-        """The conversation for the chat template: instructions as the system message, then the input items."""
-        msgs = [{"role": "system", "content": self.instructions}] if self.instructions else []
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat messages: instructions as the system message, then the input items (a
+        function_call joins the assistant message before it as a tool call, a function_call_output is a
+        tool message)."""
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
             return [*msgs, {"role": "user", "content": self.input}]
         for i, item in enumerate(self.input):
-            if item.get("type", "message") != "message":
-                raise InvalidRequestError(f"input[{i}]: items of type {item.get('type')!r} are not supported")
+            kind = item.get("type", "message")
+            if kind == "function_call":  # several calls of one turn come as consecutive items
+                call = _call_item(item, i)
+                if msgs and msgs[-1]["role"] == "assistant":
+                    msgs[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                continue
+            if kind == "function_call_output":
+                msgs.append(_call_item(item, i))
+                continue
+            if kind != "message":
+                raise InvalidRequestError(f"input[{i}]: items of type {kind!r} are not supported")
             extra = set(item) - {"type", "role", "content", "id", "status"}
             if extra:
                 raise InvalidRequestError(f"input[{i}]: unsupported field(s) {', '.join(sorted(extra))}")
@@ -415,16 +439,53 @@ class ResponsesRequest(_Ignored):
             raise InvalidRequestError("input is empty")
         return msgs
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+        """tool_constraint: the grammar of the calls that tool_choice required / a named function demands."""
         fmt = (self.text or {}).get("format", {"type": "text"})
         if set(self.text or {}) - {"format"} or fmt.get("type") != "text":
             raise InvalidRequestError(f"text {self.text} is not supported yet (only format text)")
-        if self.tools or self.include:
-            raise InvalidRequestError(f"{'tools' if self.tools else 'include'} is not supported yet")
+        if self.include:
+            raise InvalidRequestError("include is not supported yet")
         return SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p,
                               top_k=-1 if self.top_k is None else self.top_k, seed=self.seed,
-                              max_tokens=self.max_output_tokens)
+                              max_tokens=self.max_output_tokens,
+                              structured_outputs=tool_constraint)
+
+    def chat_tools(self) -> list[dict[str, Any]]:
+        """The tools as the chat API's function dicts (what the tool plan and templates take)."""
+        return [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
+                for t in self.tools or []]
+
+    def tool_mode(self) -> str:
+        """none, auto, required, or the named function's name; raises on a choice the tools cannot meet."""
+        names = [t.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tools: function names must be unique")
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if names else "none")
+        if isinstance(choice, ResponsesNamedToolChoice):
+            if choice.name not in names:
+                raise InvalidRequestError(f"tool_choice names function {choice.name!r}, which is not in tools"
+                                          f" ({', '.join(names) or 'none given'})")
+            return choice.name
+        if choice in ("auto", "required") and not names:
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools")
+        return choice
+
+
+def _call_item(item: dict[str, Any], i: int) -> dict[str, Any]:
+    """A function_call input item as a chat tool call; a function_call_output as a tool message."""
+    kind = item["type"]
+    fields = {"function_call": {"call_id", "name", "arguments"}, "function_call_output": {"call_id", "output"}}[kind]
+    missing = sorted(f for f in fields if not isinstance(item.get(f), str))
+    if missing:
+        raise InvalidRequestError(f"input[{i}]: a {kind} item needs string field(s) {', '.join(missing)}")
+    extra = set(item) - fields - {"type", "id", "status"}
+    if extra:
+        raise InvalidRequestError(f"input[{i}]: unsupported field(s) {', '.join(sorted(extra))}")
+    if kind == "function_call_output":
+        return {"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]}
+    return {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
 
 
 def _item_text(content: Any, i: int) -> str:

@@ -1,4 +1,4 @@
-"""Tool calling for chat completions: the conversation a template renders, the constraint that
+"""Tool calling for chat completions and responses: the conversation a template renders, the constraint that
 tool_choice demands, and the answer's calls found in the model's text (through a ToolParser).
 
 A template with a tools section (it reads `tools`) gets the tools and the OpenAI-shaped messages
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, chat_dicts
+from kvserve.entrypoints.openai.protocol import ChatCompletionRequest, ResponsesRequest, chat_dicts
 from kvserve.entrypoints.openai.tool_parsers import ToolCallStreamer, ToolParser, get_tool_parser
 from kvserve.entrypoints.openai.tool_parsers.base import ToolCall
 from kvserve.sampling_params import StructuredOutputsParams
@@ -73,10 +73,21 @@ def plan_tools(body: ChatCompletionRequest, parser_name: str = "hermes") -> Tool
     return ToolPlan(mode, tools, body.parallel_tool_calls is not False, parser)
 
 
-def conversation(body: ChatCompletionRequest, plan: ToolPlan, template: str | None) -> tuple[list[dict[str, Any]],
-                                                                                          dict[str, Any]]:
-    """(the messages, extra template variables) for the chat template."""
-    messages = chat_dicts(body.messages)
+def plan_response_tools(body: ResponsesRequest, messages: list[dict[str, Any]],
+                        parser_name: str = "hermes") -> ToolPlan:
+    """The tool plan of a /v1/responses request (its tools flat, as that API writes them)."""
+    mode = body.tool_mode()
+    tools = body.chat_tools()
+    used = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    parser = get_tool_parser(parser_name) if tools or used else None
+    return ToolPlan(mode, tools, body.parallel_tool_calls is not False, parser)
+
+
+def conversation(body: ChatCompletionRequest | list[dict[str, Any]], plan: ToolPlan,
+                 template: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the messages, extra template variables) for the chat template; `body` a chat request or its
+    messages as chat dicts (the Responses API's items, converted)."""
+    messages = body if isinstance(body, list) else chat_dicts(body.messages)
     offered = plan.tools if plan.mode != "none" else []
     if plan.parser is None:
         return messages, {}
