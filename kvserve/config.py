@@ -183,8 +183,12 @@ class EngineConfig:
     enforce_eager: bool = arg(False, help="no decode CUDA graphs (they need CUDA and the triton backend)")
     speculative_config: dict[str, Any] | str | SpeculativeConfig | None = arg(
         None, type=str, help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
-                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram: prompt lookup; greedy '
-                             'requests speculate, sampled and constrained ones decode one token at a time)')
+                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram: prompt lookup; greedy and '
+                             'sampled requests speculate, constrained ones decode one token at a time; draft '
+                             'lengths adapt to the measured step cost unless "adaptive": false)')
+    structured_outputs_jump_forward: bool = arg(
+        True, help="structured outputs: append the tokens a grammar forces (a JSON key, a closing brace) "
+                   "without a step of their own; they are computed in the next step with the token after them")
     # parallelism (kvserve/distributed): one engine over tensor x pipeline ranks
     tensor_parallel_size: int = arg(1, group="parallel", aliases=("-tp",), help="split each layer over N processes")
     pipeline_parallel_size: int = arg(1, group="parallel", aliases=("-pp",), help="split the layers into M stages")

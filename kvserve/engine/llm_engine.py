@@ -89,6 +89,7 @@ class LLMEngine:
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len, c.preemption_mode), self.kv,
             make_policy(c.scheduling_policy, c.scheduling_max_wait),
         )
+        self.scheduler.jump_forward = c.structured_outputs_jump_forward
         if c.speculative_config is not None:
             self.scheduler.proposer = make_proposer(c.speculative_config)
             if c.speculative_config.adaptive:

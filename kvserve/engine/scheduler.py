@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from kvserve.engine.request import Logprob, Request, RequestStatus
@@ -113,6 +115,7 @@ class Scheduler:
         # speculative decoding (kvserve/spec_decode): asked for a draft when a decoding request is scheduled
         self.proposer = None  # an object with .k and .propose(token_ids, k) -> list[int]; None: off
         self.draft_control: DraftLengthController | None = None  # adaptive draft lengths; None: always k
+        self.jump_forward = False  # structured outputs: append grammar-forced tokens without a draw
         self.spec_stats = SpecDecodeStats()
 
     def add(self, req: Request) -> None:
@@ -337,6 +340,25 @@ class Scheduler:
                 control.idle(req.draft_record)
         return planned
 
+    @staticmethod
+    def _jump_forward(r: Request) -> str | None:
+        """Append the tokens the request's grammar forces next (jump-forward decoding): no draw, their K/V
+        computed in the next step with the token that follows; each stop-checked. Returns a finish reason."""
+        g = r.grammar
+        for tok in g.forced_tokens():
+            if r.generator is not None and not r.params.greedy:
+                torch.rand(1, generator=r.generator, dtype=torch.float64)  # the draw a step would make, so a
+                # seeded request's later draws are those of decoding without jump-forward
+            if not g.accept(tok):
+                return "stop"  # cannot happen for a forced token; stop rather than emit a broken state
+            r.append_token(tok)
+            reason = r.check_stop()
+            if reason is None and g.is_done:
+                reason = "stop"
+            if reason is not None:
+                return reason
+        return None
+
     def update_from_output(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """THE post-step update; returns the requests it finished.
 
@@ -410,6 +432,11 @@ class Scheduler:
                     self.finish(r, reason)
                     finished.append(r)
                     break
+            if self.jump_forward and r.grammar is not None and not r.is_finished and r.params.logprobs is None:
+                reason = self._jump_forward(r)
+                if reason is not None:
+                    self.finish(r, reason)
+                    finished.append(r)
             if spec and not r.is_finished:
                 self.kv.rollback_slots(r)
         return finished

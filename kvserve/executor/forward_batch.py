@@ -136,9 +136,11 @@ def _native_route(scheduled: list[ScheduledRequest], batch: ForwardBatch, starts
     rest_rows: list[torch.Tensor] = []
     for i, s in enumerate(scheduled):
         first, n = s.start, s.num_new_tokens
-        # a verify step's tokens all go fused, each over its own prefix: every token's logits then come
-        # from the same computation as a plain decode of it, so greedy speculation changes no token
-        k = n if n == 1 or s.spec_token_ids else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
+        # output tokens go fused, each over its own prefix (a verify step's, or the tokens a grammar forced
+        # before the one sampled after them): every token's logits then come from the same computation as
+        # a plain decode of it, so neither speculation nor jump-forward changes a greedy token
+        decoding = s.spec_token_ids or first >= s.request.num_prompt_tokens
+        k = n if n == 1 or decoding else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
         if k:
             fused.append((i, k))
         if k < n:

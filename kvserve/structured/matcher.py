@@ -33,6 +33,10 @@ class GrammarMatcher:
             raise RuntimeError(f"grammar rollback of {num_tokens} tokens failed: {self._m.get_error()}")
         self.num_tokens -= num_tokens
 
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar allows as the only continuation from here (possibly none)."""
+        return list(self._m.compute_ff_tokens())
+
     @property
     def is_done(self) -> bool:
         """The grammar is complete and allows nothing more (only EOS): the request can stop now."""
