@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,10 +43,11 @@ class LinearReport:
 @dataclass
 class Compressed:
     method: str
-    grid: Grid | None
+    grid: Grid | None  # None: the linears are written dense (`dense_type`) from the model's weights
     parts: dict[str, BlockParts] = field(default_factory=dict)  # module path -> codes (fused rows)
     reports: list[LinearReport] = field(default_factory=list)
     calib_tokens: int = 0
+    dense_type: str = "F32"
 
 
 def _tied_mean_abs(mean_abs: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
@@ -133,6 +135,48 @@ def quantize_model(lm: LoadedModel, method: str, grid: Grid, chunks: list[list[i
     return comp
 
 
+def prune_model(lm: LoadedModel, method: str, chunks: list[list[int]] | None, sparsity: float | None = None,
+                pattern: tuple[int, int] | None = None, grid: Grid | None = None,
+                num_layers: int | None = None) -> Compressed:
+    """Prune every decoder layer's linears of `lm` in place (quant.prune), then, with `grid`,
+    round the pruned weights to it (prune, then quantize: zeros stay zero on Q4_0 and Q8_0, whose
+    grids hold 0; Q4_1's need not). chunks: calibration chunks (None: magnitude only)."""
+    from kvserve.quant.prune import PRUNE_METHODS, magnitude_prune, sparsegpt_prune, wanda_prune
+
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown pruning method {method!r}")
+    if method != "magnitude" and chunks is None:
+        raise ValueError(f"{method} needs calibration text")
+    if (sparsity is None) == (pattern is None):
+        raise ValueError("give a sparsity or a pattern")
+    comp = Compressed(method, grid, calib_tokens=sum(map(len, chunks)) if chunks else 0)
+
+    def process(i: int, layer: nn.Module, stats: dict[str, LinearStats] | None) -> None:
+        with torch.no_grad():
+            for name in LINEARS:
+                lin = layer.get_submodule(name)
+                w0 = lin.weight.detach().clone()
+                if method == "magnitude":
+                    w = magnitude_prune(w0, sparsity, pattern)
+                elif method == "wanda":
+                    w = wanda_prune(w0, stats[name].col_norm, sparsity, pattern)
+                else:
+                    w = sparsegpt_prune(w0, stats[name].h, sparsity, pattern)
+                if grid is not None:
+                    parts = grid.quantize(w)
+                    comp.parts[f"model.layers.{i}.{name}"] = parts
+                    w = dequantize_parts(parts)
+                lin.weight.copy_(w)
+                rel = None
+                if stats:
+                    h = stats[name].h
+                    rel = output_error(w0, w, h) / max(output_error(w0, torch.zeros_like(w0), h), 1e-30)
+                comp.reports.append(LinearReport(f"model.layers.{i}.{name}", rel))
+
+    run_layers(lm, chunks, process, f"{method} prune", num_layers)
+    return comp
+
+
 # -- export --------------------------------------------------------------------------------------------
 
 # GGUF tensor of a decoder layer -> (kvserve module path, shard id or None)
@@ -141,6 +185,7 @@ _GGUF_LINEARS = {
     "attn_output": ("self_attn.o_proj", None), "ffn_gate": ("mlp.gate_up_proj", 0), "ffn_up": ("mlp.gate_up_proj", 1),
     "ffn_down": ("mlp.down_proj", None),
 }
+_DENSE = {"F32": np.float32, "F16": np.float16}
 _GGUF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
@@ -163,8 +208,9 @@ def write_gguf(src, lm: LoadedModel, comp: Compressed, out: str | Path,  # noqa:
     for key, value in src.reader.fields.items():
         vtype, etype = src.reader.field_types[key]
         w.add_field(key, value, vtype, etype)
-    if comp.grid is not None and comp.grid.qtype in FILE_TYPES:
-        w.add_field("general.file_type", FILE_TYPES[comp.grid.qtype], 4)
+    qtype = comp.dense_type if comp.grid is None else comp.grid.qtype
+    if qtype in FILE_TYPES:
+        w.add_field("general.file_type", FILE_TYPES[qtype], 4)
     for key, value in (extra_fields or {}).items():
         w.add_field(key, value)
     layers = lm.model.model.layers
@@ -179,6 +225,12 @@ def write_gguf(src, lm: LoadedModel, comp: Compressed, out: str | Path,  # noqa:
             path, shard = _GGUF_LINEARS[kind]
             lin = layers[i].get_submodule(path)
             heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+            if suffix == "weight" and comp.grid is None:  # dense, from the model
+                x = _rows(lin.weight.detach().float(), lin, shard)
+                if permute and kind in ("attn_q", "attn_k"):
+                    x = permute_qk(x, heads)
+                w.add_tensor(t.name, shape, comp.dense_type, x.numpy().astype(_DENSE[comp.dense_type]))
+                continue
             if suffix == "weight":
                 if f"model.layers.{i}.{path}" not in comp.parts:
                     raise ValueError(f"layer {i} was not compressed")

@@ -22,7 +22,7 @@ import torch
 from kvserve.quant.gguf import BLOCK_BYTES, QK, BlockParts
 
 FORMATS = ("q8_0", "q4_0", "q4_1")
-FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
 
 
 @dataclass(frozen=True)

@@ -10,46 +10,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from helpers import long_english_text, make_tiny_hf, write_tiny_llama_gguf
+from helpers import layer_stats, make_tiny_hf, split_text
 from kvserve.entrypoints.cli import main
 from kvserve.loader import load_model
 from kvserve.loader.gguf import GGUFFile, permute_qk
 from kvserve.quant.awq import awq_search, output_error
-from kvserve.quant.calibrate import LINEARS, calibration_chunks, run_layers
+from kvserve.quant.calibrate import LINEARS, calibration_chunks
 from kvserve.quant.compress import awq_fold, quantize_model, write_gguf
 from kvserve.quant.gguf import native_parts
 from kvserve.quant.gptq import gptq_quantize
 from kvserve.quant.grid import dequantize_parts, grid_for, parts_to_blocks
-
-
-def split_text() -> tuple[str, str]:
-    """Disjoint calibration and held-out halves of the same English prose."""
-    text = long_english_text()
-    cut = text.index("\n", len(text) // 2)
-    return text[:cut], text[cut:]
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """A tiny random Llama (GQA: 4 heads, 2 KV heads) with outlier channels, as real LLMs have them:
-    a few norm weights and v/up rows 4-10x larger, so some inputs matter more than others."""
-    d = tmp_path_factory.mktemp("calib")
-    hf = make_tiny_hf(d / "hf", "llama")
-    t = load_file(str(hf / "model.safetensors"))
-    g = torch.Generator().manual_seed(1)
-    for name in list(t):
-        if name.endswith(("layernorm.weight", "v_proj.weight", "up_proj.weight")):
-            t[name] = t[name] * torch.exp(1.2 * torch.randn(t[name].shape[0], generator=g)).view(-1, *[1] * (t[name].dim() - 1))
-    save_file(t, str(hf / "model.safetensors"), metadata={"format": "pt"})
-    return write_tiny_llama_gguf(hf, d / "tiny.gguf")
-
-
-def layer_stats(lm, text: str, n_tokens: int, num_layers: int | None = None) -> list[dict]:
-    out = []
-    run_layers(lm, calibration_chunks(lm, text, n_tokens, 256), lambda i, layer, s: out.append(s), "stats", num_layers)
-    return out
 
 
 def _compare_methods(lm, num_layers, n_tokens, held_out=True):
