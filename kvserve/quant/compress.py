@@ -26,7 +26,7 @@ from kvserve.quant.awq import awq_search, output_error
 from kvserve.quant.calibrate import LINEARS, LinearStats, run_layers
 from kvserve.quant.gguf import BlockParts
 from kvserve.quant.gptq import gptq_quantize
-from kvserve.quant.grid import FILE_TYPES, Grid, dequantize_parts, parts_to_blocks
+from kvserve.quant.grid import FILE_TYPES, Grid, dequantize_parts, parts_to_blocks, search_clip
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ def quantize_model(lm: LoadedModel, method: str, grid: Grid, chunks: list[list[i
                 lin = layer.get_submodule(name)
                 if method == "gptq":
                     parts = gptq_quantize(lin.weight, stats[name].h, grid)
+                elif method == "awq":  # the scaled weight's inputs are x / s: H becomes H / (s s^T)
+                    s = folded[name][0]
+                    h_s = stats[name].h.float() / (s.unsqueeze(1) * s.unsqueeze(0))
+                    parts = grid.quantize(lin.weight, search_clip(grid, lin.weight, h_s))
                 else:
                     parts = grid.quantize(lin.weight)
                 w_hat = dequantize_parts(parts)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.quant.gguf import BlockParts
-from kvserve.quant.grid import Grid
+from kvserve.quant.grid import Grid, search_clip
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +37,11 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.T
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block: int = 128,
-                  damp: float = 0.01) -> BlockParts:
-    """w [N, K] float, h [K, K] = X^T X of its inputs -> BlockParts on `grid` (group-wise, K % group == 0)."""
+                  damp: float = 0.01, clip: bool = False) -> BlockParts:
+    """w [N, K] float, h [K, K] = X^T X of its inputs -> BlockParts on `grid` (group-wise, K % group == 0).
+
+    clip: choose each group's range ratio by grid.search_clip on the group's columns as they stand
+    (their diagonal block of H), instead of the full range."""
     n, k = w.shape
     g = grid.group
     if k % g or block % g:
@@ -57,7 +60,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block: int = 128
         for i in range(i2 - i1):
             j = i1 + i
             if j % g == 0:  # the group's grid, from its columns as earlier errors left them
-                s, m = grid.params(W1[:, i : i + g])
+                cols = W1[:, i : i + g]
+                r = search_clip(grid, cols, h[j : j + g, j : j + g]).squeeze(1) if clip else 1.0
+                s, m = grid.params(cols, r)
                 scales[:, j // g], mins[:, j // g] = s, m
             s, m = scales[:, j // g], mins[:, j // g]
             col = W1[:, i]

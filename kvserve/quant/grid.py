@@ -36,17 +36,18 @@ class Grid:
     def qmax(self) -> int:
         return 255 if self.qtype == "Q8_0" else 15
 
-    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Columns of one group w [N, group] -> (scale, minimum) [N], float32 holding fp16 values."""
+    def params(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of one group w [N, group] -> (scale, minimum) [N], float32 holding fp16 values.
+        clip (a ratio per row, or one) shrinks the range the grid spans: values beyond it saturate."""
         if self.qtype == "Q4_0":
-            lo, hi = w.amin(dim=1), w.amax(dim=1)
+            lo, hi = w.amin(dim=1) * clip, w.amax(dim=1) * clip
             mx = torch.where(hi >= -lo, hi, lo)  # the value of largest magnitude (the positive one on a tie)
             d = (mx / -8.0).half().float()
             return d, -8.0 * d
         if self.qtype == "Q8_0":
-            d = (w.abs().amax(dim=1) / 127.0).half().float()
+            d = (w.abs().amax(dim=1) * clip / 127.0).half().float()
             return d, -128.0 * d
-        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        lo, hi = w.amin(dim=1) * clip, w.amax(dim=1) * clip
         m = lo.half().float()
         return ((hi - m) / 15.0).half().float(), m
 
@@ -62,16 +63,42 @@ class Grid:
     def _zero_code(self) -> float:
         return {"Q4_0": 8.0, "Q8_0": 128.0, "Q4_1": 0.0}[self.qtype]
 
-    def quantize(self, w: torch.Tensor) -> BlockParts:
-        """Round-to-nearest: float [N, K] (K a multiple of 32) -> BlockParts on this grid."""
+    def quantize(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> BlockParts:
+        """Round-to-nearest: float [N, K] (K a multiple of 32) -> BlockParts on this grid; clip: a
+        range ratio per group [N, K / 32] (search_clip), default 1 (the group's full range)."""
         n, k = w.shape
         if k % self.group:
             raise ValueError(f"a row of {k} is not whole groups of {self.group}")
         g = w.detach().float().reshape(n * (k // self.group), self.group)
-        scale, minimum = self.params(g)
+        scale, minimum = self.params(g, 1.0 if clip is None else clip.reshape(-1))
         q = self.codes(g, scale, minimum)
         return BlockParts(self.bits, q.to(torch.uint8).reshape(n, k), scale.half().reshape(n, -1),
                           minimum.half().reshape(n, -1))
+
+
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
+
+
+def search_clip(grid: Grid, w: torch.Tensor, h: torch.Tensor, ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """Per row and group, the range ratio whose rounding error costs the least output on the
+    calibration inputs: dw_g H_gg dw_g^T with H_gg the group's diagonal block of H = X^T X (the
+    clipping search of AWQ, Lin et al. 2023). Returns ratios [N, K / group]; 1.0 is a candidate."""
+    n, k = w.shape
+    gs = grid.group
+    ng = k // gs
+    hb = torch.stack([h[j * gs : (j + 1) * gs, j * gs : (j + 1) * gs] for j in range(ng)]).float()
+    wg = w.detach().float().reshape(n * ng, gs)
+    best = torch.ones(n, ng)
+    best_err = torch.full((n, ng), float("inf"))
+    for r in ratios:
+        s, m = grid.params(wg, r)
+        q = grid.codes(wg, s, m)
+        dw = (wg - (q * s.unsqueeze(1) + m.unsqueeze(1))).view(n, ng, gs)
+        err = torch.einsum("ngk,gkl,ngl->ng", dw, hb, dw)
+        better = err < best_err
+        best = torch.where(better, torch.full_like(best, r), best)
+        best_err = torch.where(better, err, best_err)
+    return best
 
 
 def grid_for(fmt: str) -> Grid:
