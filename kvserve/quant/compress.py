@@ -31,6 +31,11 @@ from kvserve.quant.grid import FILE_TYPES, Grid, dequantize_parts, parts_to_bloc
 logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "awq")
+# GPTQ as kvserve runs it: columns by decreasing H_jj with the file's groups' grids fixed up front
+# (clipping searched per group), damping 10% of mean(H_jj). On SmolLM2-135M with 2048 calibration
+# tokens (fewer than down_proj's 1536 inputs x a few) these gave the lowest *held-out* per-layer
+# errors: 0.14-0.61 of RTN's, against 0.31-1.05 for the paper's defaults (in order, damping 1%).
+GPTQ_OPTIONS = {"act_order": True, "clip": True, "damp": 0.1}
 
 
 @dataclass
@@ -116,7 +121,7 @@ def quantize_model(lm: LoadedModel, method: str, grid: Grid, chunks: list[list[i
             for name in LINEARS:
                 lin = layer.get_submodule(name)
                 if method == "gptq":
-                    parts = gptq_quantize(lin.weight, stats[name].h, grid)
+                    parts = gptq_quantize(lin.weight, stats[name].h, grid, **GPTQ_OPTIONS)
                 elif method == "awq":  # the scaled weight's inputs are x / s: H becomes H / (s s^T)
                     s = folded[name][0]
                     h_s = stats[name].h.float() / (s.unsqueeze(1) * s.unsqueeze(0))

@@ -37,21 +37,32 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.T
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block: int = 128,
-                  damp: float = 0.01, clip: bool = False) -> BlockParts:
+                  damp: float = 0.01, clip: bool = False, act_order: bool = False) -> BlockParts:
     """w [N, K] float, h [K, K] = X^T X of its inputs -> BlockParts on `grid` (group-wise, K % group == 0).
 
     clip: choose each group's range ratio by grid.search_clip on the group's columns as they stand
-    (their diagonal block of H), instead of the full range."""
+    (their diagonal block of H), instead of the full range. act_order: take the columns in order of
+    decreasing H_jj (the inputs with the most energy first, while the most columns are left to
+    absorb their error); the groups stay the file's contiguous 32 columns, so their grids are then
+    fixed up front from the unchanged weight ("static groups")."""
     n, k = w.shape
     g = grid.group
     if k % g or block % g:
         raise ValueError(f"rows of {k} and blocks of {block} must be whole groups of {g}")
-    u, dead = inverse_hessian_factor(h, damp)
     W = w.detach().float().clone()
-    W[:, dead] = 0.0
-    codes = torch.empty(n, k, dtype=torch.uint8)
     scales = torch.empty(n, k // g)
     mins = torch.empty(n, k // g)
+    perm = torch.arange(k)
+    if act_order:
+        for j in range(0, k, g):
+            cols = W[:, j : j + g]
+            r = search_clip(grid, cols, h[j : j + g, j : j + g].float()).squeeze(1) if clip else 1.0
+            scales[:, j // g], mins[:, j // g] = grid.params(cols, r)
+        perm = torch.argsort(torch.diag(h), descending=True)
+        W, h = W[:, perm], h[perm][:, perm]
+    u, dead = inverse_hessian_factor(h, damp)
+    W[:, dead] = 0.0
+    codes = torch.empty(n, k, dtype=torch.uint8)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1 = W[:, i1:i2].clone()
@@ -59,15 +70,15 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, block: int = 128
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if j % g == 0:  # the group's grid, from its columns as earlier errors left them
+            col_j = int(perm[j])  # the column's place in the file
+            if not act_order and j % g == 0:  # the group's grid, from its columns as earlier errors left them
                 cols = W1[:, i : i + g]
-                r = search_clip(grid, cols, h[j : j + g, j : j + g]).squeeze(1) if clip else 1.0
-                s, m = grid.params(cols, r)
-                scales[:, j // g], mins[:, j // g] = s, m
-            s, m = scales[:, j // g], mins[:, j // g]
+                r = search_clip(grid, cols, h[j : j + g, j : j + g].float()).squeeze(1) if clip else 1.0
+                scales[:, j // g], mins[:, j // g] = grid.params(cols, r)
+            s, m = scales[:, col_j // g], mins[:, col_j // g]
             col = W1[:, i]
             q = grid.codes(col, s, m)
-            codes[:, j] = q.to(torch.uint8)
+            codes[:, col_j] = q.to(torch.uint8)
             e = (col - (q * s + m)) / u1[i, i]
             W1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = e

@@ -17,7 +17,7 @@ from kvserve.loader import load_model
 from kvserve.loader.gguf import GGUFFile, permute_qk
 from kvserve.quant.awq import awq_search, output_error
 from kvserve.quant.calibrate import LINEARS, calibration_chunks
-from kvserve.quant.compress import awq_fold, quantize_model, write_gguf
+from kvserve.quant.compress import GPTQ_OPTIONS, awq_fold, quantize_model, write_gguf
 from kvserve.quant.gguf import native_parts
 from kvserve.quant.gptq import gptq_quantize
 from kvserve.quant.grid import dequantize_parts, grid_for, parts_to_blocks
@@ -32,7 +32,9 @@ def _compare_methods(lm, num_layers, n_tokens, held_out=True):
         for name in LINEARS:
             w, h = layer.get_submodule(name).weight.detach(), hold[i][name].h
             rtn = output_error(w, dequantize_parts(grid.quantize(w)), h)
-            gptq = output_error(w, dequantize_parts(gptq_quantize(w, cal[i][name].h, grid)), h)
+            gptq = output_error(w, dequantize_parts(gptq_quantize(w, cal[i][name].h, grid, **GPTQ_OPTIONS)), h)
+            plain = output_error(w, dequantize_parts(gptq_quantize(w, cal[i][name].h, grid)), h)
+            assert plain < rtn, (i, name, plain, rtn)  # the paper's column order and damping too
             s, alpha, _ = awq_search(w, cal[i][name].h, cal[i][name].mean_abs, grid)
             awq = output_error(w, dequantize_parts(grid.quantize(w * s)) / s, h)
             assert gptq < rtn, (i, name, gptq, rtn)
@@ -119,21 +121,68 @@ def test_written_gguf_reads_back_exactly(tiny_gguf, tmp_path, method, fmt):
         assert torch.equal(got[name], p), name
 
 
+@pytest.fixture(scope="module")
+def default_q4_0(default_path, tmp_path_factory):
+    """RTN q4_0 of the whole default model (no calibration: fast), through the CLI."""
+    out = tmp_path_factory.mktemp("q4_0") / "q.gguf"
+    assert main(["quantize", str(default_path), "--method", "rtn", "--format", "q4_0", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_default_model_quantize_load_generate_deterministic(default_path, tmp_path):
-    """RTN q4_0 of the whole default model (no calibration: fast), loaded by kvserve natively."""
+def test_default_model_quantize_load_generate_deterministic(default_q4_0):
     from kvserve import LLM, SamplingParams
 
-    assert main(["quantize", str(default_path), "--method", "rtn", "--format", "q4_0",
-                 "--out", str(tmp_path / "q.gguf")]) == 0
-    f = GGUFFile(tmp_path / "q.gguf")
+    f = GGUFFile(default_q4_0)
     assert f.tensor_type("blk.3.attn_v.weight") == "Q4_0" and f.tensor_type("token_embd.weight") == "Q8_0"
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    llm = LLM(str(tmp_path / "q.gguf"), max_model_len=128, max_num_seqs=2)
+    llm = LLM(str(default_q4_0), max_model_len=128, max_num_seqs=2)
     assert llm.engine.lm.quantization == "gguf"  # the Q4_0 layers run natively
     a = [o.outputs[0].token_ids for o in llm.generate(["The capital of France is", "def f(x):"], params)]
     b = [o.outputs[0].token_ids for o in llm.generate(["The capital of France is", "def f(x):"], params)]
     assert a == b and all(len(t) == 12 for t in a)
+
+
+_LLAMACPP_SCORE = """
+import json, sys
+import numpy as np
+import llama_cpp
+path, ids = sys.argv[1], json.loads(sys.argv[2])
+llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False, n_threads=1)
+llm.eval(ids)
+print(json.dumps(np.asarray(llm.scores[: len(ids)], dtype=np.float64).tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_llamacpp_reads_the_written_gguf(default_q4_0):
+    """llama.cpp (llama-cpp-python, where installed) loads the file and its logits on 64 tokens give
+    the same next-token NLL as kvserve's native run of the same file, within 1%."""
+    pytest.importorskip("llama_cpp")
+    import json
+    import subprocess
+    import sys
+
+    from helpers import run_prefill
+
+    lm = load_model(default_q4_0)  # native Q4_0 kernels
+    ids = lm.tokenizer.encode(long_text_sample(), add_special_tokens=True)[:64]
+    r = subprocess.run([sys.executable, "-c", _LLAMACPP_SCORE, str(default_q4_0), json.dumps(ids)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = torch.tensor(json.loads(r.stdout))
+    ours = run_prefill(lm.model, [ids])[0].double()
+    tgt = torch.tensor(ids[1:])
+
+    def nll(logits):
+        return float(-torch.log_softmax(logits[:-1], -1).gather(1, tgt.unsqueeze(1)).mean())
+
+    assert abs(nll(ours) / nll(theirs) - 1) < 0.01, (nll(ours), nll(theirs))
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+
+
+def long_text_sample() -> str:
+    return split_text()[1]
 
 
 def test_cli_quantize_tiny_end_to_end(tiny_gguf, tmp_path, capsys):
