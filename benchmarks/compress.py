@@ -12,7 +12,9 @@ weights dequantized to float32 (the file's weight error alone), and for the quan
 also on the native path (the engine's default: int8 activations), and, where llama-cpp-python is
 installed, by llama.cpp on the same file and tokens. Speed on the native path: decode tok/s at
 batch 1 (64 new tokens after a 32-token prompt, less the time of the first) and total tok/s at
-batch 16 (16 prompts of 32 tokens, 32 new each). Files are cached in --out-dir.
+batch 16 (16 prompts of 32 tokens, 32 new each), on the engine's default path for the file (the
+"ref" row: the source file itself, e.g. Q4_1; dense F16 pruned files: int8 requantized linears,
+as the engine does for non-native types). Files are cached in --out-dir.
 
     python benchmarks/compress.py                         # all variants
     python benchmarks/compress.py --variants ref rtn-q4_0 gptq-q4_0 --plot /tmp/plots
@@ -164,7 +166,8 @@ def plot(rows: list[dict], out_dir: Path) -> None:
         ax.scatter(r["file_mib"], r["ppl"], s=20 + sp, alpha=0.7)
         ax.annotate(r["variant"], (r["file_mib"], r["ppl"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel("held-out perplexity (ctx 512)")
+    ax.set_yscale("log")  # pruned variants are orders of magnitude apart
+    ax.set_ylabel("held-out perplexity (ctx 512, log scale)")
     ax.set_title("size vs perplexity (marker area ~ decode tok/s at batch 1)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
