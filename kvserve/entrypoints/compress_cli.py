@@ -117,7 +117,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"source {path.name}: {'/'.join(kinds)} weights dequantized to float32; that float32 model is "
               "the reference", file=sys.stderr)
     chunks = _calibration(args, lm, args.method != "rtn")
-    comp = quantize_model(lm, args.method, grid_for(fmt), chunks)
+    try:
+        comp = quantize_model(lm, args.method, grid_for(fmt), chunks)
+    except ValueError as e:  # rows that are not whole groups of 32, a Hessian that cannot be factored
+        raise InvalidRequestError(str(e)) from None
     write_gguf(src, lm, comp, out, {"kvserve.compress.method": args.method,
                                     "kvserve.compress.calib_tokens": comp.calib_tokens})
     errs = [r.rel_error for r in comp.reports if r.rel_error is not None]
