@@ -23,31 +23,25 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float
     return float(((dw @ h.float()) * dw).sum(dtype=torch.float64))
 
 
-def awq_scales(mean_abs: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """mean|x|^alpha (over w_mean^(1 - alpha) when given), normalised to sqrt(max * min) = 1."""
-    s = mean_abs.float().clamp(min=1e-5).pow(alpha)
-    if w_mean is not None:
-        s = s / w_mean.float().clamp(min=1e-5).pow(1 - alpha)
+def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    x = mean_abs.float().clamp(min=1e-5)
+    s = x.pow(alpha)
     return s / torch.sqrt(s.max() * s.min())
 
 
 def awq_search(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, grid: Grid,
-               n_grid: int = 20, duo: bool = True) -> tuple[torch.Tensor, float, float]:
+               n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
     """The per-input-channel scale s (of mean_abs [K]) minimising the output error of
     round-to-nearest on `grid` of W diag(s), undone by diag(1/s) on the input.
 
-    Candidates: mean|x|^alpha for alpha in 0, 1/n_grid, ..., and with `duo` also
-    mean|x|^alpha / mean|w|^(1 - alpha) (|w| relative to its row's largest, averaged over rows: the
-    channels whose weights are already large need less help). Returns (s [K], alpha, error);
-    s = 1 (plain RTN) is among the candidates, so the error never exceeds RTN's."""
+    Returns (s [K], alpha, error); alpha 0 (s = 1) is among the candidates."""
     w, h = w.detach().float(), h.float()
-    w_mean = (w.abs() / w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)).mean(0) if duo else None
-    best = (torch.ones(w.shape[1]), 0.0, output_error(w, dequantize_parts(grid.quantize(w)), h))
-    for step in range(1, n_grid):
+    best = (torch.ones(w.shape[1]), 0.0, float("inf"))
+    for step in range(n_grid):
         alpha = step / n_grid
-        for wm in (None, w_mean) if duo else (None,):
-            s = awq_scales(mean_abs, alpha, wm)
-            err = output_error(w, dequantize_parts(grid.quantize(w * s)) / s, h)
-            if err < best[2]:
-                best = (s, alpha, err)
+        s = awq_scales(mean_abs, alpha) if step else torch.ones(w.shape[1])
+        w_hat = dequantize_parts(grid.quantize(w * s)) / s
+        err = output_error(w, w_hat, h)
+        if err < best[2]:
+            best = (s, alpha, err)
     return best
