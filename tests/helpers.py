@@ -243,3 +243,19 @@ def long_english_text() -> str:
 
     text = "\n\n".join(topics[k] for k in ("assignment", "class", "exceptions", "execmodel", "function", "naming"))
     return text + "\n"
+
+
+def split_text() -> tuple[str, str]:
+    """Disjoint calibration and held-out halves of long_english_text (cut at a line break)."""
+    text = long_english_text()
+    cut = text.index("\n", len(text) // 2)
+    return text[:cut], text[cut:]
+
+
+def layer_stats(lm, text: str, n_tokens: int, num_layers: int | None = None) -> list[dict]:
+    """Each decoder layer's linears' input statistics (quant.calibrate) on the float model, unchanged."""
+    from kvserve.quant.calibrate import calibration_chunks, run_layers
+
+    out = []
+    run_layers(lm, calibration_chunks(lm, text, n_tokens, 256), lambda i, layer, s: out.append(s), "stats", num_layers)
+    return out

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", type=int, default=512)
     ppl.add_argument("--kv-cache-dtype", choices=("none", *KV_CACHE_DTYPES), default="none",
                      help="attend through a paged KV cache of this kind (none: straight from the fresh K/V)")
+    from kvserve.entrypoints.compress_cli import add_prune_parser, add_quantize_parser
+
+    add_quantize_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 
@@ -534,7 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve, "simulate": _cmd_simulate}
+    from kvserve.entrypoints.compress_cli import cmd_prune, cmd_quantize
+
+    commands = {"generate": _cmd_generate, "chat": _cmd_chat, "serve": _cmd_serve, "simulate": _cmd_simulate,
+                "quantize": cmd_quantize, "prune": cmd_prune}
     try:
         if args.command == "eval" and args.eval_command == "ppl":
             return _cmd_ppl(args)

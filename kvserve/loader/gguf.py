@@ -268,3 +268,9 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter's q/k row order (rows per head: halves -> pairs), the inverse of unpermute_qk."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -71,9 +71,17 @@ class GGUFReader:
         if n_tensors > len(self.mm) or n_kv > len(self.mm):
             raise GGUFFormatError("corrupt header counts")
         self.fields: dict[str, Any] = {}
+        # key -> (value type, array element type or None): what a writer needs to keep a field as it was
+        self.field_types: dict[str, tuple[int, int | None]] = {}
         for _ in range(n_kv):
             key = self._string()
-            self.fields[key] = self._value(self._scalar("I"))
+            vtype = self._scalar("I")
+            etype = None
+            if vtype == _ARRAY:
+                self._need(4)
+                (etype,) = struct.unpack_from("<I", self.mm, self.pos)
+            self.field_types[key] = (vtype, etype)
+            self.fields[key] = self._value(vtype)
         infos = [self._tensor_info() for _ in range(n_tensors)]
         align = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0:

@@ -1,0 +1,142 @@
+"""The quantization grids of the GGUF block formats kvserve writes (Q8_0, Q4_0, Q4_1), group by group.
+
+Every grid stores w = scale * code + minimum per group of 32 inputs of a row, with unsigned codes
+and fp16 scale and minimum, the layout of `quant.gguf.BlockParts`:
+
+- Q4_0 (symmetric): scale d = the group's value of largest magnitude / -8, minimum -8 d, codes 0..15;
+- Q4_1 (asymmetric): d = (max - min) / 15, minimum = min, codes 0..15;
+- Q8_0 (symmetric): d = max |w| / 127, minimum -128 d, codes 1..255 (the file's int8 + 128).
+
+Scales and minimums are rounded to fp16 *before* the codes are chosen, so the codes are the nearest
+on the grid the file really stores. The calibrated methods (gptq.py, awq.py) choose their own codes
+on these same grids; `parts_to_blocks` packs them as the file's bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvserve.quant.gguf import BLOCK_BYTES, QK, BlockParts
+
+FORMATS = ("q8_0", "q4_0", "q4_1")
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+
+
+@dataclass(frozen=True)
+class Grid:
+    qtype: str  # GGUF type name: Q8_0, Q4_0, Q4_1
+    bits: int
+    symmetric: bool
+    group: int = QK
+
+    @property
+    def qmax(self) -> int:
+        return 255 if self.qtype == "Q8_0" else 15
+
+    def params(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of one group w [N, group] -> (scale, minimum) [N], float32 holding fp16 values.
+        clip (a ratio per row, or one) shrinks the range the grid spans: values beyond it saturate."""
+        if self.qtype == "Q4_0":
+            lo, hi = w.amin(dim=1) * clip, w.amax(dim=1) * clip
+            mx = torch.where(hi >= -lo, hi, lo)  # the value of largest magnitude (the positive one on a tie)
+            d = (mx / -8.0).half().float()
+            return d, -8.0 * d
+        if self.qtype == "Q8_0":
+            d = (w.abs().amax(dim=1) * clip / 127.0).half().float()
+            return d, -128.0 * d
+        lo, hi = w.amin(dim=1) * clip, w.amax(dim=1) * clip
+        m = lo.half().float()
+        return ((hi - m) / 15.0).half().float(), m
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        """Nearest codes of w [N, ...] for per-row scale and minimum [N] (a zero scale gives w = minimum = 0)."""
+        s = scale.view(-1, *([1] * (w.dim() - 1)))
+        m = minimum.view(-1, *([1] * (w.dim() - 1)))
+        safe = torch.where(s != 0, s, torch.ones_like(s))
+        q = torch.where(s != 0, torch.round((w - m) / safe), torch.full_like(w, self._zero_code()))
+        lo = 1 if self.qtype == "Q8_0" else 0  # Q8_0 keeps -127..127 (llama.cpp never writes -128)
+        return q.clamp_(lo, self.qmax)
+
+    def _zero_code(self) -> float:
+        return {"Q4_0": 8.0, "Q8_0": 128.0, "Q4_1": 0.0}[self.qtype]
+
+    def quantize(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> BlockParts:
+        """Round-to-nearest: float [N, K] (K a multiple of 32) -> BlockParts on this grid; clip: a
+        range ratio per group [N, K / 32] (search_clip), default 1 (the group's full range)."""
+        n, k = w.shape
+        if k % self.group:
+            raise ValueError(f"a row of {k} is not whole groups of {self.group}")
+        g = w.detach().float().reshape(n * (k // self.group), self.group)
+        scale, minimum = self.params(g, 1.0 if clip is None else clip.reshape(-1))
+        q = self.codes(g, scale, minimum)
+        return BlockParts(self.bits, q.to(torch.uint8).reshape(n, k), scale.half().reshape(n, -1),
+                          minimum.half().reshape(n, -1))
+
+
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
+
+
+def search_clip(grid: Grid, w: torch.Tensor, h: torch.Tensor, ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """Per row and group, the range ratio whose rounding error costs the least output on the
+    calibration inputs: dw_g H_gg dw_g^T with H_gg the group's diagonal block of H = X^T X (the
+    clipping search of AWQ, Lin et al. 2023). Returns ratios [N, K / group]; 1.0 is a candidate."""
+    n, k = w.shape
+    gs = grid.group
+    ng = k // gs
+    hb = torch.stack([h[j * gs : (j + 1) * gs, j * gs : (j + 1) * gs] for j in range(ng)]).float()
+    wg = w.detach().float().reshape(n * ng, gs)
+    best = torch.ones(n, ng)
+    best_err = torch.full((n, ng), float("inf"))
+    for r in ratios:
+        s, m = grid.params(wg, r)
+        q = grid.codes(wg, s, m)
+        dw = (wg - (q * s.unsqueeze(1) + m.unsqueeze(1))).view(n, ng, gs)
+        err = torch.einsum("ngk,gkl,ngl->ng", dw, hb, dw)
+        better = err < best_err
+        best = torch.where(better, torch.full_like(best, r), best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def grid_for(fmt: str) -> Grid:
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return {"q8_0": Grid("Q8_0", 8, True), "q4_0": Grid("Q4_0", 4, True), "q4_1": Grid("Q4_1", 4, False)}[fmt]
+
+
+def dequantize_parts(p: BlockParts) -> torch.Tensor:
+    """BlockParts -> float32 [N, K]: scale * code + minimum per group."""
+    n, k = p.codes.shape
+    g = p.scale.shape[1]
+    q = p.codes.float().view(n, g, k // g)
+    return (q * p.scale.float().unsqueeze(2) + p.minimum.float().unsqueeze(2)).view(n, k)
+
+
+def parts_to_blocks(p: BlockParts, qtype: str) -> np.ndarray:
+    """BlockParts on `qtype`'s grid -> the file's bytes, uint8 [N, K / 32 * block bytes].
+
+    Q4_0 / Q4_1: fp16 d (and m), then 16 bytes whose low nibble is element j and high nibble element
+    j + 16; Q8_0: fp16 d and 32 int8 (code - 128). The inverse of quant.gguf.native_parts."""
+    n, k = p.codes.shape
+    nb = k // QK
+    d = p.scale.reshape(n * nb, 1).contiguous().view(torch.uint8).reshape(n * nb, 2)
+    codes = p.codes.reshape(n * nb, QK)
+    if qtype == "Q8_0":
+        body = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
+        out = torch.cat([d, body], dim=1)
+    elif qtype in ("Q4_0", "Q4_1"):
+        if int(codes.max()) > 15:
+            raise ValueError("4-bit codes out of range")
+        nib = (codes[:, :16] | (codes[:, 16:] << 4)).to(torch.uint8)
+        head = [d]
+        if qtype == "Q4_1":
+            head.append(p.minimum.reshape(n * nb, 1).contiguous().view(torch.uint8).reshape(n * nb, 2))
+        out = torch.cat([*head, nib], dim=1)
+    else:
+        raise ValueError(f"cannot pack {qtype}")
+    assert out.shape[1] == BLOCK_BYTES[qtype]
+    return out.reshape(n, nb * BLOCK_BYTES[qtype]).numpy()
