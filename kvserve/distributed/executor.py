@@ -224,8 +224,13 @@ class MultiProcExecutor:
             if not p.is_alive():
                 self._fail(_exit_reason(r, p))
 
-    def _fail(self, why: str) -> None:
-        logger.error("%s; stopping the engine", why)
+    def _fail(self, why: str, detail: BaseException | None = None) -> None:
+        """Stop the workers and raise WorkerDiedError(why). `detail` (the backend's error, which names its
+        source files) goes to the log only: `why` reaches clients in the error events of their streams."""
+        if detail is not None:
+            logger.error("%s (%s); stopping the engine", why, detail)
+        else:
+            logger.error("%s; stopping the engine", why)
         self.dead = why
         self.shutdown(graceful=False)
         raise WorkerDiedError(why)
@@ -239,12 +244,12 @@ class MultiProcExecutor:
             raise
         except (RuntimeError, dist.DistBackendError) as e:
             if self.hung is not None:
-                self._fail(f"{self.hung}: {e}")
+                self._fail(self.hung, e)
             for r, p in self.procs:  # give the dying process a moment to be reaped for a precise message
                 p.join(0.5)
                 if not p.is_alive():
-                    self._fail(f"parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}: {e}")
-            self._fail(f"parallel communication failed: {e}")
+                    self._fail(f"parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}", e)
+            self._fail("parallel communication failed (a worker stopped answering; see the server log)", e)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every worker (politely first) and leave the process group; safe to call twice."""

@@ -183,7 +183,7 @@ def test_tp2_worker_killed_mid_stream_fails_streams_and_exits(tiny_dir):
             assert events[-1] == "[DONE]", events[-3:]
             err = json.loads(events[-2])["error"]
             assert "engine stopped" in err["message"] and "rank 1" in err["message"], err
-            assert "Traceback" not in err["message"] and "/" not in err["message"].split(":")[0]
+            assert "Traceback" not in err["message"] and "/" not in err["message"], err  # no source path
             assert sum("choices" in json.loads(e) for e in events[:-2]) < 100  # cut short
         assert time.time() - killed_at < 5  # the streams ended within seconds of the kill
         if s.proc.poll() is None:  # within the grace period: not healthy any more
