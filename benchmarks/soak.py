@@ -334,15 +334,19 @@ def main() -> int:
         rss = asyncio.run(soak.run(rate, args.minutes * 60, proc.pid))
         windows = soak.windows(t0, args.window_minutes * 60)
         # the load has stopped: the server must come back to nothing running, nothing waiting, no block in use
-        deadline = time.time() + 30
-        while True:
-            g = gauges(url)
-            idle = g["kvserve:num_requests_running"] == 0 and g["kvserve:num_requests_waiting"] == 0
-            if (idle and g['kvserve:kv_cache_blocks{state="used"}'] == 0) or time.time() > deadline:
-                break
-            time.sleep(0.5)
-        used = int(g['kvserve:kv_cache_blocks{state="used"}'])
-        healthy = httpx.get(f"{url}/health", timeout=10).status_code == 200
+        used, healthy = None, False
+        try:
+            deadline = time.time() + 30
+            while True:
+                g = gauges(url)
+                idle = g["kvserve:num_requests_running"] == 0 and g["kvserve:num_requests_waiting"] == 0
+                if (idle and g['kvserve:kv_cache_blocks{state="used"}'] == 0) or time.time() > deadline:
+                    break
+                time.sleep(0.5)
+            used = int(g['kvserve:kv_cache_blocks{state="used"}'])
+            healthy = httpx.get(f"{url}/health", timeout=10).status_code == 200
+        except httpx.HTTPError as e:  # the server died or stopped answering: reported below, exit 1
+            print(f"after the load the server did not answer: {e!r}", flush=True)
     finally:
         alive = proc.poll() is None
         if alive:
@@ -365,7 +369,7 @@ def main() -> int:
     print(f"KV blocks in use after the load: {used}; RSS {vals[0] if vals else None} -> "
           f"{vals[-1] if vals else None} MiB (spread after the first minute {drift}%); "
           f"server {'healthy' if healthy else 'NOT healthy'}, exit code {rc}")
-    passed = n_server == 0 and used == 0 and healthy and alive and rc == 0
+    passed = n_server == 0 and used == 0 and healthy and alive and rc == 0  # used None: unknown, a failure
     if not passed:
         print(f"server log: {log}")
     print(json.dumps({"benchmark": "soak", "tiny": args.tiny, "minutes": args.minutes,
