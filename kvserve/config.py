@@ -199,6 +199,9 @@ class EngineConfig:
     node_rank: int = arg(0, group="parallel", help="this machine's index; node 0 runs the engine")
     distributed_timeout: float = arg(60.0, group="parallel",
                                      help="seconds a collective may take before the engine reports a failed worker")
+    worker_heartbeat_timeout: float = arg(10.0, group="parallel",
+                                          help="seconds without a heartbeat from a local worker process before it "
+                                               "counts as hung and the engine fails (0: off)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -300,6 +303,9 @@ class EngineConfig:
         if self.distributed_init_method is not None and not isinstance(self.distributed_init_method, str):
             raise bad("distributed_init_method", "a URL such as tcp://HOST:PORT or None")
         timeout = number("distributed_timeout")
+        heartbeat = self.worker_heartbeat_timeout
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not 0 <= heartbeat < float("inf"):
+            raise bad("worker_heartbeat_timeout", "a number of seconds >= 0 (0: off)")
         self.parallel_config().validate()  # node_rank < nnodes, ranks a multiple of nodes
         spec = None if self.speculative_config is None else SpeculativeConfig.parse(self.speculative_config)
         if spec is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
@@ -315,7 +321,8 @@ class EngineConfig:
         from kvserve.distributed.parallel_state import ParallelConfig
 
         return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, 1, self.distributed_init_method,
-                              self.nnodes, self.node_rank, self.distributed_timeout)
+                              self.nnodes, self.node_rank, self.distributed_timeout,
+                              float(self.worker_heartbeat_timeout))
 
 
 def parse_bytes(value: int | str) -> int:

@@ -10,8 +10,13 @@ so the engine can keep up to `pipeline_parallel_size` micro-batches in flight.
 
 Failure: each wait is bounded (the process-group timeout), a peer that dies closes its sockets
 so a blocked collective fails at once, and `check_health` polls the local workers' liveness.
-Any of these raises `WorkerDiedError` (naming the rank and its exit code), after which the
-executor stops the remaining workers; the engine does not hang.
+A hung worker (stopped, or stuck without releasing the GIL) keeps its sockets open, so a
+collective with it would wait the whole timeout: every local worker beats a heartbeat (a
+shared timestamp, from a thread of its own) and a monitor thread here kills one that has been
+silent for `heartbeat_timeout_s`; its closed sockets then fail the blocked collective at once.
+Any of these raises `WorkerDiedError` (naming the rank and why), after which the executor
+stops the remaining workers; the engine does not hang. (Ranks started by torchrun or on other
+nodes have no heartbeat here: the collective timeout covers them.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -72,6 +78,11 @@ def _exit_reason(rank: int, p: mp.Process) -> str:
     return f"parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
 
 
+def heartbeat_period(timeout_s: float) -> float:
+    """How often a worker beats: several beats per timeout, at most one a second."""
+    return min(1.0, timeout_s / 5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,6 +107,9 @@ class MultiProcExecutor:
         self.world_size = pcfg.world_size
         self.procs: list[tuple[int, mp.Process]] = []
         self.dead: str | None = None
+        self.hung: str | None = None  # set by the heartbeat monitor when it killed a silent worker
+        self._beats: list[tuple[int, mp.Process, object]] = []
+        self._monitor_stop = threading.Event()
         self.timeout = datetime.timedelta(seconds=pcfg.timeout_s)
         env = ps.env_rendezvous()
         per_node = self.world_size // pcfg.nnodes
@@ -116,13 +130,20 @@ class MultiProcExecutor:
         if num_threads:
             torch.set_num_threads(num_threads)
         ctx = mp.get_context("spawn")
+        beat_every = heartbeat_period(pcfg.heartbeat_timeout_s) if pcfg.heartbeat_timeout_s > 0 else None
         for r in local:
+            beat = ctx.RawValue("d", 0.0)  # CLOCK_MONOTONIC of the last beat; 0 until the worker's first
             p = ctx.Process(target=worker_main, name=f"kvserve-worker-{r}", daemon=True,
                             args=(r, self.world_size, pcfg.tensor_parallel_size, pcfg.pipeline_parallel_size,
-                                  init_method, str(device), pcfg.timeout_s, num_threads, logging.getLogger().level))
+                                  init_method, str(device), pcfg.timeout_s, num_threads, logging.getLogger().level),
+                            kwargs=dict(heartbeat=beat if beat_every else None, beat_every=beat_every or 1.0))
             p.start()
             self.procs.append((r, p))
+            self._beats.append((r, p, beat))
         atexit.register(self.shutdown)
+        if beat_every and self._beats:
+            threading.Thread(target=self._monitor, args=(pcfg.heartbeat_timeout_s, beat_every),
+                             name="kvserve-heartbeat", daemon=True).start()
         # join on a helper thread, so that a worker dying during start-up is reported at once
         # instead of after the rendezvous timeout
         box: dict[str, object] = {}
@@ -179,16 +200,37 @@ class MultiProcExecutor:
                                      num_host_blocks, max_num_seqs, max_model_len)
         return self.runner
 
+    def _monitor(self, timeout_s: float, every: float) -> None:
+        """Kill a local worker whose heartbeat is older than `timeout_s` (one not beating yet is still
+        starting: the rendezvous and load have their own bounds); the engine then fails with `hung`."""
+        while not self._monitor_stop.wait(every):
+            for r, p, beat in self._beats:
+                last = beat.value
+                silent = time.monotonic() - last
+                if last > 0 and silent > timeout_s and p.is_alive() and self.hung is None:
+                    self.hung = (f"parallel worker rank {r} (pid {p.pid}) sent no heartbeat for {silent:.1f} s "
+                                 f"(hung or stopped; --worker-heartbeat-timeout {timeout_s:g})")
+                    logger.error("%s; killing it", self.hung)
+                    p.kill()  # its sockets close: a collective waiting on it fails now, not at the timeout
+                    return
+
     def check_health(self) -> None:
-        """Raise WorkerDiedError if the executor failed or a local worker has exited."""
+        """Raise WorkerDiedError if the executor failed or a local worker has exited or hung."""
         if self.dead is not None:
             raise WorkerDiedError(self.dead)
+        if self.hung is not None:
+            self._fail(self.hung)
         for r, p in self.procs:
             if not p.is_alive():
                 self._fail(_exit_reason(r, p))
 
-    def _fail(self, why: str) -> None:
-        logger.error("%s; stopping the engine", why)
+    def _fail(self, why: str, detail: BaseException | None = None) -> None:
+        """Stop the workers and raise WorkerDiedError(why). `detail` (the backend's error, which names its
+        source files) goes to the log only: `why` reaches clients in the error events of their streams."""
+        if detail is not None:
+            logger.error("%s (%s); stopping the engine", why, detail)
+        else:
+            logger.error("%s; stopping the engine", why)
         self.dead = why
         self.shutdown(graceful=False)
         raise WorkerDiedError(why)
@@ -201,14 +243,17 @@ class MultiProcExecutor:
         except WorkerDiedError:
             raise
         except (RuntimeError, dist.DistBackendError) as e:
+            if self.hung is not None:
+                self._fail(self.hung, e)
             for r, p in self.procs:  # give the dying process a moment to be reaped for a precise message
                 p.join(0.5)
                 if not p.is_alive():
-                    self._fail(f"parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}: {e}")
-            self._fail(f"parallel communication failed: {e}")
+                    self._fail(f"parallel worker rank {r} (pid {p.pid}) exited with code {p.exitcode}", e)
+            self._fail("parallel communication failed (a worker stopped answering; see the server log)", e)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every worker (politely first) and leave the process group; safe to call twice."""
+        self._monitor_stop.set()
         if not self.procs and not dist.is_initialized():
             return
         if graceful and self.dead is None and dist.is_initialized():

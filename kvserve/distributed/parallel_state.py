@@ -37,6 +37,7 @@ class ParallelConfig:
     nnodes: int = 1
     node_rank: int = 0
     timeout_s: float = 60.0  # a collective or result that takes longer fails the engine
+    heartbeat_timeout_s: float = 10.0  # a local worker silent this long is hung: the engine fails (0: off)
 
     @property
     def world_size(self) -> int:

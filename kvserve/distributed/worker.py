@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 
 import torch
@@ -75,10 +77,20 @@ def load_shard(init: dict) -> object:
     return lm
 
 
+def _beat(heartbeat, every: float) -> None:  # noqa: ANN001 - a multiprocessing RawValue("d")
+    """Write CLOCK_MONOTONIC into the shared `heartbeat` every `every` seconds (rank 0 watches it)."""
+    while True:
+        heartbeat.value = time.monotonic()
+        time.sleep(every)
+
+
 def worker_main(rank: int, world_size: int, tp: int, pp: int, init_method: str, device: str, timeout_s: float,
-                num_threads: int | None, log_level: int = logging.WARNING) -> None:
+                num_threads: int | None, log_level: int = logging.WARNING, heartbeat=None,  # noqa: ANN001
+                beat_every: float = 1.0) -> None:
     """Entry point of a worker process: join, load the shard, then run steps until told to stop."""
     logging.basicConfig(level=log_level, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if heartbeat is not None:  # a thread of its own: beats while the main thread waits in a collective
+        threading.Thread(target=_beat, args=(heartbeat, beat_every), name="kvserve-heartbeat", daemon=True).start()
     torch.set_num_threads(num_threads or 1)
     try:
         ps.init_distributed(rank, world_size, tp, pp, init_method, device, timeout_s)

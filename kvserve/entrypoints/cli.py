@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-waiting-requests", type=int, default=None, help="beyond this, answer 429")
     sv.add_argument("--request-timeout", type=float, default=None,
                     help="seconds a request may take in all; past it, it is aborted and answered 408")
+    sv.add_argument("--limit-concurrency", type=int, default=None,
+                    help="HTTP requests in flight (streams included) beyond which the next is answered 503 with "
+                         "Retry-After in the OpenAI error JSON; /health and /metrics are never refused")
     sv.add_argument("--uvicorn-log-level", default="warning")
     sv.add_argument("--disable-log-requests", action="store_true",
                     help="no per-request log line (id, route, status, tokens, TTFT, e2e; the reason of each error)")
@@ -333,6 +336,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if is_worker_node(args.node_rank):
         return run_worker_node(args)  # this machine only hosts ranks of the engine on node 0
+    if args.limit_concurrency is not None and args.limit_concurrency < 1:
+        raise InvalidRequestError(f"--limit-concurrency must be >= 1, got {args.limit_concurrency}")
     dp = args.data_parallel_size
     if dp < 1:
         raise InvalidRequestError(f"data_parallel_size must be >= 1, got {dp}")
@@ -360,7 +365,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         async_engine = fronts[0] if dp == 1 else DataParallelEngine(fronts, args.routing)
         engines.append(async_engine)
         app = build_app(async_engine, name, default_api_key(args.api_key), Metrics(),
-                        metrics_public=args.metrics_public, log_requests=not args.disable_log_requests)
+                        metrics_public=args.metrics_public, log_requests=not args.disable_log_requests,
+                        limit_concurrency=args.limit_concurrency)
         server.app_state = app.state
         print(f"model: {engine.lm.describe()}", file=sys.stderr)
         print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)

@@ -185,6 +185,34 @@ def test_killed_worker_fails_fast(tiny_path, prompts, tp, pp):
 
 
 @pytest.mark.slow
+def test_hung_worker_is_caught_by_its_heartbeat(tiny_path, prompts):
+    """SIGSTOP a worker mid-run: no socket closes, so only the heartbeat can tell; the engine raises
+    WorkerDiedError saying so within a few seconds, not at the 60 s collective timeout."""
+    with deadline(120):
+        llm = _llm(model=str(tiny_path), tensor_parallel_size=2, distributed_timeout=60,
+                   worker_heartbeat_timeout=2)
+        (rank, proc), = llm.engine.executor.procs
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        stopped: list[float] = []
+
+        def stop() -> None:
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped.append(time.time())
+
+        threading.Timer(1.0, stop).start()
+        try:
+            with pytest.raises(WorkerDiedError, match=f"rank {rank} .*no heartbeat"):
+                for _ in range(1000):
+                    llm.generate(prompts[:8], long, use_tqdm=False)
+            assert stopped and time.time() - stopped[0] < 2 + 8  # the timeout, a beat and slack; not 60
+        finally:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+        llm.engine.shutdown()
+        assert not proc.is_alive()
+
+
+@pytest.mark.slow
 def test_dead_worker_stops_async_engine(tiny_path):
     """An idle server's engine notices a dead worker: alive turns False (the server's /health answers 503)."""
     from kvserve.engine.async_engine import AsyncLLMEngine

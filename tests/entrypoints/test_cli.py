@@ -101,6 +101,8 @@ def test_engine_kwargs_from_flags():
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be an integer >= 1, got 0"),
     (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be an integer >= 1, got 0"),
     (dict(node_rank=2, nnodes=2), r"node_rank must be in \[0, 2\)"),
+    (dict(worker_heartbeat_timeout=-1), r"worker_heartbeat_timeout must be a number of seconds >= 0 \(0: off\)"),
+    (dict(worker_heartbeat_timeout=float("nan")), "worker_heartbeat_timeout must be a number of seconds >= 0"),
     (dict(dtype="float8"), "dtype must be one of auto, float32, bfloat16, float16, got 'float8'"),
     (dict(device="gpu"), "device must be a torch device"),
 ])

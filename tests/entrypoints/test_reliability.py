@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 
 import httpx
+import pytest
 
-from serve_helpers import TinyServer
+from serve_helpers import SLOW_STEP, TinyServer
 
 GREEDY = {"prompt": [5, 17, 42, 99, 3], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -121,3 +125,72 @@ def test_keep_alive_on_fatal_keeps_answering_503(tiny_dir):
     finally:
         rc, out = s.stop()
     assert rc == 0, out
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is `pid` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == pid:
+            out.append((int(d), cmd))
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_worker_killed_mid_stream_fails_streams_and_exits(tiny_dir):
+    """`serve --tensor-parallel-size 2`, two streams in flight, SIGKILL the worker process: both streams end
+    with an error event then [DONE], /health turns 503, and the server exits 1 within 10 s of the kill."""
+    s = TinyServer(tiny_dir, "--tensor-parallel-size", "2", "--fatal-grace-period", "1", pre=SLOW_STEP)
+    killed_at = None
+    try:
+        workers = [pid for pid, cmd in _children(s.proc.pid) if "multiprocessing.spawn" in cmd
+                   and "resource_tracker" not in cmd]
+        assert len(workers) == 1, _children(s.proc.pid)
+        started = threading.Barrier(3, timeout=60)
+        results: list[list[str]] = []
+
+        def stream(i: int) -> None:
+            body = {**GREEDY, "prompt": [5, 17, 42 + i], "max_tokens": 100, "stream": True}
+            events = []
+            with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 2:
+                            started.wait()
+            results.append(events)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        started.wait()  # both streams have tokens: kill the worker mid-stream
+        os.kill(workers[0], signal.SIGKILL)
+        killed_at = time.time()
+        for t in threads:
+            t.join(30)
+        assert len(results) == 2
+        for events in results:
+            assert events[-1] == "[DONE]", events[-3:]
+            err = json.loads(events[-2])["error"]
+            assert "engine stopped" in err["message"] and "rank 1" in err["message"], err
+            assert "Traceback" not in err["message"] and "/" not in err["message"], err  # no source path
+            assert sum("choices" in json.loads(e) for e in events[:-2]) < 100  # cut short
+        assert time.time() - killed_at < 5  # the streams ended within seconds of the kill
+        if s.proc.poll() is None:  # within the grace period: not healthy any more
+            assert httpx.get(f"{s.url}/health", timeout=2).status_code == 503
+        s.proc.wait(timeout=max(0.1, 10 - (time.time() - killed_at)))
+        assert time.time() - killed_at < 10
+    finally:
+        rc, out = s.stop()
+    assert rc == 1, out
+    assert "engine crashed" in out and "rank 1" in out, out

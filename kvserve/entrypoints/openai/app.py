@@ -18,7 +18,7 @@ from kvserve.entrypoints.openai import (openapi, serving_chat, serving_completio
                                         serving_stats, serving_tokenization)
 from kvserve.entrypoints.openai.errors import APIError, error_response, status_of
 from kvserve.entrypoints.openai.generation import ClientDisconnected
-from kvserve.entrypoints.openai.limits import MAX_BODY_BYTES, BodyGuard
+from kvserve.entrypoints.openai.limits import MAX_BODY_BYTES, BodyGuard, ConcurrencyLimit
 from kvserve.entrypoints.openai.metrics import Metrics
 from kvserve.entrypoints.openai.request_log import RequestLogMiddleware
 from kvserve.entrypoints.openai.state import OpenAIServingState
@@ -29,7 +29,9 @@ TOKENIZATION_PATHS = ("/tokenize", "/detokenize")  # API routes outside /v1 (as 
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              metrics: Metrics | None = None, metrics_public: bool = False, log_requests: bool = True) -> FastAPI:
+              metrics: Metrics | None = None, metrics_public: bool = False, log_requests: bool = True,
+              limit_concurrency: int | None = None) -> FastAPI:
+    """limit_concurrency: HTTP requests in flight beyond which the next is answered 503 (None: no bound)."""
     app = FastAPI(title="kvserve", version=__version__)
     app.state.ready = True  # the CLI turns it False while draining on SIGTERM
     app.state.serving = OpenAIServingState(engine=engine, served_model_name=served_model_name,
@@ -40,6 +42,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         app.state.serving.steps.attach(replica.engine, i)
     app.add_middleware(BodyGuard)  # inner: runs after Guard (no body is read for a request without the key)
     app.add_middleware(Guard)
+    if limit_concurrency is not None:  # outside Guard: a refused request costs no key check, no body read
+        app.add_middleware(ConcurrencyLimit, limit=limit_concurrency)
     if log_requests:  # outermost (plain ASGI, as the guards): it sees the guards' refusals too
         app.add_middleware(RequestLogMiddleware)
     app.add_exception_handler(RequestValidationError, _validation)
@@ -51,7 +55,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     for module in (serving_models, serving_chat, serving_completion, serving_responses, serving_tokenization,
                    serving_stats):
         app.include_router(module.router)
-    openapi.install(app)
+    openapi.install(app, concurrency_limited=limit_concurrency is not None)
     return app
 
 

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from kvserve.engine.async_engine import EngineDeadError, QueueFullError, RequestTimeoutError
 from kvserve.errors import InvalidRequestError, KVServeError
 
-RETRY_AFTER_S = 1  # the Retry-After of a 429
+RETRY_AFTER_S = 1  # the Retry-After of a 429, and of a 503 for too many requests in flight
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout",
                413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable",
@@ -25,8 +25,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code if code is not None else ERROR_CODES.get(status)}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    headers = {"retry-after": str(RETRY_AFTER_S)} if status == 429 else None
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   retry_after: int | None = None) -> JSONResponse:
+    """The envelope as a response; a 429 always says Retry-After, another status when `retry_after` is given."""
+    if retry_after is None and status == 429:
+        retry_after = RETRY_AFTER_S
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 

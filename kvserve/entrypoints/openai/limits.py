@@ -5,6 +5,12 @@
 that are not UTF-8, JSON that is malformed, nested deeper than MAX_JSON_DEPTH, holds a non-finite
 number (NaN, Infinity, 1e999) or an unpaired surrogate are 400. Field bounds that need no server
 state are on the pydantic models (protocol.py); `check_*` below add the ones that need the model.
+
+`ConcurrencyLimit` (ASGI middleware, `--limit-concurrency N`) bounds the HTTP requests in flight
+(a stream counts until its last event): one more is answered 503 in the error envelope with
+Retry-After, before anything reads its body; /health and /metrics are never refused, so a
+supervisor and a scraper still see an overloaded server. (uvicorn's own limit_concurrency answers
+a plain-text 503, outside the API's error format.)
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from kvserve.entrypoints.openai.errors import error_response
+from kvserve.entrypoints.openai.errors import RETRY_AFTER_S, error_response
 from kvserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -119,6 +125,34 @@ class BodyGuard:
             return await receive()  # afterwards: the client's disconnect
 
         await self.app(scope, replay, send)
+
+
+UNLIMITED_PATHS = ("/health", "/metrics")  # never refused by ConcurrencyLimit
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most `limit` HTTP requests in flight (UNLIMITED_PATHS aside); the next gets 503."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit_concurrency must be >= 1, got {limit}")
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0  # read and changed on the event loop only: no lock
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await error_response(503, f"too many requests in flight ({self.limit}, --limit-concurrency); retry later",
+                                 code="server_overloaded", retry_after=RETRY_AFTER_S)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 def check_request(body: _Common | ResponsesRequest, st: OpenAIServingState, max_tokens: int | None,
