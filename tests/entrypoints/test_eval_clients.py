@@ -14,6 +14,9 @@ import pytest
 from helpers import write_tiny_llama_gguf
 from serve_helpers import TinyServer
 
+# guidellm 0.8.1 defines a pydantic-settings class the v1 way; its import warns about guidellm, not kvserve
+pytestmark = pytest.mark.filterwarnings("ignore:Support for class-based `config` is deprecated")
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
