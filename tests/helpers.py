@@ -115,11 +115,12 @@ _GGUF_LAYER_NAMES = {
 
 
 def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str | dict[str, str] = "F32", arch: str = "llama",
-                          extra_tensors: dict | None = None) -> Path:
+                          extra_tensors: dict | None = None, chat_template: str | None = None) -> Path:
     """Convert a tiny HF Llama directory to GGUF the way llama.cpp's converter lays it out.
 
     qtype: the 2-D tensors' type, or {name part: type} with "*" for the rest (e.g. {"attn_v": "Q6_K",
-    "*": "Q4_K"}, as llama.cpp's Q4_K_M mixes them); K-quants need rows of 256k values."""
+    "*": "Q4_K"}, as llama.cpp's Q4_K_M mixes them); K-quants need rows of 256k values. chat_template: stored
+    as tokenizer.chat_template (none by default)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -154,6 +155,8 @@ def write_tiny_llama_gguf(hf_path: Path, out: Path, qtype: str | dict[str, str] 
     w.add_bos_token_id(vocab.get("<s>", tokens.index("<s>")))
     w.add_eos_token_id(tokens.index("</s>"))
     w.add_add_bos_token(True)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
     def add(name: str, arr: np.ndarray) -> None:
