@@ -46,7 +46,7 @@ def _metric(st: dict, name: str) -> float:
 
 
 @pytest.mark.slow  # it may start the shared live server (stats_server)
-def test_stats_agree_with_metrics(server):
+def test_stats_agree_with_metrics(server, tiny_dir):
     """After a batch of requests, /stats has /metrics' exact counts and gauges, and its step records add up
     to the tokens the requests computed (distinct prompts: no prefix-cache hits)."""
     before = server.wait_idle()
@@ -88,6 +88,15 @@ def test_stats_agree_with_metrics(server):
     assert max(r["batch_size"] for r in steps) > 1  # they ran together
     assert all(0 <= r["kv_cache_usage_perc"] <= 1 and 0 <= r["running"] <= 32 for r in steps)  # after the step
     assert s["throughput"]["decode_tokens_per_s"] > 0
+    # the roofline of the same window: each step streams every weight, each token costs 2 FLOP a parameter
+    tp, rl = s["throughput"], s["roofline"]
+    from kvserve.loader import load_model
+
+    lm = load_model(tiny_dir)  # what the server serves: a float checkpoint stays float
+    assert rl["weight_gb_per_s"] == pytest.approx(tp["steps_per_s"] * lm.weight_bytes / 1e9)
+    assert rl["gflop_per_s"] == pytest.approx(2 * lm.num_params * (tp["prefill_tokens_per_s"]
+                                                                  + tp["decode_tokens_per_s"]) / 1e9)
+    assert rl["line"].startswith("roofline: ") and "GB/s of weights read" in rl["line"]
     # a poller that saw everything gets no step again
     again = httpx.get(f"{server.url}/stats", headers=AUTH, params={"since": s["last_seq"]}).json()
     assert again["steps"] == [] and again["last_seq"] == s["last_seq"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import cache
 from importlib import resources
 
@@ -21,7 +22,21 @@ async def stats(request: Request, since: int = Query(0, ge=0, description="only 
 
     Same API-key rule as /metrics. A poller passes the `last_seq` it saw as `since` to get only new steps."""
     st = get_state(request)
-    return JSONResponse(snapshot(st.engine.stats, st.metrics, st.steps, since))
+    return JSONResponse(snapshot(st.engine.stats, st.metrics, st.steps, since, _model_facts(st.engine.engine)))
+
+
+_facts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its facts
+
+
+def _model_facts(engine) -> tuple[int, int, object]:  # noqa: ANN001 - an LLMEngine
+    """(weight bytes, parameters, the cached peaks or None), read once per engine: the peaks are
+    what `kvserve roofline` measured on this machine; a server never measures them itself."""
+    if engine not in _facts:
+        from kvserve import roofline
+
+        lm = engine.lm
+        _facts[engine] = (lm.weight_bytes, lm.num_params, roofline.cached(engine.device))
+    return _facts[engine]
 
 
 @cache

@@ -101,8 +101,24 @@ def throughput(records: list[dict[str, Any]], now: float, window: float = THROUG
             "steps_per_s": len(recent) / span}
 
 
-def snapshot(engine_stats: dict, metrics: Metrics, history: StepHistory, since: int = 0) -> dict[str, Any]:
-    """The /stats body."""
+def roofline_figures(tp: dict[str, float], weight_bytes: int, num_params: int, peaks: Any) -> dict[str, Any]:
+    """The throughput window against the machine's peaks: every step streams each weight once, every token
+    computed costs 2 FLOP per parameter (data-parallel replicas each stream their own copy, so their
+    steps add up). `peaks`: a kvserve.roofline.Peaks, or None before `kvserve roofline` has measured them."""
+    from kvserve import roofline
+
+    bytes_s = tp["steps_per_s"] * weight_bytes
+    flop_s = 2.0 * num_params * (tp["prefill_tokens_per_s"] + tp["decode_tokens_per_s"])
+    return {"weight_gb_per_s": bytes_s / 1e9, "gflop_per_s": flop_s / 1e9,
+            "flop_per_byte": flop_s / bytes_s if bytes_s else 0.0,
+            "peak_read_gb_per_s": peaks.read_bandwidth_gb_s if peaks is not None else None,
+            "peak_gflop_per_s": peaks.gemm_gflop_s if peaks is not None else None,
+            "line": roofline.line(peaks, bytes_s, flop_s)}
+
+
+def snapshot(engine_stats: dict, metrics: Metrics, history: StepHistory, since: int = 0,
+             model: tuple[int, int, Any] | None = None) -> dict[str, Any]:
+    """The /stats body; `model`: (weight bytes, parameters, the machine's peaks or None) for the roofline."""
     now = time.time()
     gauges = {k: v for k, v in engine_stats.items() if k != "per_replica"}
     queries = gauges.get("prefix_cache_queries", 0)
@@ -120,7 +136,8 @@ def snapshot(engine_stats: dict, metrics: Metrics, history: StepHistory, since: 
                     "ttft_seconds": percentiles([r["ttft"] for r in recent if r["ttft"] is not None]),
                     "tpot_seconds": percentiles([r["tpot"] for r in recent if r["tpot"] is not None]),
                     "e2e_seconds": percentiles([r["e2e"] for r in recent if r["e2e"] is not None])},
-        "throughput": throughput(all_steps, now),
+        "throughput": (tp := throughput(all_steps, now)),
+        "roofline": roofline_figures(tp, *model) if model is not None else None,
         "last_seq": all_steps[-1]["seq"] if all_steps else 0,
         "steps": history.since(since),
     }
@@ -153,6 +170,11 @@ SCHEMA = {
                     "properties": {"window_requests": {"type": "integer"}, "ttft_seconds": _PCT,
                                    "tpot_seconds": _PCT, "e2e_seconds": _PCT}},
         "throughput": {"type": "object", "additionalProperties": _NUM},
+        "roofline": {"type": ["object", "null"], "description": "the throughput window against the machine's "
+                     "peaks (null peaks until `kvserve roofline` has measured them)",
+                     "properties": {"weight_gb_per_s": _NUM, "gflop_per_s": _NUM, "flop_per_byte": _NUM,
+                                    "peak_read_gb_per_s": {"type": ["number", "null"]},
+                                    "peak_gflop_per_s": {"type": ["number", "null"]}, "line": {"type": "string"}}},
         "steps": {"type": "array", "description": "engine steps after `since`, oldest first (a bounded ring)",
                   "items": {"type": "object", "required": list(STEP_FIELDS),
                             "properties": {k: _NUM for k in STEP_FIELDS}}},
