@@ -37,6 +37,9 @@ def run_kvserve(args, prompts, out_lens) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     eng = llm.engine
+    from kvserve.bench.offline import StepCount
+
+    counter = StepCount(llm)  # steps and tokens, for the roofline line
     t = time.perf_counter()
     for i, (p, sp) in enumerate(zip(prompts, params)):
         eng.add_request(f"b{i}", p, sp)
@@ -54,6 +57,7 @@ def run_kvserve(args, prompts, out_lens) -> dict:
     res = {"seconds": round(dt, 2), "output_tok_s": round(n_out / dt, 1),
            "total_tok_s": round((n_out + sum(map(len, prompts))) / dt, 1),
            "ttft_p50_s": round(ttfts[len(ttfts) // 2], 2), "preemptions": eng.scheduler.num_preemptions}
+    res["roofline"] = counter.roofline(dt)[0]
     if waste:
         res["kv_internal_waste_mean"] = round(sum(waste) / len(waste), 4)
         res["kv_internal_waste_max"] = round(max(waste), 4)

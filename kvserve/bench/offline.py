@@ -64,7 +64,7 @@ def _random_prompts(llm, n: int, length: int, seed: int) -> list[list[int]]:  # 
     return [[rng.randrange(lo, hi) for _ in range(length)] for _ in range(n)]
 
 
-class _StepCount:
+class StepCount:
     """A step observer: engine steps and tokens computed while it is attached."""
 
     def __init__(self, llm) -> None:  # noqa: ANN001 - an LLM
@@ -118,7 +118,7 @@ def throughput(args: argparse.Namespace, engine_kwargs: dict) -> int:
             prompts = _random_prompts(llm, args.num_prompts, args.input_len or 1024, args.seed)
         params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
         llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
-        count = _StepCount(llm)
+        count = StepCount(llm)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
@@ -172,7 +172,7 @@ def latency(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
         for _ in range(args.num_iters_warmup):
             once()
-        count = _StepCount(llm)
+        count = StepCount(llm)
         latencies = [once() for _ in range(args.num_iters)]
         roof, roof_figures = count.roofline(sum(latencies))
     finally:

@@ -316,6 +316,7 @@ async def poll_stats(client: Any, base_url: str, stop: asyncio.Event, out: dict)
             return
         out["available"] = True
         out["steps"].extend(body["steps"])
+        out["roofline"] = body.get("roofline")  # the server's own: weights streamed against its peaks
         seq = body.get("last_seq", seq)
         if stop.is_set():
             return
@@ -424,7 +425,8 @@ def main(args: argparse.Namespace, engine_kwargs: dict | None = None) -> int:
                     "endpoint": args.endpoint, "model_id": model, "num_prompts": args.num_prompts,
                     "request_rate": rate, "max_concurrency": conc, "stats_endpoint": bool(stats["available"]),
                     "kv_timeline": [{"time": s["time"] - t_wall, "kv_cache_usage_perc": s["kv_cache_usage_perc"],
-                                     "running": s["running"], "waiting": s["waiting"]} for s in stats["steps"]]})
+                                     "running": s["running"], "waiting": s["waiting"]} for s in stats["steps"]],
+                    "server_roofline": stats.get("roofline")})
         _report(res, rate, slos, percentiles)
         runs.append((res, stats, t_wall))
     if plot_dir is not None:
@@ -455,6 +457,8 @@ def _report(res: dict, rate: float, slos: dict, percentiles: tuple[float, ...]) 
     rows += latency_rows(res, (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
                                ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")), percentiles)
     print_table("Serving Benchmark Result", rows)
+    if res.get("server_roofline"):  # a kvserve server: its roofline over the last 10 s of the run
+        print(f"server {res['server_roofline']['line']} (its last 10 s)")
     if res["failed"]:
         print(f"first errors: {res['errors']}")
     if not res["input_lens_known"]:

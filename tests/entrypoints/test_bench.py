@@ -153,6 +153,8 @@ def test_bench_serve_against_kvserve(kvserve_server, tmp_path, capsys, monkeypat
     assert st["kvserve:generation_tokens_total"] - before["kvserve:generation_tokens_total"] == 12 * 6
     assert res["stats_endpoint"] and res["kv_timeline"]
     assert max(s["running"] for s in res["kv_timeline"]) > 1
+    assert res["server_roofline"]["weight_gb_per_s"] > 0  # the server's roofline line, printed after the table
+    assert f"server {res['server_roofline']['line']} (its last 10 s)" in out
     _pngs(tmp_path / "plots", ["ttft_cdf.png", "tpot_cdf.png", "kv_usage.png"])
     # a file of prompts on the chat endpoint: lengths counted by /tokenize, then by the usage reports
     dataset.write_text("hello there\nwhat is a KV cache?\n\nwrite a poem\n")
