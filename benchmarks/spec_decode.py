@@ -53,12 +53,14 @@ def run(loaded, prompts: list[str], spec: dict | None, batch: int, temperature: 
     for i, p in enumerate(prompts):
         eng.add_request(f"q{i}", p, params)
     outs: dict[str, list[int]] = {}
-    decode_s = [0.0]
+    decode_s, decode_steps, decode_positions = [0.0], [0], [0]
 
     def observe(so, dt: float) -> None:  # noqa: ANN001 - a SchedulerOutput
         # a decode step: no scheduled request computed a prompt token
         if so.scheduled and all(s.start >= s.request.num_prompt_tokens - 1 for s in so.scheduled):
             decode_s[0] += dt
+            decode_steps[0] += 1
+            decode_positions[0] += so.total_num_tokens  # verify rows included: what the step computed
 
     eng.step_observers.append(observe)
     while eng.has_unfinished_requests():
@@ -66,13 +68,19 @@ def run(loaded, prompts: list[str], spec: dict | None, batch: int, temperature: 
             if o.finished:
                 outs[o.request_id] = o.outputs[0].token_ids
     st = eng.stats()
+    from kvserve import roofline
+
+    lm = eng.lm  # decode steps against the machine's peaks: each streams every weight once
+    line = roofline.line(roofline.cached(eng.device), lm.weight_bytes * decode_steps[0] / max(decode_s[0], 1e-9),
+                         2 * lm.num_params * decode_positions[0] / max(decode_s[0], 1e-9))
     total = sum(len(t) for t in outs.values())
     n_decoded = total - len(prompts)  # each request's first token comes with its prompt's last chunk
     return {"tokens": [outs[f"q{i}"] for i in range(len(prompts))], "output_tokens": total,
             "decode_tok_s": round(n_decoded / decode_s[0], 2) if decode_s[0] else None,
             "acceptance_rate": round(st["spec_decode_acceptance_rate"], 3),
             "mean_accepted_length": round(st["spec_decode_mean_accepted_length"], 3),
-            "drafted": st["spec_decode_num_draft_tokens"], "accepted": st["spec_decode_num_accepted_tokens"]}
+            "drafted": st["spec_decode_num_draft_tokens"], "accepted": st["spec_decode_num_accepted_tokens"],
+            "roofline": line}
 
 
 def main() -> None:
@@ -127,7 +135,9 @@ def main() -> None:
                         sd["decode_tok_s"] else None
                     row[label] = {"tok_s": sd["decode_tok_s"], "speedup": round(speedup, 3) if speedup else None,
                                   "identical": same, "acceptance_rate": sd["acceptance_rate"],
-                                  "mean_accepted_length": sd["mean_accepted_length"], "drafted": sd["drafted"]}
+                                  "mean_accepted_length": sd["mean_accepted_length"], "drafted": sd["drafted"],
+                                  "roofline": sd["roofline"]}
+                row["base_roofline"] = base["roofline"]
                 rows.append(row)
                 print(f"{name:9s} batch {batch:2d} T={temperature}: none {row['base_tok_s']} tok/s; " + "; ".join(
                     f"{label} {r['tok_s']} (x{r['speedup']}, acceptance {r['acceptance_rate']}, mean accepted length "

@@ -87,6 +87,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kvserve import LLM, SamplingParams, StructuredOutputsParams
+    from kvserve.bench.offline import StepCount
 
     if args.tiny:
         from helpers import make_tiny_hf
@@ -114,7 +115,9 @@ def main() -> None:
         cons = [SamplingParams(temperature=0, max_tokens=args.max_tokens,
                                structured_outputs=StructuredOutputsParams(json=s)) for _, s in work]
         m0, r0 = sampler.grammar_mask_s, sampler.grammar_mask_rows
+        count = StepCount(llm)  # steps and tokens of the constrained run, for its roofline line
         c_outs, c_s = _run(llm, prompts, cons, batch)
+        llm.engine.step_observers.remove(count)
         mask_s, mask_rows = sampler.grammar_mask_s - m0, sampler.grammar_mask_rows - r0
         lens = [len(o.outputs[0].token_ids) for o in c_outs]
         free = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
@@ -137,6 +140,7 @@ def main() -> None:
                                               "same_tokens": [o.outputs[0].token_ids for o in n_outs]
                                               == [o.outputs[0].token_ids for o in c_outs]}
         fig["jump_forward_speedup"] = round(n_s / c_s, 3)
+        fig["constrained"]["roofline"] = count.roofline(c_s)[0]
         result[f"batch_{batch}"] = fig
         print(f"batch {batch}:", fig, flush=True)
     print(json.dumps(result))
