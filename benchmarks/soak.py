@@ -123,7 +123,11 @@ class Soak:
                     data = line[6:]
                     if data == "[DONE]":
                         break
-                    chunk = json.loads(data)
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:  # an event a line-by-line reader cannot parse: the server's fault
+                        self.server_error("bad_sse_event", data[:200])
+                        return False
                     if "error" in chunk:
                         error = chunk["error"]
                         break

@@ -10,8 +10,13 @@ from kvserve.entrypoints.openai.errors import error_body, status_of
 DONE = "data: [DONE]\n\n"
 
 
+# Characters a JSON string may hold raw that str.splitlines() (and so httpx's aiter_lines) takes for line
+# ends: a client reading the stream line by line would get half an event. Escaped, the JSON is the same.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def stream_chunk(rid: str, obj: str, created: int, model: str, choices: list, include_usage: bool,
