@@ -291,7 +291,7 @@ class Scheduler:
 
     @staticmethod
     def can_speculate(req: Request) -> bool:
-        """Whether a request's next tokens can be verified several at once with greedy exactness.
+        """Whether a request's next tokens can be verified several at once, the tokens unchanged.
 
         Each draft position's token is drawn as a one-token step at that position would draw it (the
         argmax, or a sample with the request's own generator: see layers/sampler.py), and draft tokens
