@@ -11,7 +11,9 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
     for (int64_t c = 0; c < n; c += 64) kv_prefetch(p + c);
 }
 
-#define MAX_ACC 16     /* pass 2 keeps up to this many 16-float accumulators live */
+#ifndef MAX_ACC
+#define MAX_ACC 16 /* pass 2 keeps up to this many 16-float accumulators live */
+#endif
 #define SPLIT_BLOCKS 4 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
 
 /* A task is one part of one sequence (SPLIT_BLOCKS blocks, all heads), so a block's rows are read

@@ -11,10 +11,26 @@
 
 #include "common.h"
 
+#ifndef PF_CHUNK
 #define PF_CHUNK 32
-#define PF_TILE 4
+#endif
+#ifndef PF_TILE
+#define PF_TILE 6
+#endif
 #define PF_KEYS 64
 #define PF_NV (PF_KEYS / 16)
+/* register tiles: PF_TILE rows x PF_SV vectors of 16 scores, PF_TILE rows x PF_OD vectors of 16
+ * outputs. AVX-512 has 32 registers of one vector each; AVX2 16 registers and NEON 32 of a
+ * quarter vector (a vf is two or four of them), so a wider tile there would spill in the inner loop */
+#ifndef PF_SV
+#if defined(KV_ISA_AVX512)
+#define PF_SV 4
+#define PF_OD 4
+#else
+#define PF_SV 1
+#define PF_OD 1
+#endif
+#endif
 
 int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
                                const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
@@ -41,7 +57,8 @@ int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *
 #pragma omp atomic write
             failed = 1;
         }
-        float pbuf[PF_TILE][PF_KEYS];
+        float pbuf[PF_TILE][PF_KEYS]; /* a tile's scores, then probabilities */
+        memset(pbuf, 0, sizeof pbuf);  /* keys past a tile's view are masked, never uninitialised */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             if (!ok) continue;
@@ -77,32 +94,40 @@ int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *
                 /* rows are token-major, so positions grow with the row: skip the rows that see none of this panel */
                 for (int64_t r0 = t0 > pos0 ? (t0 - pos0) * group : 0; r0 < rows; r0 += PF_TILE) {
                     const int64_t rc = rows - r0 < PF_TILE ? rows - r0 : PF_TILE;
-                    vf s[PF_TILE][PF_NV];
                     const float *qr[PF_TILE];
-                    for (int64_t i = 0; i < rc; i++) {
-                        const int64_t r = r0 + i;
+                    for (int64_t i = 0; i < PF_TILE; i++) { /* rows past rc repeat the last: computed, not kept */
+                        const int64_t r = r0 + (i < rc ? i : rc - 1);
                         qr[i] = q + ((int64_t)q_start[b] + j0 + r / group) * H * D + (kvh * group + r % group) * D;
-                        for (int v = 0; v < PF_NV; v++) s[i][v] = vf_zero();
                     }
-                    for (int64_t d = 0; d < D; d++) {
-                        vf kd[PF_NV];
-                        for (int v = 0; v < PF_NV; v++) kd[v] = vf_load(kt + d * PF_KEYS + 16 * v);
-                        for (int64_t i = 0; i < rc; i++) {
-                            const vf qd = vf_set1(qr[i][d]);
-                            for (int v = 0; v < PF_NV; v++) s[i][v] = vf_fmadd(qd, kd[v], s[i][v]);
+                    const int64_t kend = pos0 + (r0 + rc - 1) / group - t0 + 1; /* keys any row of the tile sees */
+                    /* raw scores into pbuf, PF_SV vectors of keys at a time (none past what the tile sees) */
+                    for (int64_t v0 = 0; v0 < PF_NV && 16 * v0 < kend; v0 += PF_SV) {
+                        vf s[PF_TILE][PF_SV];
+                        for (int i = 0; i < PF_TILE; i++)
+                            for (int v = 0; v < PF_SV; v++) s[i][v] = vf_zero();
+                        for (int64_t d = 0; d < D; d++) {
+                            vf kd[PF_SV];
+                            for (int v = 0; v < PF_SV; v++) kd[v] = vf_load(kt + d * PF_KEYS + 16 * (v0 + v));
+                            for (int i = 0; i < PF_TILE; i++) {
+                                const vf qd = vf_set1(qr[i][d]);
+                                for (int v = 0; v < PF_SV; v++) s[i][v] = vf_fmadd(qd, kd[v], s[i][v]);
+                            }
                         }
+                        for (int64_t i = 0; i < rc; i++)
+                            for (int v = 0; v < PF_SV; v++) vf_store(pbuf[i] + 16 * (v0 + v), s[i][v]);
                     }
                     float alpha[PF_TILE];
                     for (int64_t i = 0; i < rc; i++) {
                         const int64_t r = r0 + i, see = pos0 + r / group - t0 + 1; /* keys of the panel this row sees */
                         vf vmax = vf_set1(-INFINITY);
-                        for (int v = 0; v < PF_NV; v++) vmax = vf_max(vmax, vf_first_n(s[i][v], see - 16 * v, -INFINITY));
+                        for (int v = 0; v < PF_NV; v++)
+                            vmax = vf_max(vmax, vf_first_n(vf_load(pbuf[i] + 16 * v), see - 16 * v, -INFINITY));
                         const float pm = vf_reduce_max(vmax);
                         const float mnew = pm > mx[r] ? pm : mx[r];
                         const vf mv = vf_set1(mnew);
                         vf sum = vf_zero();
                         for (int v = 0; v < PF_NV; v++) {
-                            const vf p = vf_first_n(vf_exp(vf_sub(s[i][v], mv)), see - 16 * v, 0.0f);
+                            const vf p = vf_first_n(vf_exp(vf_sub(vf_load(pbuf[i] + 16 * v), mv)), see - 16 * v, 0.0f);
                             sum = vf_add(sum, p);
                             vf_store(pbuf[i] + 16 * v, p);
                         }
@@ -110,22 +135,21 @@ int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *
                         sm[r] = sm[r] * alpha[i] + vf_reduce_add(sum);
                         mx[r] = mnew;
                     }
-                    const int64_t kend = pos0 + (r0 + rc - 1) / group - t0 + 1; /* keys any row of the tile sees */
                     const int64_t jn = kend < m ? kend : m;
-                    /* o += p v, 4 x 16 output columns of every row of the tile in registers at a time */
-                    for (int64_t d0 = 0; d0 < nd; d0 += 4) {
-                        const int dc = nd - d0 < 4 ? (int)(nd - d0) : 4;
-                        vf o[PF_TILE][4];
+                    /* o += p v, PF_OD x 16 output columns of every row of the tile in registers at a time */
+                    for (int64_t d0 = 0; d0 < nd; d0 += PF_OD) {
+                        const int dc = nd - d0 < PF_OD ? (int)(nd - d0) : PF_OD;
+                        vf o[PF_TILE][PF_OD];
                         for (int64_t i = 0; i < rc; i++)
                             for (int d = 0; d < dc; d++)
                                 o[i][d] = vf_mul(vf_load(O + (r0 + i) * D + 16 * (d0 + d)), vf_set1(alpha[i]));
-                        if (dc == 4 && rc == PF_TILE) {
+                        if (dc == PF_OD && rc == PF_TILE) {
                             for (int64_t j = 0; j < jn; j++) {
-                                vf v[4];
-                                for (int d = 0; d < 4; d++) v[d] = vf_load(vb + j * D + 16 * (d0 + d));
+                                vf v[PF_OD];
+                                for (int d = 0; d < PF_OD; d++) v[d] = vf_load(vb + j * D + 16 * (d0 + d));
                                 for (int i = 0; i < PF_TILE; i++) {
                                     const vf pj = vf_set1(pbuf[i][j]);
-                                    for (int d = 0; d < 4; d++) o[i][d] = vf_fmadd(pj, v[d], o[i][d]);
+                                    for (int d = 0; d < PF_OD; d++) o[i][d] = vf_fmadd(pj, v[d], o[i][d]);
                                 }
                             }
                         } else {
