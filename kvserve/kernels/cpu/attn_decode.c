@@ -11,9 +11,48 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
     for (int64_t c = 0; c < n; c += 64) kv_prefetch(p + c);
 }
 
-#ifndef MAX_ACC
-#define MAX_ACC 16 /* pass 2 keeps up to this many 16-float accumulators live */
+/* heads of a group that share each V row load in pass 2, their accumulators in registers (a vf is
+ * one AVX-512 register, two AVX2 or four NEON ones) */
+#ifndef V2_HEADS
+#if defined(KV_ISA_AVX512)
+#define V2_HEADS 8
+#else
+#define V2_HEADS 4
 #endif
+#endif
+
+/* po[h] += sum_o p[h][o] * vs[o] * v[o] for hc heads (score rows sp + h * ldp, outputs op + h * D) over
+ * m rows of one KV head, a vector of output columns at a time; hc is a constant at every call site,
+ * so the accumulators stay in registers */
+static inline __attribute__((always_inline)) void pv_heads(const int hc, const float *sp, int64_t ldp, const float *vr,
+                                                           int64_t vstride, const float *vsc, int64_t Hkv, int64_t m,
+                                                           int64_t D, float *op) {
+    for (int64_t d = 0; d < D; d += 16) {
+        vf acc[V2_HEADS];
+        for (int h = 0; h < hc; h++) acc[h] = vf_load(op + h * D + d);
+        for (int64_t o = 0; o < m; o++) {
+            const vf v = vf_load(vr + o * vstride + d);
+            const float vs = vsc ? vsc[o * Hkv] : 1.0f;
+            for (int h = 0; h < hc; h++) acc[h] = vf_fmadd(vf_set1(sp[h * ldp + o] * vs), v, acc[h]);
+        }
+        for (int h = 0; h < hc; h++) vf_store(op + h * D + d, acc[h]);
+    }
+}
+
+/* Rows of one KV head as float32: the cache itself when it is float32 (row stride Hkv * D), else
+ * converted once into buf (stride D), so each head of the group reads them from L1 without
+ * converting again. Returns the row stride. */
+static inline int64_t head_rows(const void *cache, int dtype, int64_t row0, int64_t n, int64_t Hkv, int64_t D,
+                                float *buf, const float **rows) {
+    if (dtype == 0) {
+        *rows = (const float *)cache + row0 * D;
+        return Hkv * D;
+    }
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t d = 0; d < D; d += 16) vf_store(buf + r * D + d, vf_load_cache(cache, (row0 + r * Hkv) * D + d, dtype));
+    *rows = buf;
+    return D;
+}
 #define SPLIT_BLOCKS 4 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
 
 /* A task is one part of one sequence (SPLIT_BLOCKS blocks, all heads), so a block's rows are read
@@ -27,8 +66,6 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                               float scale, float *out) {
     const int64_t group = H / Hkv, nd = D / 16, esz = kv_cache_esize(dtype);
     const int64_t rowb = Hkv * D * esz; /* one token's K (or V) row, all heads */
-    int64_t hstep = MAX_ACC / nd;
-    hstep = hstep < 1 ? 1 : (hstep > group ? group : hstep);
     int64_t *first = KV_ALLOC(int64_t, B + 1); /* first task of each sequence */
     if (!first) return -1;
     int64_t work = 0;
@@ -48,7 +85,8 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
     int failed = 0;
 #pragma omp parallel if (tasks > 1 && work * H * D >= (1 << 16))
     {
-        float *scores = KV_ALLOC(float, H * SPLIT_BLOCKS * bs);
+        /* scores, then a block of one head's rows as float32 */
+        float *scores = KV_ALLOC(float, H * SPLIT_BLOCKS * bs + bs * D), *hbuf = scores + H * SPLIT_BLOCKS * bs;
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
@@ -78,12 +116,13 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                     prefetch_bytes(cv + o * rowb, 4 * rowb);
                     for (int64_t kvh = 0; kvh < Hkv; kvh++) {
                         const int64_t row = (slot0 + o) * Hkv + kvh;
+                        const float *kr;
+                        const int64_t ks = head_rows(k_cache, dtype, row, 4, Hkv, D, hbuf, &kr);
                         for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
                             vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
                             for (int64_t d = 0; d < nd; d++) {
                                 const vf qv = vf_load(qb + h * D + 16 * d);
-                                for (int r = 0; r < 4; r++)
-                                    acc[r] = vf_fmadd(qv, vf_load_cache(k_cache, (row + r * Hkv) * D + 16 * d, dtype), acc[r]);
+                                for (int r = 0; r < 4; r++) acc[r] = vf_fmadd(qv, vf_load(kr + r * ks + 16 * d), acc[r]);
                             }
                             float dots[4];
                             vf_reduce_add4(acc[0], acc[1], acc[2], acc[3], dots);
@@ -129,24 +168,27 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
             for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
             for (int64_t t = 0; t < n; t += bs) {
                 const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
-                for (int64_t kvh = 0; kvh < Hkv; kvh++)
-                    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += hstep) {
-                        const int64_t hc = (kvh + 1) * group - h0 < hstep ? (kvh + 1) * group - h0 : hstep;
-                        vf acc[MAX_ACC];
-                        for (int64_t h = 0; h < hc; h++)
-                            for (int64_t d = 0; d < nd; d++) acc[h * nd + d] = vf_load(po + (h0 + h) * D + 16 * d);
-                        for (int64_t o = 0; o < m; o++) {
-                            const int64_t row = (slot0 + o) * Hkv + kvh;
-                            const float vs = dtype == 2 ? v_scale[row] : 1.0f;
-                            for (int64_t d = 0; d < nd; d++) {
-                                const vf v = vf_load_cache(v_cache, row * D + 16 * d, dtype);
-                                for (int64_t h = 0; h < hc; h++)
-                                    acc[h * nd + d] = vf_fmadd(vf_set1(scores[(h0 + h) * n + t + o] * vs), v, acc[h * nd + d]);
-                            }
+                for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                    const float *vr;
+                    const int64_t vstride = head_rows(v_cache, dtype, slot0 * Hkv + kvh, m, Hkv, D, hbuf, &vr);
+                    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += V2_HEADS) {
+                        const int64_t left = (kvh + 1) * group - h0;
+                        const float *sp = scores + h0 * n + t, *vsc = dtype == 2 ? v_scale + slot0 * Hkv + kvh : NULL;
+                        float *op = po + h0 * D;
+                        switch (left < V2_HEADS ? left : V2_HEADS) { /* a constant head count per case */
+                        case 1: pv_heads(1, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                        case 2: pv_heads(2, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                        case 3: pv_heads(3, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                        case 4: pv_heads(4, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+#if V2_HEADS > 4
+                        case 5: pv_heads(5, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                        case 6: pv_heads(6, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                        case 7: pv_heads(7, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                        case 8: pv_heads(8, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+#endif
                         }
-                        for (int64_t h = 0; h < hc; h++)
-                            for (int64_t d = 0; d < nd; d++) vf_store(po + (h0 + h) * D + 16 * d, acc[h * nd + d]);
                     }
+                }
             }
         }
         free(scores);

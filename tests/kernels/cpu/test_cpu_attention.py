@@ -31,7 +31,7 @@ def _run(case, cache_dtype: torch.dtype, use_native: bool, monkeypatch) -> tuple
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float16])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 1, 128), (10, 2, 32)])
 @pytest.mark.parametrize("lens", CASES)
 def test_native_decode_matches_sdpa(monkeypatch, cache_dtype, heads, kv_heads, head_dim, lens):
     q_lens, seq_lens = lens
