@@ -84,23 +84,24 @@ def flatten(pieces: list[Piece], block_size: int, device: torch.device) -> FlatB
     """One flat batch (no padding) of the given pieces, with each new token's cache slot."""
     ids: list[int] = []
     positions: list[int] = []
+    slots: list[int] = []
     qlens: list[int] = []
     slens: list[int] = []
-    for r, start, n, _, spec in pieces:
+    for r, start, n, blocks, spec in pieces:
         end = start + n
         ids.extend(r.all_token_ids[start:end])
         if end > r.num_tokens:  # speculative draft positions
             ids.extend(spec[max(start - r.num_tokens, 0) : end - r.num_tokens])
         positions.extend(range(start, end))
+        # host lists, one tensor each: a step's small torch ops each cost ~50 us once the weights have
+        # streamed through the caches
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
         qlens.append(n)
         slens.append(end)
     width = max(len(p[3]) for p in pieces)
     block_tables = torch.tensor([p[3] + [0] * (width - len(p[3])) for p in pieces], dtype=torch.int32)
-    pos = torch.tensor(positions, dtype=torch.int64)
-    seq_of_token = torch.repeat_interleave(torch.arange(len(qlens)), torch.tensor(qlens, dtype=torch.int64))
-    slots = block_tables[seq_of_token, pos // block_size].long() * block_size + pos % block_size
-    meta = AttentionMetadata.flat(qlens, slens, slots, block_tables, device)
-    return FlatBatch(torch.tensor(ids, device=device), pos.to(device), meta)
+    meta = AttentionMetadata.flat(qlens, slens, torch.tensor(slots, dtype=torch.int64), block_tables, device)
+    return FlatBatch(torch.tensor(ids, device=device), torch.tensor(positions, dtype=torch.int64, device=device), meta)
 
 
 def build_forward_batch(scheduled: list[ScheduledRequest], block_size: int, device: torch.device,

@@ -28,13 +28,16 @@ class NativeDecoder:
         self.norm = backbone.norm
         self.embed = backbone.embed_tokens
         rot = backbone.rotary_emb
+        # the final norm runs inside the call (the C side has one eps for every norm)
+        self.final_in_call = backbone.norm.eps == backbone.layers[0].input_layernorm.eps
         self._keep = [rot.cos_cached, rot.sin_cached, kv_caches]  # the structs hold raw pointers
         self.model_args = native.ModelArgs(
             hidden=cfg.hidden_size, n_heads=cfg.num_heads, n_kv=cfg.num_kv_heads, head_dim=cfg.head_dim,
             rot_dim=rot.rotary_dim, inter=cfg.intermediate_size, block_size=kv_caches[0].block_size,
             eps=backbone.layers[0].input_layernorm.eps, attn_scale=first.attn.scale,
             cache_dtype=native.cache_dtype_code(kv_caches[0].k.dtype),
-            cos=rot.cos_cached.data_ptr(), sin=rot.sin_cached.data_ptr())
+            cos=rot.cos_cached.data_ptr(), sin=rot.sin_cached.data_ptr(),
+            final_norm=self.norm.weight.data_ptr() if self.final_in_call else None)
         layers = (native.LayerArgs * len(backbone.layers))()
         for la, layer, cache in zip(layers, backbone.layers, kv_caches):
             attn, mlp = layer.self_attn, layer.mlp
@@ -95,4 +98,4 @@ class NativeDecoder:
         self._native.llama_decode(self.model_args, self.layers, x, positions.contiguous(),
                                   meta.slot_mapping.contiguous(), meta.block_tables.contiguous(),
                                   meta.seq_lens.contiguous())
-        return self.norm(x)
+        return x if self.final_in_call else self.norm(x)

@@ -37,6 +37,7 @@ typedef struct {
     float eps, attn_scale;
     int32_t cache_dtype; /* 0 float32, 1 bfloat16, 2 int8, 3 float16 */
     const float *cos, *sin; /* [max_position, rot_dim] */
+    const float *final_norm; /* RMSNorm weights applied to x after the last layer, or NULL */
 } kv_model_t;
 
 /* malloc that reports failure to the caller through a NULL check at one place */
@@ -49,6 +50,7 @@ void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const in
               const int32_t *corr, int64_t N, float *y);
 void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t K, const uint8_t *wp,
                int64_t N, float *y);
+void kv_embed_rows(const int8_t *wp, const float *dw, int64_t K, const int64_t *ids, int64_t M, float *out);
 int kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const float *dw, const int32_t *corr,
               int64_t N, float *y);
 int kv_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t N, float *y);

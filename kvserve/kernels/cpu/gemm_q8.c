@@ -33,6 +33,18 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp) {
 /* The same layout written over the rows themselves (N a multiple of 16, K of 32: a block of 16
  * rows fills exactly the bytes it packs into), one block through a small copy at a time: a big
  * table (an LM head) never exists twice. Returns 0, or -1 when the block copy could not be allocated. */
+/* Rows ids [M] of a packed int8 weight as float32, out [M, K] = W[id] * dw[id]: the lookup of an
+ * embedding table shared with a tied LM head, read from the head's packed bytes. */
+void kv_embed_rows(const int8_t *wp, const float *dw, int64_t K, const int64_t *ids, int64_t M, float *out) {
+    const int64_t K4 = (K + GROUP - 1) / GROUP * (GROUP / 4);
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t id = ids[m];
+        const int8_t *blk = wp + (id / 16) * K4 * 64 + (id % 16) * 4;
+        const float s = dw[id];
+        for (int64_t k = 0; k < K; k++) out[m * K + k] = (float)blk[(k / 4) * 64 + k % 4] * s;
+    }
+}
+
 int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
     if (N % 16 || K % GROUP) return -2;
     int failed = 0;

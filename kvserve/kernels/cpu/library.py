@@ -33,7 +33,7 @@ class LayerArgs(ctypes.Structure):
 class ModelArgs(ctypes.Structure):
     _fields_ = [("hidden", _I64), ("n_heads", _I64), ("n_kv", _I64), ("head_dim", _I64), ("rot_dim", _I64),
                 ("inter", _I64), ("block_size", _I64), ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float),
-                ("cache_dtype", ctypes.c_int32), ("cos", _P), ("sin", _P)]
+                ("cache_dtype", ctypes.c_int32), ("cos", _P), ("sin", _P), ("final_norm", _P)]
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -46,6 +46,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "kv_qgemm": ([p, p, i64, i64, p, p, p, i64, p], None),
         "kv_linear": ([p, i64, i64, p, p, p, i64, p], i32),
         "kv_pack_weight": ([p, i64, i64, p], None),
+        "kv_embed_rows": ([p, p, i64, p, i64, p], None),
         "kv_pack_weight_inplace": ([p, i64, i64], i32),
         "kv_paged_decode_attention": ([p, p, p, p, p, i32, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float, p], i32),
         "kv_paged_prefill_attention": ([p, p, p, p, p, i32, p, i64, p, p, p, i64, i64, i64, i64, i64,

@@ -53,6 +53,15 @@ def _group_correction(wq: torch.Tensor, n16: int, g: int) -> torch.Tensor:
     return (-128 * sums.view(n16, 16, g)).transpose(1, 2).contiguous()
 
 
+def embed_rows(wp: torch.Tensor, dw: torch.Tensor, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [...] of the int8 weight packed by `pack_weight` (scales dw [N]) as float32 [..., k]."""
+    lib = _ready_lib()
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(*ids.shape, k, dtype=torch.float32)
+    lib.kv_embed_rows(wp.data_ptr(), dw.data_ptr(), k, flat.data_ptr(), flat.numel(), out.data_ptr())
+    return out
+
+
 def qgemm(x: torch.Tensor, wp: torch.Tensor, dw: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
     """float32 [M, K] @ (int8 W [N, K] * dw [N])^T -> float32 [M, N], activations quantized per
     token in groups of 32. `wp`, `corr` come from `pack_weight`."""

@@ -10,6 +10,7 @@ forward), every sequence is entirely new.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +40,19 @@ class AttentionMetadata:
     def flat(cls, query_lens: list[int], seq_lens: list[int], slot_mapping: torch.Tensor | None,
              block_tables: torch.Tensor | None, device: torch.device | str = "cpu") -> "AttentionMetadata":
         """Metadata of a flat batch from its host-side lengths (the tensors moved to `device`)."""
-        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
+        on_host = torch.device(device).type == "cpu"  # then no .to() calls: each is a dispatch
+
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or on_host else t.to(device)
+
         return cls(
-            query_start_loc=qsl.to(device),
+            query_start_loc=torch.tensor(list(itertools.accumulate(query_lens, initial=0)), dtype=torch.int32,
+                                         device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
-            slot_mapping=None if slot_mapping is None else slot_mapping.to(device),
-            block_tables=None if block_tables is None else block_tables.to(device),
+            slot_mapping=moved(slot_mapping),
+            block_tables=moved(block_tables),
         )
 
     @classmethod

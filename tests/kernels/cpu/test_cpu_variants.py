@@ -182,3 +182,17 @@ def test_float16_cache_rows_convert_as_torch_does(isa):
     with native.use_isa(isa):
         native.library._lib().kv_to_f16(src.data_ptr(), 1, nan.data_ptr())
     assert nan.view(torch.float16).isnan().all()
+
+
+@pytest.mark.parametrize("isa", [*VARIANTS, "scalar"])
+def test_embedding_rows_from_the_packed_head_as_torch_reads_them(isa):
+    """A tied table's lookup (kv_embed_rows) reads the LM head's packed int8 bytes: the same floats as
+    unpacking the rows with torch and scaling them, for ids in every position of a 16-row block."""
+    from kvserve.quant.int8 import Int8Weight
+
+    g = torch.Generator().manual_seed(5)
+    with native.use_isa(isa):
+        w = Int8Weight(torch.randn(70, 81, generator=g))  # rows and width not multiples of 16 / 32
+        ids = torch.tensor([[0, 15, 16, 69], [33, 1, 68, 47]])
+        ref = w.rows(ids).float() * w.scale[ids].unsqueeze(-1)
+        assert torch.equal(native.embed_rows(w.q, w.scale, w.in_features, ids), ref)
