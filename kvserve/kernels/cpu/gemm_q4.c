@@ -101,21 +101,34 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
         }                                                                                                   \
     }
 
-/* rows x 16-channel blocks per tile; override with -DKV_Q4_MR / -DKV_Q4_NR (KVSERVE_CFLAGS) to tune */
+/* rows x 16-channel blocks per tile; override with -DKV_Q4_MR / -DKV_Q4_NR (KVSERVE_CFLAGS) to tune.
+ * AVX2 (without VNNI) has 16 registers of half a vector: one block of channels per tile keeps the
+ * int16 accumulators of 8 rows and the block's nibbles in registers (4 x 2 spilled in the inner loop) */
 #ifdef KV_Q4_MR
 #define MR4 KV_Q4_MR
+#elif defined(KV_ISA_AVX2) && KV_DOT16
+#define MR4 8
 #else
 #define MR4 4
 #endif
 #ifdef KV_Q4_NR
 #define NR4 KV_Q4_NR
+#elif defined(KV_ISA_AVX2) && KV_DOT16
+#define NR4 1
 #else
 #define NR4 2
 #endif
 TILE4(tile4_big, MR4, NR4)
+TILE4(tile4_4xNR, 4, NR4)
+TILE4(tile4_2xNR, 2, NR4)
 TILE4(tile4_1xNR, 1, NR4)
 TILE4(tile4_MRx1, MR4, 1)
+TILE4(tile4_4x1, 4, 1)
+TILE4(tile4_2x1, 2, 1)
 TILE4(tile4_1x1, 1, 1)
+
+typedef void (*tile4_fn)(const int8_t *, int64_t, const float *, const float *, int64_t, const uint8_t *, int64_t,
+                         int64_t, float *, int64_t);
 
 void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t K, const uint8_t *wp,
                int64_t N, float *y) {
@@ -124,20 +137,17 @@ void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, in
 #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
     for (int64_t gi = 0; gi < groups; gi++) {
         const int64_t b0 = gi * NR4, nb = N16 - b0 < NR4 ? N16 - b0 : NR4;
-        int64_t m = 0;
-        for (; m + MR4 <= M; m += MR4) {
+        /* rows in tiles of MR4, then the rest in tiles of 4, 2 and 1 (each tile reads its weights once) */
+        for (int64_t m = 0; m < M;) {
+            const int64_t left = M - m, mr = left >= MR4 ? MR4 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const tile4_fn full = mr == MR4 ? tile4_big : mr == 4 ? tile4_4xNR : mr == 2 ? tile4_2xNR : tile4_1xNR;
+            const tile4_fn one = mr == MR4 ? tile4_MRx1 : mr == 4 ? tile4_4x1 : mr == 2 ? tile4_2x1 : tile4_1x1;
             if (nb == NR4)
-                tile4_big(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N);
+                full(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N);
             else
                 for (int64_t b = b0; b < b0 + nb; b++)
-                    tile4_MRx1(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N);
-        }
-        for (; m < M; m++) {
-            if (nb == NR4)
-                tile4_1xNR(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N);
-            else
-                for (int64_t b = b0; b < b0 + nb; b++)
-                    tile4_1x1(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N);
+                    one(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N);
+            m += mr;
         }
     }
 }

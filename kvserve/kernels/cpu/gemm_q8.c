@@ -116,9 +116,16 @@ int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
 #define NR 3
 #endif
 TILE(tile_big, MR, NR)
+TILE(tile_4xNR, 4, NR)
+TILE(tile_2xNR, 2, NR)
 TILE(tile_1xNR, 1, NR)
 TILE(tile_MRx1, MR, 1)
+TILE(tile_4x1, 4, 1)
+TILE(tile_2x1, 2, 1)
 TILE(tile_1x1, 1, 1)
+
+typedef void (*tile_fn)(const uint8_t *, int64_t, const float *, int64_t, const int8_t *, const float *,
+                        const int32_t *, int64_t, int64_t, float *);
 
 /* y [M, N] float32 = dequant(xq) @ dequant(W)^T with W packed by kv_pack_weight.
  * Threads split the output channels in groups of NR blocks. */
@@ -131,20 +138,17 @@ void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const in
 #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
     for (int64_t gi = 0; gi < groups; gi++) {
         const int64_t b0 = gi * NR, nb = N16 - b0 < NR ? N16 - b0 : NR;
-        int64_t m = 0;
-        for (; m + MR <= M; m += MR) {
+        /* rows in tiles of MR, then the rest in tiles of 4, 2 and 1 (each tile reads its weights once) */
+        for (int64_t m = 0; m < M;) {
+            const int64_t left = M - m, mr = left >= MR ? MR : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const tile_fn full = mr == MR ? tile_big : mr == 4 ? tile_4xNR : mr == 2 ? tile_2xNR : tile_1xNR;
+            const tile_fn one = mr == MR ? tile_MRx1 : mr == 4 ? tile_4x1 : mr == 2 ? tile_2x1 : tile_1x1;
             if (nb == NR)
-                tile_big(xq + m * ldx, ldx, dx + m * G, G, wp + b0 * K4 * 64, dw, corr, b0 * 16, N, y + m * N);
+                full(xq + m * ldx, ldx, dx + m * G, G, wp + b0 * K4 * 64, dw, corr, b0 * 16, N, y + m * N);
             else
                 for (int64_t b = b0; b < b0 + nb; b++)
-                    tile_MRx1(xq + m * ldx, ldx, dx + m * G, G, wp + b * K4 * 64, dw, corr, b * 16, N, y + m * N);
-        }
-        for (; m < M; m++) {
-            if (nb == NR)
-                tile_1xNR(xq + m * ldx, ldx, dx + m * G, G, wp + b0 * K4 * 64, dw, corr, b0 * 16, N, y + m * N);
-            else
-                for (int64_t b = b0; b < b0 + nb; b++)
-                    tile_1x1(xq + m * ldx, ldx, dx + m * G, G, wp + b * K4 * 64, dw, corr, b * 16, N, y + m * N);
+                    one(xq + m * ldx, ldx, dx + m * G, G, wp + b * K4 * 64, dw, corr, b * 16, N, y + m * N);
+            m += mr;
         }
     }
 }

@@ -122,10 +122,15 @@ void kv_pack_wide(const uint8_t *q, const uint16_t *s, const uint16_t *mn, int64
 #endif
 #define NRW 2
 
+typedef void (*tilew_fn)(const int8_t *, int64_t, const float *, const float *, const int32_t *, int64_t,
+                         const uint8_t *, int64_t, int64_t, float *, int64_t);
+
 #define TILES_FOR(H)                                                                                        \
     TILEW(tilew##H##_big, MRW, NRW, H)                                                                      \
+    TILEW(tilew##H##_2xNR, 2, NRW, H)                                                                       \
     TILEW(tilew##H##_1xNR, 1, NRW, H)                                                                       \
     TILEW(tilew##H##_MRx1, MRW, 1, H)                                                                       \
+    TILEW(tilew##H##_2x1, 2, 1, H)                                                                          \
     TILEW(tilew##H##_1x1, 1, 1, H)                                                                          \
     static void gemm_wide##H(const int8_t *xq, const float *dx, const float *xs, const int32_t *hs, int64_t M,  \
                              int64_t K, const uint8_t *wp, int64_t N, float *y) {                           \
@@ -134,24 +139,18 @@ void kv_pack_wide(const uint8_t *q, const uint16_t *s, const uint16_t *mn, int64
         _Pragma("omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)")                   \
         for (int64_t gi = 0; gi < groups; gi++) {                                                           \
             const int64_t b0 = gi * NRW, nb = N16 - b0 < NRW ? N16 - b0 : NRW;                              \
-            int64_t m = 0;                                                                                  \
-            for (; m + MRW <= M; m += MRW) {                                                                \
+            for (int64_t m = 0; m < M;) { /* tiles of MRW rows, then of 2 and 1 */                          \
+                const int64_t mr = M - m >= MRW ? MRW : M - m >= 2 ? 2 : 1;                                 \
+                const tilew_fn full = mr == MRW ? tilew##H##_big : mr == 2 ? tilew##H##_2xNR : tilew##H##_1xNR; \
+                const tilew_fn one = mr == MRW ? tilew##H##_MRx1 : mr == 2 ? tilew##H##_2x1 : tilew##H##_1x1;   \
                 if (nb == NRW)                                                                              \
-                    tilew##H##_big(xq + m * ldx, ldx, dx + m * G, xs + 2 * m * G, hs + 2 * m * G, G,       \
-                                   wp + b0 * bstride, b0 * 16, N, y + m * N, N);                            \
+                    full(xq + m * ldx, ldx, dx + m * G, xs + 2 * m * G, hs + 2 * m * G, G, wp + b0 * bstride,  \
+                         b0 * 16, N, y + m * N, N);                                                         \
                 else                                                                                        \
                     for (int64_t b = b0; b < b0 + nb; b++)                                                  \
-                        tilew##H##_MRx1(xq + m * ldx, ldx, dx + m * G, xs + 2 * m * G, hs + 2 * m * G, G,  \
-                                        wp + b * bstride, b * 16, N, y + m * N, N);                         \
-            }                                                                                               \
-            for (; m < M; m++) {                                                                            \
-                if (nb == NRW)                                                                              \
-                    tilew##H##_1xNR(xq + m * ldx, ldx, dx + m * G, xs + 2 * m * G, hs + 2 * m * G, G,      \
-                                    wp + b0 * bstride, b0 * 16, N, y + m * N, N);                           \
-                else                                                                                        \
-                    for (int64_t b = b0; b < b0 + nb; b++)                                                  \
-                        tilew##H##_1x1(xq + m * ldx, ldx, dx + m * G, xs + 2 * m * G, hs + 2 * m * G, G,   \
-                                       wp + b * bstride, b * 16, N, y + m * N, N);                          \
+                        one(xq + m * ldx, ldx, dx + m * G, xs + 2 * m * G, hs + 2 * m * G, G, wp + b * bstride, \
+                            b * 16, N, y + m * N, N);                                                       \
+                m += mr;                                                                                    \
             }                                                                                               \
         }                                                                                                   \
     }
