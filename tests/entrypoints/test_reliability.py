@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -85,6 +86,24 @@ def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
         rc, out = s.stop()
     assert rc == 0, out
     assert "Traceback" not in out, out
+
+
+def test_a_stdout_nobody_reads_does_not_stall_the_server(tiny_dir):
+    """Issue #19's hang: the server's output is a pipe nobody reads (full at 64 KiB). The request log line of
+    each request used to be written from the event loop, so once the pipe was full every route, /health
+    included, waited for a reader. Now later requests are answered at once, and no line is lost."""
+    s = TinyServer(tiny_dir, read_output=False)
+    try:
+        bad = {"prompt": [1], "x" * 3000: 1}  # a 400 whose ~3 KB message ("unsupported field 'xxx…'") is logged
+        for _ in range(40):  # ~120 KB of request log
+            assert _complete(s.url, bad, timeout=5).status_code == 400
+        assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
+        assert _complete(s.url, GREEDY, timeout=5).json()["usage"]["completion_tokens"] == 8
+    finally:
+        rc, out = s.stop()  # reads the pipe at last: the writer thread writes what was queued
+    assert rc == 0, out[-2000:]
+    assert len(re.findall(r"POST /v1/completions 400 e2e=\S+: unsupported field 'x{3000}'\n", out)) == 40, out[:2000]
+    assert out.count("POST /v1/completions 200 ") == 1, out[-2000:]
 
 
 def _stream_events(url: str, body: dict) -> list[str]:
