@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -398,8 +399,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         for e in engines:
             e.shutdown()
-        out.flush(timeout=2)  # what is still queued, unless nobody reads it
-    return 2 if front.error else 1 if fatal else 0
+        flushed = out.flush(timeout=2)  # what is still queued, unless nobody reads it
+    code = 2 if front.error else 1 if fatal else 0
+    if not flushed:  # a write is stuck on an output nobody reads, holding its handler's lock: logging's
+        os._exit(code)  # exit hook would wait for that lock for ever (the engines are shut down already)
+    return code
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:
