@@ -12,9 +12,11 @@ import logging
 import queue
 import sys
 import threading
+import time
 from typing import TextIO
 
 DROPPED_MSG = "%d log records dropped: the server's output was not being read"
+_FLUSH = object()
 
 
 class _Enqueue(logging.Handler):
@@ -72,28 +74,28 @@ class LogWriter:
 
     def flush(self, timeout: float) -> bool:
         """Wait until what was queued so far is written (False: still blocked after `timeout` s)."""
-        done = threading.Event()
+        done, deadline = threading.Event(), time.monotonic() + timeout
         try:
-            self._queue.put(("flush", done, 0), timeout=timeout)
+            self._queue.put((_FLUSH, done, 0), timeout=timeout)
         except queue.Full:
             return False
-        return done.wait(timeout)
+        return done.wait(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while True:
             target, item, dropped = self._queue.get()
-            if target == "flush":
+            if target is _FLUSH:
                 item.set()
                 continue
-            if isinstance(target, logging.Handler):
-                if dropped:
-                    target.handle(logging.LogRecord("kvserve", logging.WARNING, __file__, 0, DROPPED_MSG,
-                                                    (dropped,), None))
-                target.handle(item)
-            else:
-                try:
+            try:
+                if isinstance(target, logging.Handler):
+                    if dropped:
+                        target.handle(logging.LogRecord("kvserve", logging.WARNING, __file__, 0, DROPPED_MSG,
+                                                        (dropped,), None))
+                    target.handle(item)
+                else:
                     if dropped:
                         print(DROPPED_MSG % dropped, file=target)
                     print(item, file=target, flush=True)
-                except (OSError, ValueError):  # a closed stream: nothing to tell anyone
-                    pass
+            except Exception:  # noqa: BLE001 - a closed stream, a failing filter: the writer must go on
+                pass
