@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -31,12 +32,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Drain:
+    """Reads a process's output as it comes: a pipe nobody reads fills at 64 KiB, and then the writer waits."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._run, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _run(self, stream) -> None:  # noqa: ANN001
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self, timeout: float = 10) -> str:
+        self.thread.join(timeout)
+        return "".join(self.lines)
+
+
+_drains: dict[int, _Drain] = {}
+
+
+def drain(proc: subprocess.Popen) -> subprocess.Popen:
+    """Keep reading `proc`'s stdout from now on (wait_healthy and stop_server then use what was read)."""
+    _drains[proc.pid] = _Drain(proc)
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    d = _drains.pop(proc.pid, None)
+    return d.text() if d is not None else proc.stdout.read()
+
+
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
     """Poll `url`/health until 200; raise with the server's output if it exits first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            raise RuntimeError(f"server exited: {_output(proc)}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return
@@ -50,18 +82,27 @@ def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
     """SIGTERM (if still running), then the exit code and everything the server printed."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
+    if proc.pid not in _drains:
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        return proc.returncode, out
     try:
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    return proc.returncode, out
+    return proc.returncode, _output(proc)
 
 
 class TinyServer:
-    """`kvserve serve` on the tiny model; `pre` is Python run in the server process before the CLI (faults)."""
+    """`kvserve serve` on the tiny model; `pre` is Python run in the server process before the CLI (faults);
+    `read_output=False` leaves its output unread until stop() (a pipe that fills up)."""
 
-    def __init__(self, model_dir, *extra: str, pre: str = "", env: dict | None = None, wait: bool = True) -> None:
+    def __init__(self, model_dir, *extra: str, pre: str = "", env: dict | None = None, wait: bool = True,
+                 read_output: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         code = f"import sys\n{pre}\nfrom kvserve.entrypoints.cli import main\nsys.exit(main(sys.argv[1:]))"
@@ -70,6 +111,8 @@ class TinyServer:
              *TINY_ARGS, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "KVSERVE_API_KEY": "", **(env or {})})
+        if read_output:
+            drain(self.proc)
         if wait:
             self.wait_healthy()
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -333,6 +334,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from kvserve.distributed.data_parallel import DataParallelEngine
     from kvserve.distributed.launch import is_worker_node, run_worker_node
+    from kvserve.entrypoints.log_writer import LogWriter
 
     if is_worker_node(args.node_rank):
         return run_worker_node(args)  # this machine only hosts ranks of the engine on node 0
@@ -344,6 +346,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if dp > 1 and args.tensor_parallel_size * args.pipeline_parallel_size > 1:
         raise InvalidRequestError("data parallel replicas of a tensor/pipeline-parallel engine are not supported yet")
     front = _LoadingApp()
+    out = LogWriter()  # logs and messages: a stdout or stderr nobody reads must not stall the server
     engines: list = []
     if not args.disable_log_requests:  # request lines at INFO, whatever -v says
         logging.getLogger("kvserve.requests").setLevel(logging.INFO)
@@ -356,7 +359,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             replicas = [engine] + [LLMEngine(loaded=engine.lm, **engine_kwargs(args)) for _ in range(dp - 1)]
         except KVServeError as e:
             front.error = str(e)
-            print(f"kvserve: error: {e}", file=sys.stderr, flush=True)
+            out.print(f"kvserve: error: {e}")
             server.should_exit = True
             return
         name = args.served_model_name or (engine.lm.path.stem if args.model else "SmolLM2-135M-Instruct")
@@ -368,9 +371,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         metrics_public=args.metrics_public, log_requests=not args.disable_log_requests,
                         limit_concurrency=args.limit_concurrency)
         server.app_state = app.state
-        print(f"model: {engine.lm.describe()}", file=sys.stderr)
-        print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""), file=sys.stderr)
-        print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        out.print(f"model: {engine.lm.describe()}")
+        out.print(engine.budget.describe() + (f" (x {dp} replicas)" if dp > 1 else ""))
+        out.print(f"serving {name!r} on http://{args.host}:{args.port}/v1")
         front.app = app
         threading.Thread(target=watch, args=(async_engine,), name="kvserve-watch", daemon=True).start()
 
@@ -381,21 +384,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if server.should_exit or args.keep_alive_on_fatal:
             return
         fatal.append(async_engine.error)
-        print(f"kvserve: error: the engine crashed ({async_engine.error!r}); exiting in {args.fatal_grace_period:g} s",
-              file=sys.stderr, flush=True)
+        out.print(f"kvserve: error: the engine crashed ({async_engine.error!r}); exiting in "
+                  f"{args.fatal_grace_period:g} s")
         time.sleep(args.fatal_grace_period)  # the failed streams' error events reach their clients
         server.should_exit = True
 
     config = uvicorn.Config(front, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=10, lifespan="off")
     server = _graceful_server_class()(config)
+    out.install()  # after uvicorn.Config, which sets up uvicorn's own handlers
     threading.Thread(target=load, name="kvserve-load", daemon=True).start()
     try:
         server.run()  # SIGINT/SIGTERM: stop accepting, let in-flight requests finish, exit 0
     finally:
         for e in engines:
             e.shutdown()
-    return 2 if front.error else 1 if fatal else 0
+        flushed = out.flush(timeout=2)  # what is still queued, unless nobody reads it
+    code = 2 if front.error else 1 if fatal else 0
+    if not flushed:  # a write is stuck on an output nobody reads, holding its handler's lock: logging's
+        os._exit(code)  # exit hook would wait for that lock for ever (the engines are shut down already)
+    return code
 
 
 def _cmd_ppl(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -87,6 +88,27 @@ def test_bad_request_cancelled_before_the_engine_takes_it(tiny_dir):
     assert "Traceback" not in out, out
 
 
+def test_a_stdout_nobody_reads_does_not_stall_the_server(tiny_dir):
+    """Issue #19's hang: the server's output is a pipe nobody reads (full at 64 KiB). The request log line of
+    each request used to be written from the event loop, so once the pipe was full every route, /health
+    included, waited for a reader. Now later requests are answered at once, and SIGTERM still ends the
+    process, with nobody reading still."""
+    s = TinyServer(tiny_dir, read_output=False)
+    try:
+        bad = {"prompt": [1], "x" * 3000: 1}  # a 400 whose ~3 KB message ("unsupported field 'xxx…'") is logged
+        for _ in range(40):  # ~120 KB of request log
+            assert _complete(s.url, bad, timeout=5).status_code == 400
+        assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
+        assert _complete(s.url, GREEDY, timeout=5).json()["usage"]["completion_tokens"] == 8
+        t0 = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=15) == 0 and time.time() - t0 < 10  # draining, then 2 s for the output
+    finally:
+        rc, out = s.stop()
+    assert rc == 0, out[-2000:]
+    assert re.search(r"POST /v1/completions 400 e2e=\S+: unsupported field 'x{3000}'\n", out), out[:2000]
+
+
 def _stream_events(url: str, body: dict) -> list[str]:
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         assert r.status_code == 200
@@ -146,10 +168,12 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_tp2_worker_killed_mid_stream_fails_streams_and_exits(tiny_dir):
-    """`serve --tensor-parallel-size 2`, two streams in flight, SIGKILL the worker process: both streams end
-    with an error event then [DONE], /health turns 503, and the server exits 1 within 10 s of the kill."""
-    s = TinyServer(tiny_dir, "--tensor-parallel-size", "2", "--fatal-grace-period", "1", pre=SLOW_STEP)
+@pytest.mark.parametrize("parallel", ["--tensor-parallel-size", "--pipeline-parallel-size"], ids=["tp2", "pp2"])
+def test_worker_killed_mid_stream_fails_streams_and_exits(tiny_dir, parallel):
+    """`serve --tensor-parallel-size 2` (or `--pipeline-parallel-size 2`: rank 1 holds the last layer), two
+    streams in flight, SIGKILL the worker process: both streams end with an error event then [DONE], /health
+    turns 503, and the server exits 1 within 10 s of the kill."""
+    s = TinyServer(tiny_dir, parallel, "2", "--fatal-grace-period", "1", pre=SLOW_STEP)
     killed_at = None
     try:
         workers = [pid for pid, cmd in _children(s.proc.pid) if "multiprocessing.spawn" in cmd

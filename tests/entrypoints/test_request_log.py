@@ -50,6 +50,18 @@ def test_every_4xx_names_its_reason(http, caplog):
     assert " 404 " in b and "'gpt-4' does not exist" in b and " 404 " in c and "Not Found" in c
 
 
+def test_client_text_cannot_start_a_log_line(http, caplog):
+    """The path and the error message carry what the client sent: a line break in them is escaped."""
+    caplog.set_level(logging.INFO, logger="kvserve.requests")
+    forged = "\nreq-1 POST /v1/completions 200 e2e=0.001s\u2028\r"
+    http.post("/v1/chat/completions", json={"messages": MSG, "model": f"gpt-4{forged}"})
+    http.get("/v1/models/a%0Areq-2%20GET%20/v1/models%20200")
+    a, b = _lines(caplog)
+    assert " 404 " in a and "'gpt-4\\nreq-1 POST /v1/completions 200 e2e=0.001s\\u2028\\r'" in a, a
+    assert b.startswith("req-") and " GET /v1/models/a\\nreq-2 GET /v1/models 200 404 " in b, b
+    assert not any(ch in a + b for ch in "\n\r\u2028")
+
+
 def test_disable_log_requests(tiny_app, caplog):
     from kvserve.entrypoints.openai.app import build_app
 

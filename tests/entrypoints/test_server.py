@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from serve_helpers import free_port, stop_server, wait_healthy
+from serve_helpers import drain, free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -32,6 +32,7 @@ class Server:
             [sys.executable, "-m", "kvserve.entrypoints.cli", "serve", "--port", str(self.port),
              "--kv-cache-memory", "384MiB", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        drain(self.proc)
         wait_healthy(self.proc, self.url)
 
     def stop(self) -> tuple[int, str]:

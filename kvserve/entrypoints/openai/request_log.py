@@ -41,7 +41,13 @@ class RequestRecord:
             if self.first_token is not None:
                 parts.append(f"ttft={self.first_token - self.start:.3f}s")
         parts.append(f"e2e={time.perf_counter() - self.start:.3f}s")
-        return " ".join(parts) + (f": {reason}" if reason else "")
+        return _escaped(" ".join(parts) + (f": {reason}" if reason else ""))
+
+
+def _escaped(s: str) -> str:
+    """Line breaks and other unprintable characters as Python escapes: the path and the error message carry
+    the client's text, and a client must not be able to start a log line of its own."""
+    return s if s.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
 
 
 def record_of(request: Request, request_id: str | None = None) -> RequestRecord:
