@@ -13,7 +13,8 @@ So the length of each request's draft is chosen every step from two things the e
 
 `DraftLengthController.choose` then keeps the draft positions, most probable first, that maximise
 expected tokens emitted per second of step: (base tokens + sum of kept probabilities) / time(base
-tokens + kept positions). No fixed batch-size cut-off: the machine's own step times decide.
+tokens + kept positions), where a draft model's own forwards count in the time too. No fixed batch-size
+cut-off: the machine's own step times decide.
 """
 
 from __future__ import annotations
@@ -114,22 +115,32 @@ class DraftLengthController:
         rec.accepted *= self.IDLE_DECAY
         rec.rejected *= self.IDLE_DECAY
 
-    def choose(self, base_tokens: int, drafts: list[tuple[float, int]]) -> list[int]:
+    def choose(self, base_tokens: int, drafts: list[tuple[float, int]],
+               draft_time: StepTimeModel | None = None) -> list[int]:
         """Draft lengths for a step that computes `base_tokens` tokens without drafts, given per
         candidate request (acceptance probability, longest draft it has): the lengths that maximise
-        expected tokens emitted per second. Before any step was timed every draft is kept whole."""
+        expected tokens emitted per second. Before any step was timed every draft is kept whole.
+
+        `draft_time`: where drafting itself costs (a draft model runs one forward per draft position
+        over the requests drafting that far), the seconds of one draft forward by its rows; the step's
+        time is then the target's plus each draft forward's. None: drafts are free (n-gram lookup)."""
         if self.step_time.empty or not drafts:
             return [k for _, k in drafts]
-        # every draft position with its survival probability a^j, most probable first
-        cand = sorted(((a ** j, i) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
-        gain, best, best_n = float(base_tokens), -1.0, 0
+        # every draft position j with its survival probability a^j, most probable first
+        cand = sorted(((a ** j, i, j) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
+        rows = [0] * (max(k for _, k in drafts) + 1)  # requests in draft forward j so far
+        gain, drafting, best, best_n = float(base_tokens), 0.0, -1.0, 0
         for n in range(len(cand) + 1):
             if n:
-                gain += cand[n - 1][0]
-            rate = gain / self.step_time.estimate(base_tokens + n)
+                p, _, j = cand[n - 1]
+                gain += p
+                if draft_time is not None:  # one more row in forward j (the first row pays its whole cost)
+                    rows[j] += 1
+                    drafting += draft_time.estimate(rows[j]) - (draft_time.estimate(rows[j] - 1) if rows[j] > 1 else 0.0)
+            rate = gain / (self.step_time.estimate(base_tokens + n) + drafting)
             if rate > best:
                 best, best_n = rate, n
         lengths = [0] * len(drafts)
-        for _, i in cand[:best_n]:  # a^j decreases in j: the kept positions of a request are its first ones
+        for _, i, _ in cand[:best_n]:  # a^j decreases in j: the kept positions of a request are its first ones
             lengths[i] += 1
         return lengths
