@@ -345,10 +345,12 @@ class Scheduler:
             return {}
         lengths = [k for _, k in cands]
         if control is not None:
-            for req in self.waiting:  # prompt tokens the step may also carry
-                if base >= budget:
+            seats = self.config.max_num_seqs - len(self.running)
+            for req in self.waiting:  # prompt tokens the step may also carry: only those with a seat to take
+                if base >= budget or seats <= 0:
                     break
                 base += req.num_tokens - req.num_computed_tokens
+                seats -= 1
             for req, _ in cands:
                 if req.draft_record is None:
                     req.draft_record = Acceptance()

@@ -502,3 +502,16 @@ def test_unseeded_sampling_under_speculation_keeps_the_distribution(tiny):
     tv = 0.5 * sum(abs(base.get(x, 0) - spec_hist.get(x, 0)) for x in support)
     assert tv < 0.15, (tv, len(support))
     print(f"total variation {tv:.3f} over {len(support)} pairs")
+
+
+def test_waiting_requests_without_a_seat_do_not_make_drafts_look_costly(tiny, prompts, reference):
+    """One seat (max_num_seqs=1): the queued prompts cannot join the step, so they must not count in its
+    tokens. With time = 1 + 0.1 per token a draft position at the prior's 0.5 pays (1.5 / 1.2 > 1 / 1.1);
+    counting a queued 30-token prompt as well would make it look a loss (31.5 / 4.2 < 31 / 4.1)."""
+    ps = [random_ids(30, TINY_VOCAB, seed=300 + i) for i in range(3)]
+    want = tokens(run(make_engine(tiny, max_num_seqs=1), ps, GREEDY), 3)
+    eng = with_proposer(make_engine(tiny, {**NGRAM, "adaptive": True}, max_num_seqs=1), oracle(ps, want))
+    eng.scheduler.draft_control.step_time = FixedStepTime(1.0, 0.1)
+    assert tokens(run(eng, ps, GREEDY), 3) == want
+    st_ = eng.stats()
+    assert st_["spec_decode_num_drafts"] > 3 * 5  # each request drafts while the others wait
