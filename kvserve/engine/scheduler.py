@@ -356,9 +356,12 @@ class Scheduler:
                     req.draft_record = Acceptance()
             lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), k) for r, k in cands],
                                      self.proposer.draft_time if batched else None)
-            for (req, _), n in zip(cands, lengths):
-                if not n:
-                    control.idle(req.draft_record)
+            for i, (req, _) in enumerate(cands):
+                if not lengths[i]:
+                    if control.probe(req.draft_record):
+                        lengths[i] = 1
+                    else:
+                        control.idle(req.draft_record)
         if batched:
             chosen = [(r, n) for (r, _), n in zip(cands, lengths) if n]
             drafts = self.proposer.propose_batch([r for r, _ in chosen], [n for _, n in chosen]) if chosen else []

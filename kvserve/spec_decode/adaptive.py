@@ -82,6 +82,7 @@ class Acceptance:
 
     accepted: float = 0.0
     rejected: float = 0.0
+    idle_steps: int = 0  # steps without a draft since its last verify result
 
 
 class DraftLengthController:
@@ -90,6 +91,11 @@ class DraftLengthController:
     PRIOR = 2.0  # weight, in verify results, of the engine-wide acceptance for a request's estimate
     DECAY = 0.8  # of a request's record per verify result, so recent drafts count most
     IDLE_DECAY = 0.95  # per step without a draft: the record fades back to the prior, so drafting is retried
+    # idle steps after which a request drafts one token even where the choice says none: its acceptance
+    # (and the step time with one more position) is measured again, so an unlucky start or a stale
+    # estimate cannot stop drafting for good (the prior alone may never make a first draft pay); in a
+    # compute-bound regime this costs one position per request every PROBE_AFTER steps
+    PROBE_AFTER = 32
 
     def __init__(self, step_time: StepTimeModel | None = None) -> None:
         self.step_time = step_time or StepTimeModel()
@@ -108,12 +114,18 @@ class DraftLengthController:
         rejected = 1.0 if num_accepted < num_draft else 0.0
         rec.accepted = rec.accepted * self.DECAY + num_accepted
         rec.rejected = rec.rejected * self.DECAY + rejected
+        rec.idle_steps = 0
         self.accepted += num_accepted
         self.rejected += rejected
 
     def idle(self, rec: Acceptance) -> None:
         rec.accepted *= self.IDLE_DECAY
         rec.rejected *= self.IDLE_DECAY
+        rec.idle_steps += 1
+
+    def probe(self, rec: Acceptance) -> bool:
+        """Whether a request the choice left without a draft drafts one token anyway (PROBE_AFTER)."""
+        return rec.idle_steps >= self.PROBE_AFTER
 
     def choose(self, base_tokens: int, drafts: list[tuple[float, int]],
                draft_time: StepTimeModel | None = None) -> list[int]:

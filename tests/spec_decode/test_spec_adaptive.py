@@ -91,3 +91,15 @@ def test_a_draft_models_forwards_count_in_the_step_time():
     assert c.choose(1, [(0.8, 4)], model({1: 0.002, 64: 0.002})) == [4]
     assert c.choose(1, [(0.8, 4)], model({1: 0.005, 64: 0.005})) == [2]
     assert c.choose(2, [(0.8, 4), (0.8, 4)], model({1: 0.005, 64: 0.005})) == [2, 2]
+
+
+def test_a_request_left_without_drafts_probes_one_token_after_a_while():
+    c = DraftLengthController(model({1: 0.010}))
+    rec = Acceptance()
+    for _ in range(c.PROBE_AFTER - 1):
+        c.idle(rec)
+    assert not c.probe(rec)
+    c.idle(rec)
+    assert c.probe(rec) and rec.idle_steps == c.PROBE_AFTER
+    c.observe(rec, 1, 0)  # the probe's verify result
+    assert rec.idle_steps == 0 and not c.probe(rec)
