@@ -183,15 +183,22 @@ def main() -> None:
                        "base_tok_s_wall": base["decode_tok_s_wall"], "base_tok_s_cpu": base["decode_tok_s_cpu"]}
                 for label, cfg in configs.items():
                     sd = run(loaded, ps, cfg, batch, temperature, args)
+                    # greedy, or seeded sampling: the tokens of decoding without speculation. Bit for bit on the
+                    # native path; on the torch path a verify step's GEMMs have more rows than a decode's, so a
+                    # near tie (or a draw at a CDF boundary) may go the other way: counted, not hidden
                     same = base["tokens"] == sd["tokens"]
-                    if not same:  # greedy, or seeded sampling: the tokens of decoding without speculation
-                        raise SystemExit(f"{name} batch {batch} T={temperature} ({label}): outputs differ with "
-                                         "speculation")
+                    diverged = [next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+                                for a, b in zip(base["tokens"], sd["tokens"]) if a != b]
+                    if not same:
+                        print(f"WARNING {name} batch {batch} T={temperature} ({label}): {len(diverged)} of {len(ps)} "
+                              f"outputs differ from decoding without speculation, from token {diverged}", flush=True)
+                        if loaded.quantization != "none":
+                            raise SystemExit("outputs differ on the native path, where they must not")
                     speedup = (sd["decode_tok_s"] / base["decode_tok_s"]) if base["decode_tok_s"] and \
                         sd["decode_tok_s"] else None
                     row[label] = {"tok_s": sd["decode_tok_s"], "speedup": round(speedup, 3) if speedup else None,
                                   "tok_s_wall": sd["decode_tok_s_wall"], "tok_s_cpu": sd["decode_tok_s_cpu"],
-                                  "identical": same, "acceptance_rate": sd["acceptance_rate"],
+                                  "identical": same, "diverged_at": diverged, "acceptance_rate": sd["acceptance_rate"],
                                   "mean_accepted_length": sd["mean_accepted_length"], "drafted": sd["drafted"],
                                   "roofline": sd["roofline"]}
                 row["base_roofline"] = base["roofline"]

@@ -156,8 +156,8 @@ def load_draft(spec, target: LoadedModel, device: torch.device) -> LoadedModel: 
     if spec.method == "self_quant":
         if target.quantization != "none":
             raise InvalidRequestError(f"speculative_config: self_quant drafts with the target's own weights "
-                                      f"quantized, so it needs a float target (quantization none); this one runs "
-                                      f"{target.quantization} weights already")
+                                      f"quantized, so it needs a float target (quantization none, --quantization "
+                                      f"none); this one runs {target.quantization} weights already")
         path = target.path
         # a quantized GGUF: its own formats ("auto" on the native path); a float checkpoint: int4
         quantized_file = getattr(model_source(path), "has_quantized_weights", lambda: False)()
