@@ -357,8 +357,8 @@ class Scheduler:
             lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), k) for r, k in cands],
                                      self.proposer.draft_time if batched else None)
             for i, (req, _) in enumerate(cands):
-                if not lengths[i]:
-                    if control.probe(req.draft_record):
+                if not lengths[i]:  # a probe re-measures acceptance; never a draft model's first draft (a prefill)
+                    if control.probe(req.draft_record) and (not batched or self.proposer.follows(req.request_id)):
                         lengths[i] = 1
                     else:
                         control.idle(req.draft_record)

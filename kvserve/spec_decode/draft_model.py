@@ -71,6 +71,9 @@ class DraftModelProposer(BatchProposer):
         if st is not None:
             self.kv.free(st.shadow)
 
+    def follows(self, request_id: str) -> bool:
+        return request_id in self.states
+
     def _sync(self, req: Request) -> DraftState:
         """The request's draft state with the target's new tokens appended and rejected guesses rolled back."""
         st = self.states.get(req.request_id)

@@ -26,6 +26,11 @@ class BatchProposer:
     def release(self, request_id: str) -> None:
         """Forget a request's state (finished, aborted or preempted): its draft blocks are freed."""
 
+    def follows(self, request_id: str) -> bool:
+        """Whether the proposer holds state for the request (a draft model has its prompt's K/V): only
+        then is a one-token probe cheap, since a first draft costs the draft a prompt prefill."""
+        return False
+
     def take_seconds(self) -> float:
         """Seconds spent drafting since the last call: the engine takes them off the target's step time."""
         s, self.seconds = self.seconds, 0.0

@@ -257,3 +257,49 @@ def test_config_errors(tiny, tiny_path):
     with pytest.raises(Exception, match="num_layers must be in"):
         LLMEngine(loaded=tiny, kv_cache_memory="4MiB",
                   speculative_config={"method": "self_quant", "num_speculative_tokens": 2, "draft_layers": 9})
+
+
+class ComputeBound:
+    """A step-time model where every token costs the same (no draft position ever pays)."""
+
+    empty = False
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def estimate(self, num_tokens: int) -> float:
+        return float(num_tokens)
+
+
+def test_probes_only_for_requests_the_draft_follows(tiny, tiny_path):
+    """Where no draft pays, a request the draft already follows still drafts one token now and then (a
+    probe re-measures its acceptance), but one it never drafted for is never probed: its first draft
+    would cost the draft a prompt prefill."""
+    from kvserve.spec_decode.adaptive import DraftLengthController
+
+    ps = [random_ids(12, TINY_VOCAB, seed=500 + i) for i in range(2)]
+    params = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+    want = tokens(run(LLMEngine(loaded=tiny, kv_cache_memory="4MiB"), ps, params), 2)
+
+    never = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path, adaptive=True))
+    never.scheduler.draft_control.step_time = ComputeBound()
+    assert tokens(run(never, ps, params), 2) == want
+    assert never.stats()["spec_decode_num_drafts"] == 0
+
+    eng = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path))
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, params)
+    for _ in range(3):  # prefill, then two steps of whole drafts: the draft follows both requests
+        eng.step()
+    assert all(eng.scheduler.proposer.follows(f"r{i}") for i in range(2))
+    before = eng.stats()
+    eng.scheduler.draft_control = DraftLengthController(ComputeBound())
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert tokens(done, 2) == want
+    after = eng.stats()
+    probes = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
+    assert probes > 0 and after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"] == probes
