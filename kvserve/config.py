@@ -20,7 +20,7 @@ QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 SCHEDULING_POLICIES = ("fcfs", "priority", "lpf", "mlfq")  # engine/policy.py
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # layers/attention/registry.py
-SPECULATIVE_METHODS = ("ngram",)  # spec_decode/
+SPECULATIVE_METHODS = ("ngram", "draft_model", "self_quant")  # spec_decode/
 
 
 def canonical_dtype(name: str) -> str:
@@ -78,6 +78,12 @@ class SpeculativeConfig:
 
     ngram (prompt lookup): the last n tokens (n from prompt_lookup_max down to prompt_lookup_min)
     are looked up in the prompt and output so far, and up to k tokens that followed are proposed.
+    draft_model: a smaller model with the same tokenizer (`model`: its GGUF file or HF directory, loaded
+    in its own format unless `quantization` says otherwise) drafts k tokens greedily on its own KV cache.
+    self_quant: the draft is the target's own checkpoint on the native quantized path (a quantized GGUF
+    in its own formats, a float checkpoint as int4, or `quantization`); for a float target.
+    draft_layers: the draft keeps only its first N layers (then its final norm and LM head): a layer-skip
+    draft, cheaper per token and less often right.
     """
 
     method: str = "ngram"
@@ -87,6 +93,9 @@ class SpeculativeConfig:
     # draft lengths chosen per step from measured step times and each request's acceptance, up to
     # num_speculative_tokens (spec_decode/adaptive.py); False: always as long as the proposer finds
     adaptive: bool = True
+    model: str | None = None  # draft_model: the draft's checkpoint
+    quantization: str | None = None  # draft_model / self_quant: the draft's weights (None: the method's default)
+    draft_layers: int | None = None  # draft_model / self_quant: run only the draft's first N layers
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str) -> SpeculativeConfig:
@@ -129,6 +138,21 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise InvalidRequestError(f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
                                       f"prompt_lookup_max ({self.prompt_lookup_max})")
+        model_methods = ("draft_model", "self_quant")
+        if self.method == "draft_model" and not isinstance(self.model, (str, os.PathLike)):
+            raise InvalidRequestError("speculative_config: draft_model needs \"model\", the draft's GGUF file or HF "
+                                      "directory (a smaller model with the target's tokenizer)")
+        if self.method != "draft_model" and self.model is not None:
+            raise InvalidRequestError(f"speculative_config.model is for method draft_model, not {self.method}")
+        if self.quantization is not None and (self.method not in model_methods or self.quantization
+                                              not in QUANTIZATIONS):
+            raise InvalidRequestError(f"speculative_config.quantization must be one of {', '.join(QUANTIZATIONS)} "
+                                      f"with method draft_model or self_quant, got {self.quantization!r}")
+        if self.draft_layers is not None:
+            v = self.draft_layers
+            if self.method not in model_methods or isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidRequestError(f"speculative_config.draft_layers must be an integer >= 1 with method "
+                                          f"draft_model or self_quant, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -183,9 +207,12 @@ class EngineConfig:
     enforce_eager: bool = arg(False, help="no decode CUDA graphs (they need CUDA and the triton backend)")
     speculative_config: dict[str, Any] | str | SpeculativeConfig | None = arg(
         None, type=str, help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
-                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram: prompt lookup; greedy and '
-                             'sampled requests speculate, constrained ones decode one token at a time; draft '
-                             'lengths adapt to the measured step cost unless "adaptive": false)')
+                             '"prompt_lookup_max": 4, "prompt_lookup_min": 1}\' (ngram: prompt lookup; '
+                             'draft_model: {"model": PATH} drafts with a smaller model of the same tokenizer; '
+                             'self_quant: a float target drafts with its own weights quantized, "draft_layers": N '
+                             'keeps its first N layers; greedy and sampled requests speculate, constrained ones '
+                             'decode one token at a time; draft lengths adapt to the measured step cost unless '
+                             '"adaptive": false)')
     structured_outputs_jump_forward: bool = arg(
         True, help="structured outputs: append the tokens a grammar forces (a JSON key, a closing brace) "
                    "without a step of their own; they are computed in the next step with the token after them")

@@ -16,7 +16,7 @@ from kvserve.engine.outputs import RequestOutput
 from kvserve.engine.policy import make_policy
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kvserve.errors import InvalidRequestError
-from kvserve.executor.memory import plan_memory
+from kvserve.executor.memory import kv_bytes_per_token, plan_memory
 from kvserve.executor.model_runner import ModelRunner
 from kvserve.kernels.cpu.build import cpu_has_fast_bf16
 from kvserve.layers.attention import make_attention_backend, resolve_kv_dtype, set_attention_backend
@@ -25,6 +25,7 @@ from kvserve.platform import tune_allocator
 from kvserve.sampling_params import SamplingParams
 from kvserve.spec_decode import make_proposer
 from kvserve.spec_decode.adaptive import DraftLengthController
+from kvserve.spec_decode.proposer import BatchProposer
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +63,31 @@ class LLMEngine:
         self.tokenizer = self.lm.tokenizer
         backend = set_attention_backend(model, make_attention_backend(c.attention_backend, self.device))
         self.max_model_len = min(c.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-        self.kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, self.lm.dtype)
-        if c.kv_cache_dtype == "auto" and self.device.type == "cpu" and self.lm.quantization != "none" \
-                and self.lm.dtype == torch.float32:
-            # the quantized CPU path reads the cache through the native kernels, which convert float16
-            # on every ISA: half the memory and bandwidth of float32, llama.cpp's default too
-            self.kv_dtype = torch.float16
-            logger.info("kv cache auto -> float16: %s weights on the native CPU path (--kv-cache-dtype float32 "
-                        "keeps full precision)", self.lm.quantization)
+        self.kv_dtype = self._kv_dtype(self.lm)
         if self.device.type == "cpu" and torch.bfloat16 in (self.lm.dtype, self.kv_dtype) and not cpu_has_fast_bf16():
             logger.warning("bfloat16 %s on a CPU without native bfloat16 (no AVX512-BF16 / ARM BF16): torch's bf16 "
                            "kernels run far slower than float32 here", "weights" if self.lm.dtype == torch.bfloat16
                            else "KV cache")
-        self.budget = plan_memory(c, model, self.lm.weight_bytes, self.kv_dtype, self.max_model_len, self.device,
-                                  profile=self.executor is None)
+        spec = c.speculative_config
+        draft = None  # a draft model (speculative draft_model / self_quant): its own weights and KV cache
+        draft_kv_dtype, draft_per_token = self.kv_dtype, 0
+        if spec is not None and spec.method != "ngram":
+            from kvserve.spec_decode.draft_model import load_draft
+
+            draft = load_draft(spec, self.lm, self.device)
+            set_attention_backend(draft.model, make_attention_backend(c.attention_backend, self.device))
+            draft_kv_dtype = self._kv_dtype(draft)
+            draft_per_token = kv_bytes_per_token(draft.model, draft_kv_dtype)
+        self.budget = plan_memory(c, model, self.lm.weight_bytes + (draft.weight_bytes if draft else 0), self.kv_dtype,
+                                  self.max_model_len, self.device, profile=self.executor is None,
+                                  draft_bytes_per_token=draft_per_token)
         logger.info("%s", self.budget.describe())
         num_host_blocks = 0
         if c.preemption_mode != "recompute":
             num_host_blocks = int(c.swap_space) // (self.budget.kv_bytes_per_token * c.block_size)
         # a CPU cache commits pages as blocks are first written: bound what cached prefixes keep resident
         retain = None if self.device.type != "cpu" else int(c.prefix_cache_memory) // (
-            self.budget.kv_bytes_per_token * c.block_size)
+            (self.budget.kv_bytes_per_token + draft_per_token) * c.block_size)
         self.kv = KVCacheManager(self.budget.num_blocks, c.block_size, c.enable_prefix_caching, num_host_blocks,
                                  retain)
         self.scheduler = Scheduler(
@@ -90,11 +95,20 @@ class LLMEngine:
             make_policy(c.scheduling_policy, c.scheduling_max_wait),
         )
         self.scheduler.jump_forward = c.structured_outputs_jump_forward
-        if c.speculative_config is not None:
-            self.scheduler.proposer = make_proposer(c.speculative_config)
-            if c.speculative_config.adaptive:
+        if spec is not None:
+            if draft is None:
+                self.scheduler.proposer = make_proposer(spec)
+            else:
+                from kvserve.spec_decode.draft_model import DraftModelProposer
+
+                self.scheduler.proposer = DraftModelProposer(
+                    draft, spec.num_speculative_tokens, self.budget.num_blocks, c.block_size, draft_kv_dtype,
+                    self.device, vocab_size=mcfg.vocab_size, max_catch_up_tokens=c.max_num_batched_tokens,
+                    max_model_len=self.max_model_len, enable_prefix_caching=c.enable_prefix_caching,
+                    retain_blocks=retain, max_num_seqs=c.max_num_seqs)
+            if spec.adaptive:
                 self.scheduler.draft_control = DraftLengthController()
-            logger.info("speculative decoding: %s", c.speculative_config)
+            logger.info("speculative decoding: %s", spec)
         self.input_processor = InputProcessor(self.tokenizer, mcfg.vocab_size, self.max_model_len, self.kv)
         if self.executor is not None:
             self.runner = self.executor.make_runner(self.lm, self.budget.num_blocks, c.block_size, self.kv_dtype,
@@ -103,6 +117,19 @@ class LLMEngine:
             graphs = self.device.type == "cuda" and not c.enforce_eager and backend.name == "triton"
             self.runner = ModelRunner(model, self.budget.num_blocks, c.block_size, self.kv_dtype, self.device,
                                       num_host_blocks, "cuda" if graphs else "off", c.max_num_seqs, self.max_model_len)
+
+    def _kv_dtype(self, lm: LoadedModel) -> torch.dtype:
+        """The KV cache dtype of a model (the target, or a draft model) under this config."""
+        c = self.config
+        kv_dtype = resolve_kv_dtype(c.kv_cache_dtype, lm.dtype)
+        if c.kv_cache_dtype == "auto" and self.device.type == "cpu" and lm.quantization != "none" \
+                and lm.dtype == torch.float32:
+            # the quantized CPU path reads the cache through the native kernels, which convert float16
+            # on every ISA: half the memory and bandwidth of float32, llama.cpp's default too
+            kv_dtype = torch.float16
+            logger.info("kv cache auto -> float16: %s weights on the native CPU path (--kv-cache-dtype float32 "
+                        "keeps full precision)", lm.quantization)
+        return kv_dtype
 
     # -- requests -----------------------------------------------------------------------
 
@@ -139,7 +166,9 @@ class LLMEngine:
         t0 = time.perf_counter() if timed else 0.0
         so, result = self.runner.step(self.scheduler)  # schedule + execute (pipelined: the oldest micro-batch back)
         if self.scheduler.draft_control is not None:  # adaptive draft lengths learn what a step costs
-            self.scheduler.draft_control.step_time.observe(so.total_num_tokens, time.perf_counter() - t0)
+            proposer = self.scheduler.proposer  # a draft model's forwards ran in the schedule: timed apart
+            drafting = proposer.take_seconds() if isinstance(proposer, BatchProposer) else 0.0
+            self.scheduler.draft_control.step_time.observe(so.total_num_tokens, time.perf_counter() - t0 - drafting)
         self.scheduler.update_from_output(so, result)  # tokens, stops, freed blocks: the one post-step update
         outputs = self.output_processor.process(so)
         if self.step_observers:

@@ -27,6 +27,7 @@ from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.policy import FCFSPolicy, SchedulingPolicy
 from kvserve.engine.request import Logprob, Request, RequestStatus
 from kvserve.spec_decode.adaptive import Acceptance, DraftLengthController
+from kvserve.spec_decode.proposer import BatchProposer
 from kvserve.spec_decode.stats import SpecDecodeStats
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ class Scheduler:
         # removes): under pipelining several batches are in flight, and a request's next tokens depend on its last
         self.in_flight: set[str] = set()
         # speculative decoding (kvserve/spec_decode): asked for a draft when a decoding request is scheduled
-        self.proposer = None  # an object with .k and .propose(token_ids, k) -> list[int]; None: off
+        # an object with .k and .propose(token_ids, k) -> list[int] (lookup), or a BatchProposer (a draft
+        # model: spec_decode/proposer.py); None: off
+        self.proposer = None
         self.draft_control: DraftLengthController | None = None  # adaptive draft lengths; None: always k
         self.jump_forward = False  # structured outputs: append grammar-forced tokens without a draw
         self.spec_stats = SpecDecodeStats()
@@ -143,6 +146,7 @@ class Scheduler:
             req.queue_time += max(now - req.queued_since, 0.0)
             req.queued_since = None
         self.kv.free(req)
+        self._release_draft(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = now
@@ -157,6 +161,7 @@ class Scheduler:
         self.num_preemptions += 1
         victim.queued_since = now
         out.preempted.append(victim.request_id)
+        self._release_draft(victim)
         mode = self.config.preemption_mode
         if mode == "swap" or (mode == "auto" and victim.num_computed_tokens >= self.config.swap_min_tokens):
             mapping = self.kv.swap_out(victim)
@@ -302,12 +307,22 @@ class Scheduler:
         return (req.grammar is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
                 and p.frequency_penalty == 0.0 and len(req.output_token_ids) >= p.min_tokens)
 
+    def _release_draft(self, req: Request) -> None:
+        """A request leaves the running set: a draft model's state of it (its draft KV blocks) goes."""
+        if isinstance(self.proposer, BatchProposer):
+            self.proposer.release(req.request_id)
+
     def _plan_drafts(self, budget: int) -> dict[str, list[int]]:
         """This step's draft per decoding request that can speculate (its one uncomputed token is its
         last), cut to the tokens it may still emit (1 + len(draft) at most) and, with adaptive draft
-        lengths, to what the step's cost buys (spec_decode/adaptive.py); requests without one are absent."""
+        lengths, to what the step's cost buys (spec_decode/adaptive.py); requests without one are absent.
+
+        A lookup proposer's drafts are found first (they are free) and then cut; a BatchProposer's
+        lengths are chosen first, its drafting cost counted, and then all drafts made in one call."""
         control = self.draft_control
-        cands: list[tuple[Request, list[int]]] = []
+        batched = isinstance(self.proposer, BatchProposer)
+        cands: list[tuple[Request, int]] = []  # (request, the longest draft it may get)
+        found: list[list[int]] = []  # a lookup proposer's draft of each candidate
         base = 0
         for req in self.running:
             if self.in_flight and req.request_id in self.in_flight:
@@ -317,28 +332,41 @@ class Scheduler:
             if need != 1 or not self.can_speculate(req):
                 continue
             k = min(self.proposer.k, req.max_total_tokens - req.num_tokens - 1)
+            if batched and k > 0:
+                cands.append((req, k))
+                continue
             draft = self.proposer.propose(req.all_token_ids, k)[:k] if k > 0 else []
             if draft:
-                cands.append((req, draft))
+                cands.append((req, len(draft)))
+                found.append(draft)
             elif control is not None and req.draft_record is not None:
                 control.idle(req.draft_record)
-        if control is None or not cands:
-            return {r.request_id: d for r, d in cands}
-        for req in self.waiting:  # prompt tokens the step may also carry
-            if base >= budget:
-                break
-            base += req.num_tokens - req.num_computed_tokens
-        for req, _ in cands:
-            if req.draft_record is None:
-                req.draft_record = Acceptance()
-        lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), len(d)) for r, d in cands])
-        planned = {}
-        for (req, draft), k in zip(cands, lengths):
-            if k:
-                planned[req.request_id] = draft[:k]
-            else:
-                control.idle(req.draft_record)
-        return planned
+        if not cands:
+            return {}
+        lengths = [k for _, k in cands]
+        if control is not None:
+            seats = self.config.max_num_seqs - len(self.running)
+            for req in self.waiting:  # prompt tokens the step may also carry: only those with a seat to take
+                if base >= budget or seats <= 0:
+                    break
+                base += req.num_tokens - req.num_computed_tokens
+                seats -= 1
+            for req, _ in cands:
+                if req.draft_record is None:
+                    req.draft_record = Acceptance()
+            lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), k) for r, k in cands],
+                                     self.proposer.draft_time if batched else None)
+            for i, (req, _) in enumerate(cands):
+                if not lengths[i]:  # a probe re-measures acceptance; never a draft model's first draft (a prefill)
+                    if control.probe(req.draft_record) and (not batched or self.proposer.follows(req.request_id)):
+                        lengths[i] = 1
+                    else:
+                        control.idle(req.draft_record)
+        if batched:
+            chosen = [(r, n) for (r, _), n in zip(cands, lengths) if n]
+            drafts = self.proposer.propose_batch([r for r, _ in chosen], [n for _, n in chosen]) if chosen else []
+            return {r.request_id: d for (r, _), d in zip(chosen, drafts) if d}
+        return {r.request_id: d[:n] for (r, _), d, n in zip(cands, found, lengths) if n}
 
     @staticmethod
     def _jump_forward(r: Request) -> str | None:

@@ -23,6 +23,7 @@ class MemoryBudget:
     block_size: int
     max_model_len: int
     kv_dtype: str = "float32"
+    draft_kv_bytes_per_token: int = 0  # a draft model's own cache (speculative decoding), same blocks
 
     @property
     def kv_tokens(self) -> int:
@@ -35,11 +36,13 @@ class MemoryBudget:
     def describe(self) -> str:
         mib = 2**20
         act = "not measured" if self.activations is None else f"{self.activations / mib:.0f} MiB"
+        draft = f", draft model's cache {self.draft_kv_bytes_per_token / 1024:.1f} KiB/token included" \
+            if self.draft_kv_bytes_per_token else ""
         return (
             f"memory: weights {self.weights / mib:.0f} MiB, activations {act}, KV cache ({self.kv_dtype}) "
             f"{self.kv_cache / mib:.0f} MiB "
             f"= {self.num_blocks} blocks x {self.block_size} tokens = {self.kv_tokens} tokens "
-            f"({self.kv_bytes_per_token / 1024:.1f} KiB/token); max concurrency at max_model_len={self.max_model_len}: "
+            f"({self.kv_bytes_per_token / 1024:.1f} KiB/token{draft}); max concurrency at max_model_len={self.max_model_len}: "
             f"{self.max_concurrency:.2f} sequences"
         )
 
@@ -52,11 +55,15 @@ def kv_bytes_per_token(model: nn.Module, kv_dtype: torch.dtype) -> int:
 
 
 def plan_memory(config: EngineConfig, model: nn.Module, weight_bytes: int, kv_dtype: torch.dtype,
-                max_model_len: int, device: torch.device, profile: bool = True) -> MemoryBudget:
+                max_model_len: int, device: torch.device, profile: bool = True,
+                draft_bytes_per_token: int = 0) -> MemoryBudget:
     """Size the KV cache: `kv_cache_memory` when given, else the memory share left after weights and
-    the activation peak (profiled unless `profile` is False: a parallel forward needs every rank)."""
+    the activation peak (profiled unless `profile` is False: a parallel forward needs every rank).
+
+    `draft_bytes_per_token`: a draft model's cache takes as many blocks as the target's (it holds the
+    same requests' tokens), so each block of the budget pays for both."""
     c = config
-    per_token = kv_bytes_per_token(model, kv_dtype)
+    per_token = kv_bytes_per_token(model, kv_dtype) + draft_bytes_per_token
     activations = None
     if c.kv_cache_memory is not None:
         kv_bytes = int(c.kv_cache_memory)
@@ -75,8 +82,9 @@ def plan_memory(config: EngineConfig, model: nn.Module, weight_bytes: int, kv_dt
             f"KV cache budget of {kv_bytes} bytes holds no block of {c.block_size} tokens "
             f"({per_token * c.block_size} bytes); raise kv_cache_memory"
         )
-    return MemoryBudget(weight_bytes, activations, num_blocks * per_token * c.block_size, per_token,
-                        num_blocks, c.block_size, max_model_len, str(kv_dtype).removeprefix("torch."))
+    return MemoryBudget(weight_bytes, activations, num_blocks * per_token * c.block_size,
+                        per_token - draft_bytes_per_token, num_blocks, c.block_size, max_model_len,
+                        str(kv_dtype).removeprefix("torch."), draft_bytes_per_token)
 
 
 @torch.inference_mode()

@@ -71,13 +71,15 @@ class ModelRunner:
             return RunnerOutput()
         batch = self.prepare(so.scheduled)
         self.sampler.prefetch_masks(batch.samplers)  # grammar masks computed while the forward runs
-        hidden = self._forward(batch)
+        hidden = self.hidden_states(batch)
         logits = self.model.compute_logits(hidden[batch.sample_rows]) if batch.samplers else None
         prompt_logits = [self.model.compute_logits(hidden[sp.rows]).float() if sp.num_rows else None
                          for sp in batch.prompt_spans]
         return self.sample(batch, logits, prompt_logits)
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def hidden_states(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final-normed hidden states of every row of the batch, by the fastest path it allows (decode
+        graphs, the fused native step, op by op); a draft model's proposer runs its forwards here too."""
         hidden = None
         if self.graphs is not None and batch.decode_only:
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)

@@ -6,8 +6,9 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,13 +142,23 @@ def resolve_quantization(quantization: str | None, src: object, device: torch.de
     return q
 
 
+def _layer_index(name: str) -> int:
+    """The decoder layer a checkpoint tensor belongs to (HF names: model.layers.3.*, transformer.h.3.*); -1: none."""
+    m = re.search(r"(?:^|\.)(?:layers|h)\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
 def load_model(
     model: str | os.PathLike[str] | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     quantization: str | None = None,
+    num_layers: int | None = None,
 ) -> LoadedModel:
     """Load a GGUF file or a Hugging Face directory (None: the embedded default model).
+
+    num_layers: keep only the first N decoder layers (with the final norm and the LM head): a
+    layer-skip draft for speculative decoding; the other layers' tensors are never read.
 
     quantization: None/"none" keeps float weights; "int8" quantizes every linear layer and the
     LM head (W8A8, CPU); "int4" stores the layers' linears in 4 bits per weight (Q4_1-style groups
@@ -178,6 +189,10 @@ def load_model(
         tokenizer = Tokenizer.from_gguf(src)
         src.forget_vocabulary()
         freq_factors = src.rope_freq_factors()
+    if num_layers is not None:
+        if not 1 <= num_layers <= cfg.num_layers:
+            raise ModelLoadError(path, f"num_layers must be in [1, {cfg.num_layers}], got {num_layers}")
+        cfg = replace(cfg, num_layers=num_layers)
     from kvserve.layers.embedding import LMHead, VocabEmbedding
 
     method = resolve_quantization(quantization, src, torch.device(device))
@@ -206,6 +221,8 @@ def load_model(
                                   int8_tables=method != "none" and get_state().world_size == 1)
         else:
             weights = src.weights(cfg)
+        if num_layers is not None:
+            weights = (w for w in weights if _layer_index(w[0]) < num_layers)
         net.load_weights(weights, dtype=torch_dtype, on_loaded=None if method == "none" else quantize_loaded)
         for m in net.modules():  # RoPE tables are not checkpoint tensors: build them for real now
             if hasattr(m, "set_freq_factors"):

@@ -13,7 +13,8 @@ So the length of each request's draft is chosen every step from two things the e
 
 `DraftLengthController.choose` then keeps the draft positions, most probable first, that maximise
 expected tokens emitted per second of step: (base tokens + sum of kept probabilities) / time(base
-tokens + kept positions). No fixed batch-size cut-off: the machine's own step times decide.
+tokens + kept positions), where a draft model's own forwards count in the time too. No fixed batch-size
+cut-off: the machine's own step times decide.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Acceptance:
 
     accepted: float = 0.0
     rejected: float = 0.0
+    idle_steps: int = 0  # steps without a draft since its last verify result
 
 
 class DraftLengthController:
@@ -89,6 +91,11 @@ class DraftLengthController:
     PRIOR = 2.0  # weight, in verify results, of the engine-wide acceptance for a request's estimate
     DECAY = 0.8  # of a request's record per verify result, so recent drafts count most
     IDLE_DECAY = 0.95  # per step without a draft: the record fades back to the prior, so drafting is retried
+    # idle steps after which a request drafts one token even where the choice says none: its acceptance
+    # (and the step time with one more position) is measured again, so an unlucky start or a stale
+    # estimate cannot stop drafting for good (the prior alone may never make a first draft pay); in a
+    # compute-bound regime this costs one position per request every PROBE_AFTER steps
+    PROBE_AFTER = 32
 
     def __init__(self, step_time: StepTimeModel | None = None) -> None:
         self.step_time = step_time or StepTimeModel()
@@ -107,29 +114,45 @@ class DraftLengthController:
         rejected = 1.0 if num_accepted < num_draft else 0.0
         rec.accepted = rec.accepted * self.DECAY + num_accepted
         rec.rejected = rec.rejected * self.DECAY + rejected
+        rec.idle_steps = 0
         self.accepted += num_accepted
         self.rejected += rejected
 
     def idle(self, rec: Acceptance) -> None:
         rec.accepted *= self.IDLE_DECAY
         rec.rejected *= self.IDLE_DECAY
+        rec.idle_steps += 1
 
-    def choose(self, base_tokens: int, drafts: list[tuple[float, int]]) -> list[int]:
+    def probe(self, rec: Acceptance) -> bool:
+        """Whether a request the choice left without a draft drafts one token anyway (PROBE_AFTER)."""
+        return rec.idle_steps >= self.PROBE_AFTER
+
+    def choose(self, base_tokens: int, drafts: list[tuple[float, int]],
+               draft_time: StepTimeModel | None = None) -> list[int]:
         """Draft lengths for a step that computes `base_tokens` tokens without drafts, given per
         candidate request (acceptance probability, longest draft it has): the lengths that maximise
-        expected tokens emitted per second. Before any step was timed every draft is kept whole."""
+        expected tokens emitted per second. Before any step was timed every draft is kept whole.
+
+        `draft_time`: where drafting itself costs (a draft model runs one forward per draft position
+        over the requests drafting that far), the seconds of one draft forward by its rows; the step's
+        time is then the target's plus each draft forward's. None: drafts are free (n-gram lookup)."""
         if self.step_time.empty or not drafts:
             return [k for _, k in drafts]
-        # every draft position with its survival probability a^j, most probable first
-        cand = sorted(((a ** j, i) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
-        gain, best, best_n = float(base_tokens), -1.0, 0
+        # every draft position j with its survival probability a^j, most probable first
+        cand = sorted(((a ** j, i, j) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
+        rows = [0] * (max(k for _, k in drafts) + 1)  # requests in draft forward j so far
+        gain, drafting, best, best_n = float(base_tokens), 0.0, -1.0, 0
         for n in range(len(cand) + 1):
             if n:
-                gain += cand[n - 1][0]
-            rate = gain / self.step_time.estimate(base_tokens + n)
+                p, _, j = cand[n - 1]
+                gain += p
+                if draft_time is not None:  # one more row in forward j (the first row pays its whole cost)
+                    rows[j] += 1
+                    drafting += draft_time.estimate(rows[j]) - (draft_time.estimate(rows[j] - 1) if rows[j] > 1 else 0.0)
+            rate = gain / (self.step_time.estimate(base_tokens + n) + drafting)
             if rate > best:
                 best, best_n = rate, n
         lengths = [0] * len(drafts)
-        for _, i in cand[:best_n]:  # a^j decreases in j: the kept positions of a request are its first ones
+        for _, i, _ in cand[:best_n]:  # a^j decreases in j: the kept positions of a request are its first ones
             lengths[i] += 1
         return lengths

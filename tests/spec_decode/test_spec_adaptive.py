@@ -80,3 +80,26 @@ def test_config_adaptive_flag():
     assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2, "adaptive": false}').adaptive is False
     with pytest.raises(InvalidRequestError, match="adaptive must be true or false"):
         SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, "adaptive": 1})
+
+
+def test_a_draft_models_forwards_count_in_the_step_time():
+    """Memory-bound target (10 ms whatever its tokens): free drafts are kept whole; a draft forward of
+    2 ms still pays for 4 positions (3.36 tokens / 18 ms), one of 5 ms for 2 (2.44 / 20 ms beats 2.95 /
+    25 ms); two requests share each forward, so at 5 ms both keep 2 (4.88 tokens / 20 ms)."""
+    c = DraftLengthController(model({1: 0.010, 64: 0.010}))
+    assert c.choose(1, [(0.8, 4)]) == [4]
+    assert c.choose(1, [(0.8, 4)], model({1: 0.002, 64: 0.002})) == [4]
+    assert c.choose(1, [(0.8, 4)], model({1: 0.005, 64: 0.005})) == [2]
+    assert c.choose(2, [(0.8, 4), (0.8, 4)], model({1: 0.005, 64: 0.005})) == [2, 2]
+
+
+def test_a_request_left_without_drafts_probes_one_token_after_a_while():
+    c = DraftLengthController(model({1: 0.010}))
+    rec = Acceptance()
+    for _ in range(c.PROBE_AFTER - 1):
+        c.idle(rec)
+    assert not c.probe(rec)
+    c.idle(rec)
+    assert c.probe(rec) and rec.idle_steps == c.PROBE_AFTER
+    c.observe(rec, 1, 0)  # the probe's verify result
+    assert rec.idle_steps == 0 and not c.probe(rec)

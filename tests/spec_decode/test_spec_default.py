@@ -48,3 +48,22 @@ def test_copying_prompts_identical_and_mostly_accepted(request, which):
     print(which, {k: v for k, v in st.items() if k.startswith("spec")})
     assert st["spec_decode_num_drafts"] > 10
     assert st["spec_decode_acceptance_rate"] > 0.25  # the answers copy the prompt
+
+
+def test_self_quant_drafts_for_the_float32_model_with_its_greedy_tokens(smollm):
+    """The float32 default model drafted for by its own GGUF in Q4_1 on the native path (self_quant): a
+    chat answer and a raw-text continuation (where Q4_1 and float32 part ways), batched, greedy tokens
+    identical to float32 decoding without speculation."""
+    tok = smollm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], tokenize=True,
+                                       add_generation_prompt=True), "Write a story about a cat who learns to fly."]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = _run(LLMEngine(loaded=smollm, kv_cache_memory="64MiB"), prompts, params)
+    spec = {"method": "self_quant", "num_speculative_tokens": 4, "adaptive": False}
+    eng = LLMEngine(loaded=smollm, kv_cache_memory="64MiB", speculative_config=spec)
+    assert eng.scheduler.proposer.lm.quantization == "gguf"
+    got = _run(eng, prompts, params)
+    assert got == want
+    st = eng.stats()
+    print({k: v for k, v in st.items() if k.startswith("spec")})
+    assert 0.5 < st["spec_decode_acceptance_rate"] < 1.0

@@ -502,3 +502,32 @@ def test_unseeded_sampling_under_speculation_keeps_the_distribution(tiny):
     tv = 0.5 * sum(abs(base.get(x, 0) - spec_hist.get(x, 0)) for x in support)
     assert tv < 0.15, (tv, len(support))
     print(f"total variation {tv:.3f} over {len(support)} pairs")
+
+
+def test_waiting_requests_without_a_seat_do_not_make_drafts_look_costly(tiny, prompts, reference):
+    """One seat (max_num_seqs=1): the queued prompts cannot join the step, so they must not count in its
+    tokens. With time = 1 + 0.1 per token a draft position at the prior's 0.5 pays (1.5 / 1.2 > 1 / 1.1);
+    counting a queued 30-token prompt as well would make it look a loss (31.5 / 4.2 < 31 / 4.1)."""
+    ps = [random_ids(30, TINY_VOCAB, seed=300 + i) for i in range(3)]
+    want = tokens(run(make_engine(tiny, max_num_seqs=1), ps, GREEDY), 3)
+    eng = with_proposer(make_engine(tiny, {**NGRAM, "adaptive": True}, max_num_seqs=1), oracle(ps, want))
+    eng.scheduler.draft_control.step_time = FixedStepTime(1.0, 0.1)
+    assert tokens(run(eng, ps, GREEDY), 3) == want
+    st_ = eng.stats()
+    assert st_["spec_decode_num_drafts"] > 3 * 5  # each request drafts while the others wait
+
+
+def test_compute_bound_steps_still_probe_one_token_now_and_then(tiny):
+    """Where no draft pays (time in proportion to tokens) a request still drafts one token after
+    PROBE_AFTER steps without one, so its acceptance is measured again; the tokens are unchanged."""
+    from kvserve.spec_decode.adaptive import DraftLengthController
+
+    ps = [random_ids(12, TINY_VOCAB, seed=400 + i) for i in range(2)]
+    params = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+    want = tokens(run(make_engine(tiny), ps, params), 2)
+    eng = with_proposer(make_engine(tiny, {**NGRAM, "adaptive": True}), oracle(ps, want, corrupt_every=0))
+    eng.scheduler.draft_control.step_time = FixedStepTime(0.0, 1.0)
+    assert tokens(run(eng, ps, params), 2) == want
+    st_ = eng.stats()
+    probes = 2 * ((70 - 2) // (DraftLengthController.PROBE_AFTER + 1))  # per request: one every 33 decode steps
+    assert st_["spec_decode_num_drafts"] == st_["spec_decode_num_draft_tokens"] == probes
