@@ -19,7 +19,7 @@ from kvserve.loader import load_model
 from kvserve.loader.gguf import GGUFFile
 from kvserve.quant.awq import output_error
 from kvserve.quant.calibrate import LINEARS
-from kvserve.quant.compress import GPTQ_OPTIONS
+from kvserve.quant.compress import GPTQ_K_OPTIONS
 from kvserve.quant.gguf import native_parts
 from kvserve.quant.gptq import gptq_quantize
 from kvserve.quant.grid import grid_for
@@ -128,7 +128,7 @@ def test_gptq_beats_rtn_per_layer_at_3_bits_on_held_out_activations(wide_tiny):
         for name in LINEARS:
             w, h = layer.get_submodule(name).weight.detach(), hold[i][name].h
             rtn = output_error(w, grid.dequantize(grid.rtn(w)), h)
-            gptq = output_error(w, grid.dequantize(gptq_quantize(w, cal[i][name].h, grid, **GPTQ_OPTIONS)), h)
+            gptq = output_error(w, grid.dequantize(gptq_quantize(w, cal[i][name].h, grid, **GPTQ_K_OPTIONS)), h)
             assert gptq < 0.5 * rtn, (i, name, gptq / rtn)  # measured: 0.09-0.24
 
 
