@@ -60,6 +60,14 @@ VARIANTS = {
     "awq-q3_k+q8_0": ("quantize", "awq", "q3_k", "q8_0"),
     "rtn-q2_k+q8_0": ("quantize", "rtn", "q2_k", "q8_0"),
     "gptq-q2_k+q8_0": ("quantize", "gptq", "q2_k", "q8_0"),
+    # llama.cpp's own quantizer on the same float32 weights (it lays SmolLM2 out as "-q3_k" does)
+    "llamacpp-q3_k_s": ("llamacpp", None, "Q3_K_S", None),
+    # every linear on Q3_K's / Q2_K's arithmetic with super-blocks of 192 inputs (576 = 3 x 192,
+    # 1536 = 8 x 192), measured in memory: no GGUF layout holds it, so no file, native or llama.cpp run
+    "rtn-q3_k192-all": ("memory", "rtn", "q3_k", 192),
+    "gptq-q3_k192-all": ("memory", "gptq", "q3_k", 192),
+    "rtn-q2_k192-all": ("memory", "rtn", "q2_k", 192),
+    "gptq-q2_k192-all": ("memory", "gptq", "q2_k", 192),
     "magnitude-50%": ("prune", "magnitude", "f16", 0.5),
     "wanda-50%": ("prune", "wanda", "f16", 0.5),
     "magnitude-2:4": ("prune", "magnitude", "f16", "2:4"),
@@ -92,6 +100,11 @@ def build(name: str, src: Path, out_dir: Path, calib: str, calib_tokens: int) ->
     kind, method, fmt, how = VARIANTS[name]
     if kind == "ref":
         return src, 0.0
+    if kind == "llamacpp":
+        from formats_vs_llamacpp import make_format
+
+        t0 = time.perf_counter()
+        return make_format(src, fmt, out_dir, 1), time.perf_counter() - t0
     out = out_dir / f"{src.stem}.{name.replace(':', '_').replace('%', '').replace('+', '_')}.{calib_tokens}.gguf"
     if out.exists():
         return out, 0.0
@@ -108,6 +121,29 @@ def build(name: str, src: Path, out_dir: Path, calib: str, calib_tokens: int) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     write_gguf(GGUFFile(src), lm, comp, out)
     return out, time.perf_counter() - t0
+
+
+def memory_variant(name: str, src: Path, calib: str, calib_tokens: int, chunks: list[list[int]],
+                   ctx: int) -> tuple[list[float], float, float]:
+    """A "memory" variant: (held-out NLLs of the model quantized in memory, bits per weight of its
+    linears in that arithmetic, seconds to quantize)."""
+    from kvserve.eval.perplexity import chunk_nlls
+    from kvserve.loader import load_model
+    from kvserve.quant.calibrate import calibration_chunks
+    from kvserve.quant.compress import quantize_model
+    from kvserve.quant.kquant import SUB, KGrid
+
+    _, method, fmt, super_block = VARIANTS[name]
+    t0 = time.perf_counter()
+    lm = load_model(src, quantization="none")
+    grid = KGrid(fmt.upper(), super_block=super_block)
+    cal = calibration_chunks(lm, calib, calib_tokens) if method != "rtn" else None
+    quantize_model(lm, method, grid, cal)
+    made = time.perf_counter() - t0
+    # codes, then per sub-block 6 bits (Q3_K) or 4 + 4 (Q2_K), per super-block one or two fp16
+    per_sub, per_super = (6, 16) if fmt == "q3_k" else (8, 32)
+    bpw = grid.bits + per_sub / SUB + per_super / super_block
+    return chunk_nlls(lm, [t for ch in chunks for t in ch], ctx).tolist(), bpw, made
 
 
 def nll_of(path: Path, chunks: list[list[int]], ctx: int, quantization: str) -> tuple[list[float], str]:
@@ -202,6 +238,8 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
+        if r["file_mib"] is None:  # measured in memory: no file
+            continue
         sp = r.get("decode_tok_s_b1") or 0
         ax.scatter(r["file_mib"], r["ppl"], s=20 + sp, alpha=0.7)
         ax.annotate(r["variant"], (r["file_mib"], r["ppl"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
@@ -259,6 +297,17 @@ def main() -> None:
           f"{'dec b1':>7s} {'tot b16':>8s}  make s / kernels", flush=True)
     rows, ref_ppl = [], None
     for name in args.variants:
+        if VARIANTS[name][0] == "memory":
+            nll, bpw, made = memory_variant(name, src, calib, args.calib_tokens, chunks, args.ctx)
+            ppl, err = summary(nll)
+            row = {"variant": name, "file_mib": None, "ppl": round(ppl, 4), "ppl_err": round(err, 4),
+                   "make_s": round(made, 1), "linear_bpw": round(bpw, 3), "linear_types": "in memory"}
+            if ref_ppl is not None:
+                row["ppl_increase"] = round(ppl - ref_ppl, 4)
+            rows.append(row)
+            print(f"{name:15s} {'-':>7s} {bpw:6.3f} {ppl:8.3f} {err:6.3f} {row.get('ppl_increase', 0):+7.3f}  "
+                  f"(in memory: no GGUF layout) {made:.0f}", flush=True)
+            continue
         path, made = build(name, src, Path(args.out_dir), calib, args.calib_tokens)
         nll, _ = nll_of(path, chunks, args.ctx, "none")
         ppl, err = summary(nll)
@@ -269,7 +318,7 @@ def main() -> None:
                "ppl_err": round(err, 4), "make_s": round(made, 1), "linear_bpw": round(bpw, 3),
                "linear_types": types}
         kind, _, fmt, _ = VARIANTS[name]
-        if kind == "quantize":
+        if kind in ("quantize", "llamacpp"):
             nn_, kinds = nll_of(path, chunks, args.ctx, "auto")
             row["ppl_native"], row["native_layers"] = round(summary(nn_)[0], 4), kinds
             if have_llamacpp and (lp := llamacpp_ppl(path, chunks, args.ctx, args.threads)) is not None:
@@ -294,7 +343,7 @@ def main() -> None:
         print("q4_0 perplexity increase over the reference, as a fraction of RTN's (target <= 0.5): "
               + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in summary_.items()), flush=True)
     if "ref" in by:  # the K-quants: each calibrated variant against RTN with the same formats
-        for fmt in ("q3_k", "q2_k", "q3_k+q8_0", "q2_k+q8_0"):
+        for fmt in ("q3_k", "q2_k", "q3_k+q8_0", "q2_k+q8_0", "q3_k192-all", "q2_k192-all"):
             rtn = by.get(f"rtn-{fmt}")
             if rtn is None or rtn["ppl_increase"] <= 0:
                 continue

@@ -89,7 +89,7 @@ class KParts:
 
 def _scale_min(qtype: str, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor,
                mn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    per = QK_K // SUB
+    per = sc.shape[-1] // d.shape[-1]  # sub-blocks per super-block (16 in a GGUF file)
     df = d.float().repeat_interleave(per, -1)
     if qtype == "Q3_K":
         s = df * (sc.float() - 32.0)  # exact in float32 (11 x 6 significant bits)
@@ -126,6 +126,9 @@ class KGrid:
 
     qtype: str
     radius: int | None = None  # step 3 searches integers within this distance of the float estimate
+    # inputs per super-block: 256 is the GGUF layout; another multiple of 16 is the same arithmetic
+    # with no file layout (benchmarks/compress.py measures a whole 3-bit SmolLM2 that way)
+    super_block: int = QK_K
 
     @property
     def bits(self) -> int:
@@ -136,10 +139,14 @@ class KGrid:
         return (1 << self.bits) - 1
 
     group = SUB  # inputs sharing one scale
-    span = QK_K  # inputs whose grid is chosen together (a super-block)
+
+    @property
+    def span(self) -> int:
+        """Inputs whose grid is chosen together (a super-block)."""
+        return self.super_block
 
     def fits(self, k: int) -> bool:
-        return k % QK_K == 0
+        return k % self.super_block == 0
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
         """Nearest codes of w [N, ...] on per-row scale and minimum broadcast against it; a zero scale
@@ -199,16 +206,17 @@ class KGrid:
     # -- steps 2 and 3 ------------------------------------------------------------------------
 
     def fit(self, w: torch.Tensor, h: torch.Tensor | None = None) -> KParts:
-        """Factors and sub-block integers for w [N, K] (K a multiple of 256) with zero codes; h: H = X^T X
+        """Factors and sub-block integers for w [N, K] (K whole super-blocks) with zero codes; h: H = X^T X
         of the inputs [K, K] (None: squared weight error). `quantize` adds the nearest codes."""
         n, k = w.shape
-        if k % QK_K:
-            raise ValueError(f"a row of {k} is not whole super-blocks of {QK_K}")
+        sb = self.super_block
+        if k % sb or sb % SUB:
+            raise ValueError(f"a row of {k} is not whole super-blocks of {sb}")
         w = w.detach().float()
-        g, nsb = k // SUB, k // QK_K
+        g, nsb = k // SUB, k // sb
         wb = w.view(n, g, SUB)
         hb = _hblocks(h, k)
-        per = QK_K // SUB
+        per = sb // SUB
         zeros8 = torch.zeros(n, g, dtype=torch.uint8)
         if self.qtype == "Q3_K":
             sig = self._float_q3(wb, hb).view(n, nsb, per)
@@ -305,6 +313,8 @@ def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
 def pack_k(p: KParts) -> np.ndarray:
     """KParts -> the file's bytes, uint8 [N, K / 256 * block bytes] (the inverse of unpack_k)."""
     n, k = p.codes.shape
+    if p.sc.shape[1] != 16 * p.d.shape[1]:
+        raise ValueError("only super-blocks of 256 inputs have a GGUF layout")
     nb = n * k // QK_K
     c = p.codes.reshape(nb, QK_K)
     if int(c.max()) > (7 if p.qtype == "Q3_K" else 3):
