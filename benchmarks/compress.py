@@ -16,8 +16,15 @@ batch 16 (16 prompts of 32 tokens, 32 new each), on the engine's default path fo
 "ref" row: the source file itself, e.g. Q4_1; dense F16 pruned files: int8 requantized linears,
 as the engine does for non-native types). Files are cached in --out-dir.
 
+The 3- and 2-bit variants are GGUF Q3_K / Q2_K where a linear's input is whole 256-input
+super-blocks (SmolLM2: down_proj, 1536 inputs) and a 32-group fallback format elsewhere (its other
+linears have 576 inputs): Q4_0, as llama.cpp's own quantizer falls back ("-q3_k", "-q2_k"), or
+Q8_0, which is close to lossless, so the row shows what the 3- or 2-bit down_proj alone costs
+("-q3_k+q8_0"). Each row gives the bits per weight of the decoder layers' tensors as stored.
+
     python benchmarks/compress.py                         # all variants
     python benchmarks/compress.py --variants ref rtn-q4_0 gptq-q4_0 --plot /tmp/plots
+    python benchmarks/compress.py --variants ref rtn-q3_k gptq-q3_k awq-q3_k rtn-q2_k gptq-q2_k
 """
 
 from __future__ import annotations
@@ -33,13 +40,34 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-# name -> (kind, method, format, sparsity or pattern)
+# name -> (kind, method, format, sparsity or pattern / a K-quant's fallback format)
 VARIANTS = {
     "ref": ("ref", None, None, None),
     "rtn-q8_0": ("quantize", "rtn", "q8_0", None),
     "rtn-q4_0": ("quantize", "rtn", "q4_0", None),
     "gptq-q4_0": ("quantize", "gptq", "q4_0", None),
     "awq-q4_0": ("quantize", "awq", "q4_0", None),
+    # K-quants: down_proj (1536 inputs) in Q3_K / Q2_K, the linears of 576 inputs in the fallback:
+    # Q4_0 as llama.cpp's quantizer does (the practical file), Q8_0 (~lossless) to see the 3- or
+    # 2-bit down_proj alone
+    "rtn-q3_k": ("quantize", "rtn", "q3_k", "q4_0"),
+    "gptq-q3_k": ("quantize", "gptq", "q3_k", "q4_0"),
+    "awq-q3_k": ("quantize", "awq", "q3_k", "q4_0"),
+    "rtn-q2_k": ("quantize", "rtn", "q2_k", "q4_0"),
+    "gptq-q2_k": ("quantize", "gptq", "q2_k", "q4_0"),
+    "rtn-q3_k+q8_0": ("quantize", "rtn", "q3_k", "q8_0"),
+    "gptq-q3_k+q8_0": ("quantize", "gptq", "q3_k", "q8_0"),
+    "awq-q3_k+q8_0": ("quantize", "awq", "q3_k", "q8_0"),
+    "rtn-q2_k+q8_0": ("quantize", "rtn", "q2_k", "q8_0"),
+    "gptq-q2_k+q8_0": ("quantize", "gptq", "q2_k", "q8_0"),
+    # llama.cpp's own quantizer on the same float32 weights (it lays SmolLM2 out as "-q3_k" does)
+    "llamacpp-q3_k_s": ("llamacpp", None, "Q3_K_S", None),
+    # every linear on Q3_K's / Q2_K's arithmetic with super-blocks of 192 inputs (576 = 3 x 192,
+    # 1536 = 8 x 192), measured in memory: no GGUF layout holds it, so no file, native or llama.cpp run
+    "rtn-q3_k192-all": ("memory", "rtn", "q3_k", 192),
+    "gptq-q3_k192-all": ("memory", "gptq", "q3_k", 192),
+    "rtn-q2_k192-all": ("memory", "rtn", "q2_k", 192),
+    "gptq-q2_k192-all": ("memory", "gptq", "q2_k", 192),
     "magnitude-50%": ("prune", "magnitude", "f16", 0.5),
     "wanda-50%": ("prune", "wanda", "f16", 0.5),
     "magnitude-2:4": ("prune", "magnitude", "f16", "2:4"),
@@ -72,7 +100,12 @@ def build(name: str, src: Path, out_dir: Path, calib: str, calib_tokens: int) ->
     kind, method, fmt, how = VARIANTS[name]
     if kind == "ref":
         return src, 0.0
-    out = out_dir / f"{src.stem}.{name.replace(':', '_').replace('%', '')}.{calib_tokens}.gguf"
+    if kind == "llamacpp":
+        from formats_vs_llamacpp import make_format
+
+        t0 = time.perf_counter()
+        return make_format(src, fmt, out_dir, 1), time.perf_counter() - t0
+    out = out_dir / f"{src.stem}.{name.replace(':', '_').replace('%', '').replace('+', '_')}.{calib_tokens}.gguf"
     if out.exists():
         return out, 0.0
     t0 = time.perf_counter()
@@ -80,7 +113,7 @@ def build(name: str, src: Path, out_dir: Path, calib: str, calib_tokens: int) ->
     needs = method not in ("rtn", "magnitude")
     chunks = calibration_chunks(lm, calib, calib_tokens) if needs else None
     if kind == "quantize":
-        comp = quantize_model(lm, method, grid_for(fmt), chunks)
+        comp = quantize_model(lm, method, grid_for(fmt), chunks, fallback=grid_for(how) if how else None)
     else:
         pattern = parse_pattern(how) if isinstance(how, str) else None
         comp = prune_model(lm, method, chunks, None if pattern else how, pattern)
@@ -88,6 +121,29 @@ def build(name: str, src: Path, out_dir: Path, calib: str, calib_tokens: int) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     write_gguf(GGUFFile(src), lm, comp, out)
     return out, time.perf_counter() - t0
+
+
+def memory_variant(name: str, src: Path, calib: str, calib_tokens: int, chunks: list[list[int]],
+                   ctx: int) -> tuple[list[float], float, float]:
+    """A "memory" variant: (held-out NLLs of the model quantized in memory, bits per weight of its
+    linears in that arithmetic, seconds to quantize)."""
+    from kvserve.eval.perplexity import chunk_nlls
+    from kvserve.loader import load_model
+    from kvserve.quant.calibrate import calibration_chunks
+    from kvserve.quant.compress import quantize_model
+    from kvserve.quant.kquant import SUB, KGrid
+
+    _, method, fmt, super_block = VARIANTS[name]
+    t0 = time.perf_counter()
+    lm = load_model(src, quantization="none")
+    grid = KGrid(fmt.upper(), super_block=super_block)
+    cal = calibration_chunks(lm, calib, calib_tokens) if method != "rtn" else None
+    quantize_model(lm, method, grid, cal)
+    made = time.perf_counter() - t0
+    # codes, then per sub-block 6 bits (Q3_K) or 4 + 4 (Q2_K), per super-block one or two fp16
+    per_sub, per_super = (6, 16) if fmt == "q3_k" else (8, 32)
+    bpw = grid.bits + per_sub / SUB + per_super / super_block
+    return chunk_nlls(lm, [t for ch in chunks for t in ch], ctx).tolist(), bpw, made
 
 
 def nll_of(path: Path, chunks: list[list[int]], ctx: int, quantization: str) -> tuple[list[float], str]:
@@ -101,6 +157,26 @@ def nll_of(path: Path, chunks: list[list[int]], ctx: int, quantization: str) -> 
                                 if getattr(m, "qweight", None) is not None)
     nll = chunk_nlls(lm, [t for ch in chunks for t in ch], ctx).tolist()
     return nll, ",".join(f"{k}x{v}" for k, v in sorted(kinds.items())) or "float"
+
+
+def linear_bits(path: Path) -> tuple[float, str]:
+    """Bits per weight of the decoder layers' 2-D tensors as stored, and their types ("Q3_K x30, Q4_0 x180")."""
+    import collections
+
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from kvserve.loader.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    bits = n = 0
+    kinds = collections.Counter()
+    for t in f.reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            block, size = GGML_QUANT_SIZES[t.tensor_type]
+            bits += int(t.n_elements) // block * size * 8
+            n += int(t.n_elements)
+            kinds[t.tensor_type.name] += 1
+    return bits / max(n, 1), ", ".join(f"{k} x{v}" for k, v in kinds.most_common())
 
 
 def speed(path: Path) -> dict:
@@ -162,6 +238,8 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
+        if r["file_mib"] is None:  # measured in memory: no file
+            continue
         sp = r.get("decode_tok_s_b1") or 0
         ax.scatter(r["file_mib"], r["ppl"], s=20 + sp, alpha=0.7)
         ax.annotate(r["variant"], (r["file_mib"], r["ppl"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
@@ -215,19 +293,32 @@ def main() -> None:
     print(f"{src.name}; reference: its float32 weights (dequantized where the file is quantized); "
           f"calibration {args.calib_tokens} tokens; held-out {len(chunks)} x {args.ctx} tokens; "
           f"{args.threads} thread(s); CPU kernels {native.isa()}", flush=True)
-    print(f"{'variant':15s} {'MiB':>7s} {'ppl':>8s} {'±':>6s} {'Δppl':>7s} {'native':>8s} {'llama.cpp':>9s} "
+    print(f"{'variant':15s} {'MiB':>7s} {'bpw':>6s} {'ppl':>8s} {'±':>6s} {'Δppl':>7s} {'native':>8s} {'llama.cpp':>9s} "
           f"{'dec b1':>7s} {'tot b16':>8s}  make s / kernels", flush=True)
     rows, ref_ppl = [], None
     for name in args.variants:
+        if VARIANTS[name][0] == "memory":
+            nll, bpw, made = memory_variant(name, src, calib, args.calib_tokens, chunks, args.ctx)
+            ppl, err = summary(nll)
+            row = {"variant": name, "file_mib": None, "ppl": round(ppl, 4), "ppl_err": round(err, 4),
+                   "make_s": round(made, 1), "linear_bpw": round(bpw, 3), "linear_types": "in memory"}
+            if ref_ppl is not None:
+                row["ppl_increase"] = round(ppl - ref_ppl, 4)
+            rows.append(row)
+            print(f"{name:15s} {'-':>7s} {bpw:6.3f} {ppl:8.3f} {err:6.3f} {row.get('ppl_increase', 0):+7.3f}  "
+                  f"(in memory: no GGUF layout) {made:.0f}", flush=True)
+            continue
         path, made = build(name, src, Path(args.out_dir), calib, args.calib_tokens)
         nll, _ = nll_of(path, chunks, args.ctx, "none")
         ppl, err = summary(nll)
         if name == "ref":
             ref_ppl = ppl
+        bpw, types = linear_bits(path)
         row = {"variant": name, "file_mib": round(path.stat().st_size / 2**20, 2), "ppl": round(ppl, 4),
-               "ppl_err": round(err, 4), "make_s": round(made, 1)}
+               "ppl_err": round(err, 4), "make_s": round(made, 1), "linear_bpw": round(bpw, 3),
+               "linear_types": types}
         kind, _, fmt, _ = VARIANTS[name]
-        if kind == "quantize":
+        if kind in ("quantize", "llamacpp"):
             nn_, kinds = nll_of(path, chunks, args.ctx, "auto")
             row["ppl_native"], row["native_layers"] = round(summary(nn_)[0], 4), kinds
             if have_llamacpp and (lp := llamacpp_ppl(path, chunks, args.ctx, args.threads)) is not None:
@@ -238,7 +329,7 @@ def main() -> None:
         if not args.no_speed:
             row.update(speed(path))
         rows.append(row)
-        print(f"{name:15s} {row['file_mib']:7.1f} {ppl:8.3f} {err:6.3f} {row.get('ppl_increase', 0):+7.3f} "
+        print(f"{name:15s} {row['file_mib']:7.1f} {bpw:6.3f} {ppl:8.3f} {err:6.3f} {row.get('ppl_increase', 0):+7.3f} "
               f"{row.get('ppl_native', float('nan')):8.3f} {row.get('ppl_llamacpp', float('nan')):9.3f} "
               f"{row.get('decode_tok_s_b1', float('nan')):7.1f} {row.get('total_tok_s_b16', float('nan')):8.1f}  "
               f"{made:.0f} / {row.get('quantization', '')} {row.get('native_layers', '')}", flush=True)
@@ -251,6 +342,19 @@ def main() -> None:
                 summary_[f"{m}_increase_vs_rtn"] = round(by[m]["ppl_increase"] / rtn_inc, 3)
         print("q4_0 perplexity increase over the reference, as a fraction of RTN's (target <= 0.5): "
               + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in summary_.items()), flush=True)
+    if "ref" in by:  # the K-quants: each calibrated variant against RTN with the same formats
+        for fmt in ("q3_k", "q2_k", "q3_k+q8_0", "q2_k+q8_0", "q3_k192-all", "q2_k192-all"):
+            rtn = by.get(f"rtn-{fmt}")
+            if rtn is None or rtn["ppl_increase"] <= 0:
+                continue
+            got = {m: by[f"{m}-{fmt}"] for m in ("gptq", "awq") if f"{m}-{fmt}" in by}
+            for m, r in got.items():
+                summary_[f"{m}-{fmt}_increase_vs_rtn"] = round(r["ppl_increase"] / rtn["ppl_increase"], 3)
+                summary_[f"{m}-{fmt}_ppl_below_rtn"] = round(rtn["ppl"] - r["ppl"], 4)
+            if got:
+                print(f"{fmt}: perplexity below RTN's ({rtn['ppl']:.3f}): " + ", ".join(
+                    f"{m} by {rtn['ppl'] - r['ppl']:.3f} (increase {r['ppl_increase'] / rtn['ppl_increase']:.2f} of RTN's)"
+                    for m, r in got.items()), flush=True)
     if args.plot:
         plot(rows, Path(args.plot))
     print(json.dumps({"model": src.name, "reference": "float32 weights of the source", "ctx": args.ctx,

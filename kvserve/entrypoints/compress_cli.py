@@ -16,11 +16,17 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ, AWQ-style) and write a GGUF")
     q.add_argument("model", nargs="?", default=None, help="a GGUF file (default: the embedded default model)")
     q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="gptq")
-    q.add_argument("--bits", type=int, choices=(8, 4, 3, 2), default=None, help="bits per weight (default 4)")
-    q.add_argument("--group-size", type=int, default=32, help="inputs per scale (the GGUF *_0/*_1 formats: 32)")
+    q.add_argument("--bits", type=int, choices=(8, 4, 3, 2), default=None,
+                   help="bits per weight (default 4; 3: q3_k, 2: q2_k)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="inputs per scale (the GGUF *_0/*_1 formats: 32; the K-quants: 16)")
     q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="symmetric grid (4 bits: q4_0; --no-symmetric: q4_1)")
-    q.add_argument("--format", default=None, help="GGUF block format: q4_0, q4_1, q8_0 (default from --bits)")
+    q.add_argument("--format", default=None,
+                   help="GGUF block format: q4_0, q4_1, q8_0, q3_k, q2_k (default from --bits)")
+    q.add_argument("--fallback", default="q4_0",
+                   help="q3_k / q2_k only: the format of linears whose rows are not whole 256-input super-blocks "
+                        "(q4_0, as llama.cpp falls back; q4_1, q8_0)")
     q.add_argument("--calib-file", default=None, help="UTF-8 text to calibrate on (needed by gptq and awq)")
     q.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens, in chunks of 512")
     q.add_argument("--out", required=True, help="output .gguf")
@@ -40,30 +46,46 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .gguf")
 
 
-def resolve_format(bits: int | None, symmetric: bool | None, fmt: str | None, group_size: int) -> str:
-    """The GGUF format the flags name, or InvalidRequestError saying why there is none."""
-    from kvserve.quant.grid import FORMATS
+_FORMAT_BITS = {"q8_0": (8, True), "q4_0": (4, True), "q4_1": (4, False), "q3_k": (3, True), "q2_k": (2, False)}
 
-    if bits in (2, 3):
-        raise InvalidRequestError(f"{bits}-bit output (GGUF Q{bits}_K) is not built yet; choose --bits 4 or 8")
+
+def resolve_format(bits: int | None, symmetric: bool | None, fmt: str | None, group_size: int | None) -> str:
+    """The GGUF format the flags name, or InvalidRequestError saying why there is none."""
+    from kvserve.quant.grid import FORMATS, K_FORMATS
+
     if fmt is not None:
         fmt = fmt.lower()
         if fmt not in FORMATS:
             raise InvalidRequestError(f"unknown --format {fmt!r} (built: {', '.join(FORMATS)})")
-        fb, fsym = {"q8_0": (8, True), "q4_0": (4, True), "q4_1": (4, False)}[fmt]
+        fb, fsym = _FORMAT_BITS[fmt]
         if bits is not None and bits != fb:
             raise InvalidRequestError(f"--format {fmt} has {fb} bits, not --bits {bits}")
         if symmetric is not None and symmetric != fsym:
             raise InvalidRequestError(f"--format {fmt} is {'' if fsym else 'not '}symmetric")
-    elif (bits or 4) == 8:
-        if symmetric is False:
-            raise InvalidRequestError("8-bit output is GGUF q8_0, which is symmetric")
-        fmt = "q8_0"
+    elif bits in (8, 3, 2):
+        fmt = {8: "q8_0", 3: "q3_k", 2: "q2_k"}[bits]
+        fsym = _FORMAT_BITS[fmt][1]
+        if symmetric is not None and symmetric != fsym:
+            raise InvalidRequestError(f"{bits}-bit output is GGUF {fmt}, which is {'' if fsym else 'not '}symmetric")
     else:
         fmt = "q4_1" if symmetric is False else "q4_0"
-    if group_size != 32:
-        raise InvalidRequestError(f"GGUF {fmt} has groups of 32 inputs, not --group-size {group_size}")
+    group = 16 if fmt in K_FORMATS else 32
+    if group_size not in (None, group):
+        what = "sub-blocks of 16 inputs (in super-blocks of 256)" if group == 16 else "groups of 32 inputs"
+        raise InvalidRequestError(f"GGUF {fmt} has {what}, not --group-size {group_size}")
     return fmt
+
+
+def resolve_fallback(fmt: str, fallback: str) -> str | None:
+    """The format of the linears a K-quant does not fit (None for the other formats)."""
+    from kvserve.quant.grid import FLAT_FORMATS, K_FORMATS
+
+    if fmt not in K_FORMATS:
+        return None
+    fallback = fallback.lower()
+    if fallback not in FLAT_FORMATS:
+        raise InvalidRequestError(f"--fallback {fallback!r}: choose from {', '.join(FLAT_FORMATS)}")
+    return fallback
 
 
 def read_text(path: str) -> str:
@@ -104,6 +126,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from kvserve.quant.grid import grid_for
 
     fmt = resolve_format(args.bits, args.symmetric, args.format, args.group_size)
+    fallback = resolve_fallback(fmt, args.fallback)
     out = check_out(args.out)
     if args.method != "rtn" and args.calib_file is None:
         raise InvalidRequestError(f"--method {args.method} needs --calib-file")
@@ -118,7 +141,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
               "the reference", file=sys.stderr)
     chunks = _calibration(args, lm, args.method != "rtn")
     try:
-        comp = quantize_model(lm, args.method, grid_for(fmt), chunks)
+        comp = quantize_model(lm, args.method, grid_for(fmt), chunks,
+                              fallback=grid_for(fallback) if fallback else None)
     except ValueError as e:  # rows that are not whole groups of 32, a Hessian that cannot be factored
         raise InvalidRequestError(str(e)) from None
     write_gguf(src, lm, comp, out, {"kvserve.compress.method": args.method,
@@ -126,12 +150,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     errs = [r.rel_error for r in comp.reports if r.rel_error is not None]
     print(f"{args.method} -> {fmt.upper()}: {len(comp.parts)} linears, {comp.calib_tokens} calibration tokens, "
           f"{time.perf_counter() - t0:.1f}s")
+    if fallback:  # a K-quant: say which linears it fits and what the mix costs
+        print(describe_mix(comp.type_counts(), fmt.upper()))
     if errs:
         worst = max(comp.reports, key=lambda r: r.rel_error or 0.0)
         print(f"relative output error ||dW X||^2/||W X||^2 on the calibration inputs: mean {statistics.mean(errs):.3g}, "
               f"worst {worst.rel_error:.3g} ({worst.name})")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
+
+
+def describe_mix(counts: dict[str, tuple[int, int]], main: str) -> str:
+    """One line: each GGUF type's share of the linears' weights and the bits per weight they average."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    total = sum(n for _, n in counts.values())
+    bits = 0.0
+    parts = []
+    for t, (c, n) in sorted(counts.items(), key=lambda kv: -kv[1][1]):
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t]]
+        bits += n / block * size * 8
+        note = "" if t == main else " (rows not whole 256-input super-blocks)"
+        parts.append(f"{t} {c} linears, {n / total:.1%} of the weights{note}")
+    return f"linear layers: {'; '.join(parts)}: {bits / total:.3f} bits per weight"
 
 
 def _calibration(args: argparse.Namespace, lm, needs: bool):  # noqa: ANN001, ANN202
@@ -145,12 +186,12 @@ def _calibration(args: argparse.Namespace, lm, needs: bool):  # noqa: ANN001, AN
 def cmd_prune(args: argparse.Namespace) -> int:
     from kvserve.loader import load_model
     from kvserve.quant.compress import prune_model, write_gguf
-    from kvserve.quant.grid import FORMATS, grid_for
+    from kvserve.quant.grid import FLAT_FORMATS, grid_for
     from kvserve.quant.prune import parse_pattern
 
     fmt = args.format.lower()
-    if fmt not in ("f32", "f16", *FORMATS):
-        raise InvalidRequestError(f"unknown --format {args.format!r} (choose from f32, f16, {', '.join(FORMATS)})")
+    if fmt not in ("f32", "f16", *FLAT_FORMATS):
+        raise InvalidRequestError(f"unknown --format {args.format!r} (choose from f32, f16, {', '.join(FLAT_FORMATS)})")
     pattern = None
     if args.pattern is not None:
         try:
@@ -169,7 +210,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"source {path.name}: quantized weights dequantized to float32; that float32 model is the reference",
               file=sys.stderr)
     chunks = _calibration(args, lm, args.method != "magnitude")
-    grid = grid_for(fmt) if fmt in FORMATS else None
+    grid = grid_for(fmt) if fmt in FLAT_FORMATS else None
     try:
         comp = prune_model(lm, args.method, chunks, args.sparsity, pattern, grid)
     except ValueError as e:  # a pattern that does not divide the rows

@@ -164,7 +164,8 @@ def load_model(
     LM head (W8A8, CPU); "int4" stores the layers' linears in 4 bits per weight (Q4_1-style groups
     of 32; the codes of a 4-bit GGUF come back exactly) and the LM head in int8; "gguf" runs each
     layer's linear in its GGUF format where a native kernel has it (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K,
-    Q8_0; other types requantized, to int4 where the file is mostly 4-bit, else int8) and the LM
+    Q8_0; Q3_K and Q2_K on the 5-bit kernel; other types requantized, to int4 where the file is
+    mostly 4-bit, else int8) and the LM
     head in int8; "auto" picks gguf for a quantized GGUF when the model runs on a CPU with the
     native kernels.
     """

@@ -167,7 +167,8 @@ class GGUFFile:
         return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape))
 
     def native_parts(self, name: str) -> BlockParts | None:
-        """A 2-D weight stored in a format a native kernel runs as is (Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0), else None."""
+        """A 2-D weight stored in a format a native kernel runs as is (Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0, and
+        Q3_K/Q2_K on the 5-bit kernel), else None."""
         from kvserve.quant.gguf import native_parts
 
         t = self.tensors[name]

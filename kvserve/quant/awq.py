@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.quant.grid import Grid, dequantize_parts
-
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """||(W - W_hat) X^T||_F^2 = tr(dW H dW^T), from H = X^T X (float32 products, float64 sum)."""
@@ -29,10 +27,11 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / torch.sqrt(s.max() * s.min())
 
 
-def awq_search(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, grid: Grid,
+def awq_search(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, grid,  # noqa: ANN001 - any grid
                n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
     """The per-input-channel scale s (of mean_abs [K]) minimising the output error of
-    round-to-nearest on `grid` of W diag(s), undone by diag(1/s) on the input.
+    round-to-nearest on `grid` (grid.rtn: a K-quant grid's own unweighted scale search) of W diag(s),
+    undone by diag(1/s) on the input.
 
     Returns (s [K], alpha, error); alpha 0 (s = 1) is among the candidates."""
     w, h = w.detach().float(), h.float()
@@ -40,7 +39,7 @@ def awq_search(w: torch.Tensor, h: torch.Tensor, mean_abs: torch.Tensor, grid: G
     for step in range(n_grid):
         alpha = step / n_grid
         s = awq_scales(mean_abs, alpha) if step else torch.ones(w.shape[1])
-        w_hat = dequantize_parts(grid.quantize(w * s)) / s
+        w_hat = grid.dequantize(grid.rtn(w * s)) / s
         err = output_error(w, w_hat, h)
         if err < best[2]:
             best = (s, alpha, err)

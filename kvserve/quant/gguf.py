@@ -95,7 +95,9 @@ def q4_parts(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> tuple[torch
 
 # -- every format the native kernels run, as codes, scales and minimums ----------------------------------
 
-NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
+# the kernel width each format runs at (Q3_K's and Q2_K's codes, a scale and minimum per 16, fit the 5-bit one)
+NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8,
+               "Q3_K": 5, "Q2_K": 5}
 Q5_BYTES = {"Q5_0": 2 + 4 + QK // 2, "Q5_1": 4 + 4 + QK // 2}  # d (and m), 32 high bits, 16 bytes of nibbles
 K_BLOCK = 256  # elements per K-quant super-block
 Q5_K_BYTES = 2 + 2 + 12 + K_BLOCK // 8 + K_BLOCK // 2
@@ -201,4 +203,10 @@ def native_parts(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> BlockPa
         codes = (lo | (hi << 4)).reshape(n, k)
         return BlockParts(5, codes, (d * sc.float()).half().reshape(n, k // QK),
                           (-(dmin * mn.float())).half().reshape(n, k // QK))
+    if qtype in ("Q3_K", "Q2_K"):  # 3- or 2-bit codes per 16 inputs; no kernel of their own width yet
+        from kvserve.quant.kquant import unpack_k
+
+        p = unpack_k(raw, qtype, shape)
+        s, m = p.scale_min()
+        return BlockParts(5, p.codes, s.half(), m.half())
     return None

@@ -1,4 +1,5 @@
-"""The quantization grids of the GGUF block formats kvserve writes (Q8_0, Q4_0, Q4_1), group by group.
+"""The quantization grids of the GGUF block formats kvserve writes: Q8_0, Q4_0, Q4_1 (here, group by
+group) and the K-quants Q3_K, Q2_K (quant/kquant.py, super-block by super-block).
 
 Every grid stores w = scale * code + minimum per group of 32 inputs of a row, with unsigned codes
 and fp16 scale and minimum, the layout of `quant.gguf.BlockParts`:
@@ -10,6 +11,10 @@ and fp16 scale and minimum, the layout of `quant.gguf.BlockParts`:
 Scales and minimums are rounded to fp16 *before* the codes are chosen, so the codes are the nearest
 on the grid the file really stores. The calibrated methods (gptq.py, awq.py) choose their own codes
 on these same grids; `parts_to_blocks` packs them as the file's bytes.
+
+Every grid (`Grid` here, `kquant.KGrid`) offers the same few methods to the methods that choose
+codes: `span` (inputs whose grid is chosen together), `fits(k)`, `fit(w, h)` (the scales of a span
+of columns, h: their calibration H block or None), `codes`, `assemble`, `rtn`, `dequantize`, `pack`.
 """
 
 from __future__ import annotations
@@ -21,8 +26,22 @@ import torch
 
 from kvserve.quant.gguf import BLOCK_BYTES, QK, BlockParts
 
-FORMATS = ("q8_0", "q4_0", "q4_1")
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+FLAT_FORMATS = ("q8_0", "q4_0", "q4_1")  # groups of 32
+K_FORMATS = ("q3_k", "q2_k")  # rows must be whole super-blocks of 256 (others take a fallback format)
+FORMATS = FLAT_FORMATS + K_FORMATS
+# general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*; Q3_K everywhere the rows allow it is its Q3_K_S)
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q3_K": 11}
+
+
+@dataclass
+class GroupFit:
+    """A span's scales: w = scale * code + minimum, float32 [N, span / group] holding fp16 values."""
+
+    scale: torch.Tensor
+    minimum: torch.Tensor
+
+    def scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale, self.minimum
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,36 @@ class Grid:
         return BlockParts(self.bits, q.to(torch.uint8).reshape(n, k), scale.half().reshape(n, -1),
                           minimum.half().reshape(n, -1))
 
+    @property
+    def span(self) -> int:
+        return self.group
+
+    def fits(self, k: int) -> bool:
+        return k % self.group == 0
+
+    def fit(self, w: torch.Tensor, h: torch.Tensor | None = None) -> GroupFit:
+        """The scales of w [N, K] group by group: the full range, or with h (H of the K inputs) the
+        clipping search_clip picks."""
+        n, k = w.shape
+        g = w.detach().float().reshape(n * (k // self.group), self.group)
+        clip = 1.0 if h is None else search_clip(self, w, h.float()).reshape(-1)
+        s, m = self.params(g, clip)
+        return GroupFit(s.reshape(n, -1), m.reshape(n, -1))
+
+    def assemble(self, codes: torch.Tensor, fits: list[GroupFit]) -> BlockParts:
+        return BlockParts(self.bits, codes, torch.cat([f.scale for f in fits], 1).half(),
+                          torch.cat([f.minimum for f in fits], 1).half())
+
+    def rtn(self, w: torch.Tensor, h: torch.Tensor | None = None) -> BlockParts:
+        """Round-to-nearest, on each group's full range or (with h) its searched clipping."""
+        return self.quantize(w, None if h is None else search_clip(self, w, h.float()))
+
+    def dequantize(self, p: BlockParts) -> torch.Tensor:
+        return dequantize_parts(p)
+
+    def pack(self, p: BlockParts) -> np.ndarray:
+        return parts_to_blocks(p, self.qtype)
+
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
 
@@ -101,10 +150,14 @@ def search_clip(grid: Grid, w: torch.Tensor, h: torch.Tensor, ratios: tuple[floa
     return best
 
 
-def grid_for(fmt: str) -> Grid:
+def grid_for(fmt: str):  # noqa: ANN201 - a Grid or a kquant.KGrid
+    from kvserve.quant.kquant import KGrid
+
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if fmt in K_FORMATS:
+        return KGrid(fmt.upper())
     return {"q8_0": Grid("Q8_0", 8, True), "q4_0": Grid("Q4_0", 4, True), "q4_1": Grid("Q4_1", 4, False)}[fmt]
 
 

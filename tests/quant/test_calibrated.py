@@ -197,7 +197,7 @@ def test_cli_quantize_tiny_end_to_end(tiny_gguf, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--bits", "3"], "3-bit output"),
+    (["--bits", "3"], "needs --calib-file"),
     (["--format", "q5_0"], "unknown --format"),
     (["--group-size", "64"], "groups of 32"),
     (["--method", "gptq"], "needs --calib-file"),
