@@ -22,6 +22,7 @@ from kvserve.kernels import cpu as native
 from kvserve.layers.attention import make_attention_backend, set_attention_backend
 from kvserve.loader import load_model
 from kvserve.spec_decode.draft_model import DraftModelProposer
+from test_spec_engine import run, tokens
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -51,37 +52,6 @@ def prompts():
     out.append(out[1] + [5, 6, 7])  # shares a cached prefix with prompt 1
     out.append(random_ids(70, TINY_VOCAB, seed=9))  # past the fused prompt positions (64)
     return out
-
-
-def run(eng: LLMEngine, prompts, params, abort_after: dict[int, int] | None = None) -> dict[str, object]:
-    """Every prompt to completion; after every step the KV invariants of target and draft hold and the
-    draft keeps state only for running requests; at the end no block of either cache is in use."""
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        eng.add_request(f"r{i}", p, sp)
-    draft = eng.scheduler.proposer if isinstance(eng.scheduler.proposer, DraftModelProposer) else None
-    done: dict[str, object] = {}
-    steps = 0
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o
-        steps += 1
-        for i, at in (abort_after or {}).items():
-            if steps == at:
-                eng.abort_request(f"r{i}")
-        eng.kv.check_invariants()
-        if draft is not None:
-            draft.kv.check_invariants()
-            assert set(draft.states) <= {r.request_id for r in eng.scheduler.running}
-    assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.req_blocks
-    if draft is not None:
-        assert draft.kv.pool.num_used_blocks == 0 and not draft.states and not draft.kv.req_blocks
-    return done
-
-
-def tokens(done, n: int) -> list[list[int]]:
-    return [done[f"r{i}"].outputs[0].token_ids for i in range(n)]
 
 
 @pytest.fixture(scope="module")

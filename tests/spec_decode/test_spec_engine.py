@@ -68,10 +68,14 @@ def make_engine(loaded, spec=None, **kw) -> LLMEngine:
 
 
 def run(eng: LLMEngine, prompts, params, abort_after: dict[int, int] | None = None) -> dict[str, object]:
-    """Every prompt to completion, KV invariants checked after every step; all blocks free at the end."""
+    """Every prompt to completion; after every step the KV invariants hold (a draft model's too, and it
+    keeps state only for running requests); at the end no block of either cache is in use."""
+    from kvserve.spec_decode.draft_model import DraftModelProposer
+
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         eng.add_request(f"r{i}", p, sp)
+    draft = eng.scheduler.proposer if isinstance(eng.scheduler.proposer, DraftModelProposer) else None
     done: dict[str, object] = {}
     steps = 0
     while eng.has_unfinished_requests():
@@ -83,7 +87,12 @@ def run(eng: LLMEngine, prompts, params, abort_after: dict[int, int] | None = No
             if steps == at:
                 eng.abort_request(f"r{i}")
         eng.kv.check_invariants()
+        if draft is not None:
+            draft.kv.check_invariants()
+            assert set(draft.states) <= {r.request_id for r in eng.scheduler.running}
     assert eng.kv.pool.num_used_blocks == 0 and not eng.kv.req_blocks
+    if draft is not None:
+        assert draft.kv.pool.num_used_blocks == 0 and not draft.states and not draft.kv.req_blocks
     return done
 
 
