@@ -31,7 +31,8 @@ class StepTimeModel:
     observed counts the time is interpolated linearly, below the smallest it is that one's time (a
     step cannot get cheaper than its weights' streaming), and above the largest it grows in
     proportion to the tokens (compute-bound: the cautious guess). The curve is made non-decreasing
-    before use, so noise cannot make more tokens look cheaper."""
+    before use, so noise cannot make more tokens look cheaper. A `prior` (a guess by token count)
+    answers before any observation, and below the smallest observed count where it says less."""
 
     def __init__(self, weight: float = 0.2, prior: Callable[[int], float] | None = None) -> None:
         self.weight = weight  # of a new observation in its count's running average
@@ -69,6 +70,8 @@ class StepTimeModel:
         xs, ys = self._points()
         if not xs:
             return self.prior(num_tokens) if self.prior is not None else 0.0
+        if num_tokens < xs[0] and self.prior is not None:  # a draft model's first forwards are prompt catch-ups
+            return min(ys[0], self.prior(num_tokens))
         if num_tokens <= xs[0]:
             return ys[0]
         if num_tokens >= xs[-1]:

@@ -108,8 +108,12 @@ def test_a_request_left_without_drafts_probes_one_token_after_a_while():
 def test_a_prior_stands_in_until_the_first_observation():
     m = StepTimeModel(prior=lambda n: 0.001 * n)
     assert m.empty and m.estimate(4) == pytest.approx(0.004)
-    m.observe(1, 0.010)
-    assert m.estimate(4) == pytest.approx(0.040)  # then only what was observed counts
+    m.observe(4, 0.010)
+    assert m.estimate(8) == pytest.approx(0.020)  # then what was observed counts,
+    assert m.estimate(1) == pytest.approx(0.001)  # and the prior below it where it says less
+    assert m.estimate(4) == pytest.approx(0.010)
+    m.observe(1, 0.0005)
+    assert m.estimate(1) == pytest.approx(0.0005)
 
 
 def test_a_first_drafts_upfront_cost_is_counted_once():
