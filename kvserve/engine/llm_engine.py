@@ -107,7 +107,11 @@ class LLMEngine:
                     max_model_len=self.max_model_len, enable_prefix_caching=c.enable_prefix_caching,
                     retain_blocks=retain, max_num_seqs=c.max_num_seqs)
             if spec.adaptive:
-                self.scheduler.draft_control = DraftLengthController()
+                control = self.scheduler.draft_control = DraftLengthController()
+                if draft is not None:  # until a draft forward is timed: the target's time for its rows, scaled by
+                    # the weight bytes (few-row steps stream the weights), so a first draft is not taken for free
+                    ratio = draft.weight_bytes / self.lm.weight_bytes
+                    self.scheduler.proposer.draft_time.prior = lambda n: control.step_time.estimate(n) * ratio
             logger.info("speculative decoding: %s", spec)
         self.input_processor = InputProcessor(self.tokenizer, mcfg.vocab_size, self.max_model_len, self.kv)
         if self.executor is not None:

@@ -355,7 +355,8 @@ class Scheduler:
                 if req.draft_record is None:
                     req.draft_record = Acceptance()
             lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), k) for r, k in cands],
-                                     self.proposer.draft_time if batched else None)
+                                     self.proposer.draft_time if batched else None,
+                                     [self.proposer.first_draft_cost(r) for r, _ in cands] if batched else None)
             for i, (req, _) in enumerate(cands):
                 if not lengths[i]:  # a probe re-measures acceptance; never a draft model's first draft (a prefill)
                     if control.probe(req.draft_record) and (not batched or self.proposer.follows(req.request_id)):

@@ -20,6 +20,7 @@ cut-off: the machine's own step times decide.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -30,10 +31,12 @@ class StepTimeModel:
     observed counts the time is interpolated linearly, below the smallest it is that one's time (a
     step cannot get cheaper than its weights' streaming), and above the largest it grows in
     proportion to the tokens (compute-bound: the cautious guess). The curve is made non-decreasing
-    before use, so noise cannot make more tokens look cheaper."""
+    before use, so noise cannot make more tokens look cheaper. A `prior` (a guess by token count)
+    answers before any observation, and below the smallest observed count where it says less."""
 
-    def __init__(self, weight: float = 0.2) -> None:
+    def __init__(self, weight: float = 0.2, prior: Callable[[int], float] | None = None) -> None:
         self.weight = weight  # of a new observation in its count's running average
+        self.prior = prior  # the estimate before any observation (None: 0.0)
         self._mean: dict[int, float] = {}
         self._curve: tuple[list[int], list[float]] | None = None
 
@@ -63,10 +66,12 @@ class StepTimeModel:
         return self._curve
 
     def estimate(self, num_tokens: int) -> float:
-        """Expected seconds of a step of `num_tokens` tokens (0.0 before any observation)."""
+        """Expected seconds of a step of `num_tokens` tokens (the prior's, or 0.0, before any observation)."""
         xs, ys = self._points()
         if not xs:
-            return 0.0
+            return self.prior(num_tokens) if self.prior is not None else 0.0
+        if num_tokens < xs[0] and self.prior is not None:  # a draft model's first forwards are prompt catch-ups
+            return min(ys[0], self.prior(num_tokens))
         if num_tokens <= xs[0]:
             return ys[0]
         if num_tokens >= xs[-1]:
@@ -128,14 +133,16 @@ class DraftLengthController:
         return rec.idle_steps >= self.PROBE_AFTER
 
     def choose(self, base_tokens: int, drafts: list[tuple[float, int]],
-               draft_time: StepTimeModel | None = None) -> list[int]:
+               draft_time: StepTimeModel | None = None, upfront: list[float] | None = None) -> list[int]:
         """Draft lengths for a step that computes `base_tokens` tokens without drafts, given per
         candidate request (acceptance probability, longest draft it has): the lengths that maximise
         expected tokens emitted per second. Before any step was timed every draft is kept whole.
 
         `draft_time`: where drafting itself costs (a draft model runs one forward per draft position
         over the requests drafting that far), the seconds of one draft forward by its rows; the step's
-        time is then the target's plus each draft forward's. None: drafts are free (n-gram lookup)."""
+        time is then the target's plus each draft forward's. None: drafts are free (n-gram lookup).
+        `upfront`: seconds a request's first draft position adds once (a draft model's prefill of a prompt
+        it has not seen, spread over the request's remaining tokens by the proposer)."""
         if self.step_time.empty or not drafts:
             return [k for _, k in drafts]
         # every draft position j with its survival probability a^j, most probable first
@@ -144,11 +151,13 @@ class DraftLengthController:
         gain, drafting, best, best_n = float(base_tokens), 0.0, -1.0, 0
         for n in range(len(cand) + 1):
             if n:
-                p, _, j = cand[n - 1]
+                p, i, j = cand[n - 1]
                 gain += p
                 if draft_time is not None:  # one more row in forward j (the first row pays its whole cost)
                     rows[j] += 1
                     drafting += draft_time.estimate(rows[j]) - (draft_time.estimate(rows[j] - 1) if rows[j] > 1 else 0.0)
+                if upfront is not None and j == 1:
+                    drafting += upfront[i]
             rate = gain / (self.step_time.estimate(base_tokens + n) + drafting)
             if rate > best:
                 best, best_n = rate, n

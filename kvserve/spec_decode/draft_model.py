@@ -74,6 +74,14 @@ class DraftModelProposer(BatchProposer):
     def follows(self, request_id: str) -> bool:
         return request_id in self.states
 
+    def first_draft_cost(self, req: Request) -> float:
+        """A request the draft does not follow yet costs it a prefill of its tokens first: an investment that
+        serves every later draft, so it is spread over the tokens the request may still emit (two a step:
+        drafting that pays emits more than one), not charged to one step, where it would never pay."""
+        if req.request_id in self.states:
+            return 0.0
+        return self.draft_time.estimate(req.num_tokens) / max(1.0, (req.max_total_tokens - req.num_tokens) / 2)
+
     def _sync(self, req: Request) -> DraftState:
         """The request's draft state with the target's new tokens appended and rejected guesses rolled back."""
         st = self.states.get(req.request_id)

@@ -31,6 +31,10 @@ class BatchProposer:
         then is a one-token probe cheap, since a first draft costs the draft a prompt prefill."""
         return False
 
+    def first_draft_cost(self, req: Request) -> float:
+        """Seconds a request's next draft costs beyond its draft positions, charged to this step (0.0: none)."""
+        return 0.0
+
     def take_seconds(self) -> float:
         """Seconds spent drafting since the last call: the engine takes them off the target's step time."""
         s, self.seconds = self.seconds, 0.0

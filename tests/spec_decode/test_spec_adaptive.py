@@ -103,3 +103,23 @@ def test_a_request_left_without_drafts_probes_one_token_after_a_while():
     assert c.probe(rec) and rec.idle_steps == c.PROBE_AFTER
     c.observe(rec, 1, 0)  # the probe's verify result
     assert rec.idle_steps == 0 and not c.probe(rec)
+
+
+def test_a_prior_stands_in_until_the_first_observation():
+    m = StepTimeModel(prior=lambda n: 0.001 * n)
+    assert m.empty and m.estimate(4) == pytest.approx(0.004)
+    m.observe(4, 0.010)
+    assert m.estimate(8) == pytest.approx(0.020)  # then what was observed counts,
+    assert m.estimate(1) == pytest.approx(0.001)  # and the prior below it where it says less
+    assert m.estimate(4) == pytest.approx(0.010)
+    m.observe(1, 0.0005)
+    assert m.estimate(1) == pytest.approx(0.0005)
+
+
+def test_a_first_drafts_upfront_cost_is_counted_once():
+    """A draft model's prefill of a prompt it has not seen (spread over the request's tokens by the
+    proposer) is charged with the request's first position: 50 ms buys no draft (3.36 tokens / 60 ms
+    against 1 / 10 ms), 1 ms buys the whole one."""
+    c = DraftLengthController(model({1: 0.010, 64: 0.010}))
+    assert c.choose(1, [(0.8, 4)], None, [0.050]) == [0]
+    assert c.choose(1, [(0.8, 4)], None, [0.001]) == [4]

@@ -189,11 +189,29 @@ def test_rollback_to_the_accepted_prefix_then_catch_up(tiny_path):
     assert prop.kv.pool.num_used_blocks == 0 and not prop.states
 
 
+class MemoryBound:
+    """A step-time model where a step costs one second whatever its tokens (the draft's forwards are cheap)."""
+
+    empty = False
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        pass
+
+    def estimate(self, num_tokens: int) -> float:
+        return 1.0
+
+
 def test_adaptive_lengths_with_a_draft_model_stay_exact(tiny, tiny_path, prompts, reference):
     eng = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path, adaptive=True))
-    assert eng.scheduler.draft_control is not None
+    eng.scheduler.draft_control.step_time = MemoryBound()
+    eng.scheduler.proposer.draft_time.prior = None  # (it would scale the 1 s steps): free until timed
     assert tokens(run(eng, prompts, GREEDY), len(prompts)) == reference
     assert not eng.scheduler.proposer.draft_time.empty  # the draft's forwards were timed for the choice
+    assert eng.stats()["spec_decode_num_draft_tokens"] > 3 * eng.stats()["spec_decode_num_drafts"]  # near-whole
+    fresh = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path, adaptive=True))
+    draft_time, ratio = fresh.scheduler.proposer.draft_time, fresh.scheduler.proposer.lm.weight_bytes / tiny.weight_bytes
+    fresh.scheduler.draft_control.step_time.observe(8, 0.1)
+    assert draft_time.empty and draft_time.estimate(8) == pytest.approx(0.1 * ratio)  # before any draft forward
 
 
 def test_a_draft_with_another_vocabulary_is_refused(tiny, tiny_path, tmp_path):
