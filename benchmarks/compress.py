@@ -66,6 +66,7 @@ VARIANTS = {
     # 1536 = 8 x 192), measured in memory: no GGUF layout holds it, so no file, native or llama.cpp run
     "rtn-q3_k192-all": ("memory", "rtn", "q3_k", 192),
     "gptq-q3_k192-all": ("memory", "gptq", "q3_k", 192),
+    "awq-q3_k192-all": ("memory", "awq", "q3_k", 192),
     "rtn-q2_k192-all": ("memory", "rtn", "q2_k", 192),
     "gptq-q2_k192-all": ("memory", "gptq", "q2_k", 192),
     "magnitude-50%": ("prune", "magnitude", "f16", 0.5),

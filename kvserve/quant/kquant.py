@@ -229,7 +229,7 @@ class KGrid:
             base = [a.view(n, nsb, per).amax(-1) / 15.0, b.view(n, nsb, per).amax(-1) / 15.0]
             lo_i, hi_i = 0, 15
             targets = [a, b]
-        best = None  # (total error per super-block [N, nsb], d, sc, dmin, mn)
+        best = None  # (total error per super-block [N, nsb], fp16 factors, sub-block integers)
         radius = RADIUS[self.qtype] if self.radius is None else self.radius
         offsets = sorted(range(-radius, radius + 1), key=abs)  # on a tie the nearer integer stays
         for f in FACTORS[self.qtype]:
