@@ -35,3 +35,13 @@ def hf_smollm(default_path):
     return AutoModelForCausalLM.from_pretrained(
         default_path.parent, gguf_file=default_path.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm_ppl(smollm):
+    """The float32 default model's perplexity at ctx 512 on helpers.ppl_text(), computed once for the tests
+    that compare with it (transformers, the paged caches, the quantized formats)."""
+    from kvserve.eval.perplexity import perplexity
+    from helpers import CTX, ppl_text
+
+    return perplexity(smollm, ppl_text(), ctx=CTX)

@@ -92,6 +92,21 @@ def run_prefill(model: torch.nn.Module, seqs: list[list[int]]) -> list[torch.Ten
     return list(logits.split([len(s) for s in seqs]))
 
 
+def hf_greedy(hf, prompts: list[list[int]], n: int, eos: list[int] | None = None) -> list[list[int]]:
+    """transformers' greedy continuations of `prompts`, one left-padded batch: up to `n` tokens each, cut
+    after the first of `eos` (exactly `n` when `eos` is None). Batched once for speed: on the default model
+    the padded batch gives the tokens of one generate() per prompt (checked), in a quarter of the time."""
+    width = max(map(len, prompts))
+    pad = eos[0] if eos else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    stop = dict(eos_token_id=eos) if eos else dict(min_new_tokens=n)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad, **stop)
+    rows = out[:, width:].tolist()
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] if eos else row for row in rows]
+
+
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
 
@@ -246,6 +261,12 @@ def long_english_text() -> str:
 
     text = "\n\n".join(topics[k] for k in ("assignment", "class", "exceptions", "execmodel", "function", "naming"))
     return text + "\n"
+
+
+def ppl_text() -> str:
+    """The perplexity tests' text: about 3,200 tokens, six 512-token chunks, enough to compare two
+    implementations or formats."""
+    return long_english_text()[:14_000]
 
 
 def split_text() -> tuple[str, str]:

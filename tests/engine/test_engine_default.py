@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import run_engine
+from helpers import hf_greedy, run_engine
 from kvserve import SamplingParams
 from kvserve.engine.llm_engine import LLMEngine
 
@@ -35,14 +34,7 @@ def _run(engine: LLMEngine, prompts, params) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def workload(smollm, hf_smollm):
     prompts = _prompts(smollm.tokenizer)
-    refs = []
-    for p in prompts:
-        with torch.no_grad():
-            out = hf_smollm.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                     pad_token_id=0)
-        refs.append(out[0, len(p):].tolist())
-    return prompts, refs
+    return prompts, hf_greedy(hf_smollm, prompts, NEW_TOKENS)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)

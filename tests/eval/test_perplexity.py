@@ -11,12 +11,9 @@ import torch
 from kvserve.entrypoints.cli import main
 from kvserve.eval.perplexity import perplexity, prepare_text
 
-from helpers import CTX, long_english_text
+from helpers import CTX, ppl_text
 
 pytestmark = pytest.mark.slow
-
-TEXT_CHARS = 14_000  # about 3,200 tokens: six 512-token chunks are enough to compare two implementations
-
 
 def hf_reference_ppl(hf, tokens: list[int], ctx: int) -> float:
     nll, count = 0.0, 0
@@ -32,11 +29,11 @@ def hf_reference_ppl(hf, tokens: list[int], ctx: int) -> float:
     return math.exp(nll / count)
 
 
-def test_ppl_matches_transformers(smollm, hf_smollm, tmp_path, capsys):
-    text = long_english_text()[:TEXT_CHARS]
+def test_ppl_matches_transformers(smollm, smollm_ppl, hf_smollm, tmp_path, capsys):
+    text = ppl_text()
     tokens = smollm.tokenizer.encode(prepare_text(text))
     assert len(tokens) >= 4 * CTX
-    ours = perplexity(smollm, text, ctx=CTX)
+    ours = smollm_ppl
     ref = hf_reference_ppl(hf_smollm, tokens, CTX)
     assert ours.num_chunks == len(tokens) // CTX and ours.num_scored == ours.num_chunks * (CTX - 1 - CTX // 2)
     assert abs(ours.ppl - ref) / ref < 1e-3
@@ -57,10 +54,10 @@ def test_ppl_text_too_short(tmp_path, capsys):
     assert err.splitlines()[-1].startswith("kvserve: error: text has 3 tokens; need at least ctx=512")
 
 
-def test_ppl_through_paged_caches(smollm):
+def test_ppl_through_paged_caches(smollm, smollm_ppl):
     """The float cache changes nothing; an int8 cache stays within 1% of it."""
-    text = long_english_text()[:TEXT_CHARS]
-    fresh = perplexity(smollm, text, ctx=CTX)
+    text = ppl_text()
+    fresh = smollm_ppl
     paged = perplexity(smollm, text, ctx=CTX, kv_cache_dtype="auto")
     int8 = perplexity(smollm, text, ctx=CTX, kv_cache_dtype="int8")
     assert abs(paged.ppl - fresh.ppl) / fresh.ppl < 1e-5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_prefill
+from helpers import hf_greedy, run_prefill
 from kvserve.executor.reference import greedy_generate
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,6 @@ def test_logits_match_transformers_at_every_position(smollm, hf_smollm):
         assert (got - ref).abs().max().item() < 1e-3 * scale
 
 
-def _hf_greedy(hf, ids: list[int], n: int, eos: list[int]) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                      max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-    return out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])
 def test_greedy_64_tokens_identical(smollm, hf_smollm, chat):
     tok = smollm.tokenizer
@@ -56,8 +50,7 @@ def test_greedy_64_tokens_identical(smollm, hf_smollm, chat):
     eos = tok.eos_token_ids
     ours = greedy_generate(smollm.model, prompts, 64, stop_ids=set(eos))
     produced = 0
-    for ids, got in zip(prompts, ours):
-        ref = _hf_greedy(hf_smollm, ids, 64, eos)
+    for ids, got, ref in zip(prompts, ours, hf_greedy(hf_smollm, prompts, 64, eos)):
         assert got == ref, tok.decode(ids)
         produced += len(got)
     assert produced >= 8 * 8  # the comparison covers real continuations, not instant EOS

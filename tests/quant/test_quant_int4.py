@@ -94,11 +94,11 @@ def test_quantizer_recovers_the_gguf_q4_1_codes(default_path):
 
 
 @pytest.mark.slow
-def test_int4_default_model(default_path, smollm):
+def test_int4_default_model(default_path, smollm, smollm_ppl):
     """`auto` runs the Q4_1 GGUF's layers on the int4 kernel; perplexity stays within 1% of the float model's."""
     from kvserve.eval.perplexity import perplexity
     from kvserve.loader import load_model
-    from helpers import CTX, long_english_text
+    from helpers import CTX, ppl_text
 
     if not native.available():
         pytest.skip("no native kernels")
@@ -108,7 +108,6 @@ def test_int4_default_model(default_path, smollm):
 
     assert all(isinstance(m.qweight, Int4Weight) for m in lm.model.model.layers.modules() if hasattr(m, "qweight"))
     assert lm.weight_bytes < 0.45 * smollm.weight_bytes  # 4 bits per layer weight, int8 LM head, float embedding
-    text = long_english_text()
-    base = perplexity(smollm, text, ctx=CTX).ppl
-    q4 = perplexity(lm, text, ctx=CTX).ppl
+    base = smollm_ppl.ppl
+    q4 = perplexity(lm, ppl_text(), ctx=CTX).ppl
     assert abs(q4 - base) / base < 0.01, (q4, base)
