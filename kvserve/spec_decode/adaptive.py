@@ -30,14 +30,21 @@ class StepTimeModel:
     One running average per token count (exact up to 128 tokens, then in buckets of 32); between
     observed counts the time is interpolated linearly, below the smallest it is that one's time (a
     step cannot get cheaper than its weights' streaming), and above the largest it grows in
-    proportion to the tokens (compute-bound: the cautious guess). The curve is made non-decreasing
-    before use, so noise cannot make more tokens look cheaper. A `prior` (a guess by token count)
-    answers before any observation, and below the smallest observed count where it says less."""
+    proportion to the tokens (compute-bound: the cautious guess). A `prior` (a guess by token count)
+    answers before any observation, and below the smallest observed count where it says less.
+
+    Measured times err high, never low: a count's first step is often cold (an engine's first forward,
+    a new GEMM shape, pages of the KV cache touched for the first time) and a busy CPU slows any step.
+    So a count's second observation replaces its first instead of averaging with it, and the curve is
+    made non-decreasing from the top down: a count costs at most what any larger count was seen to
+    cost. (Made monotone from the bottom up, one cold step of 10 tokens priced every later step of 16
+    at its 0.5 s, four times their cost, and drafting looked free.)"""
 
     def __init__(self, weight: float = 0.2, prior: Callable[[int], float] | None = None) -> None:
         self.weight = weight  # of a new observation in its count's running average
         self.prior = prior  # the estimate before any observation (None: 0.0)
         self._mean: dict[int, float] = {}
+        self._seen: dict[int, int] = {}  # observations per count (only whether past the first matters)
         self._curve: tuple[list[int], list[float]] | None = None
 
     @staticmethod
@@ -48,8 +55,9 @@ class StepTimeModel:
         if num_tokens <= 0 or not seconds > 0.0:
             return
         b = self.bucket(num_tokens)
-        old = self._mean.get(b)
-        self._mean[b] = seconds if old is None else old + self.weight * (seconds - old)
+        old, seen = self._mean.get(b), self._seen.get(b, 0)
+        self._mean[b] = seconds if seen <= 1 else old + self.weight * (seconds - old)
+        self._seen[b] = seen + 1
         self._curve = None
 
     @property
@@ -59,9 +67,9 @@ class StepTimeModel:
     def _points(self) -> tuple[list[int], list[float]]:
         if self._curve is None:
             xs = sorted(self._mean)
-            ys: list[float] = []
-            for x in xs:
-                ys.append(max(self._mean[x], ys[-1] if ys else 0.0))
+            ys = [self._mean[x] for x in xs]
+            for i in range(len(ys) - 2, -1, -1):
+                ys[i] = min(ys[i], ys[i + 1])
             self._curve = (xs, ys)
         return self._curve
 

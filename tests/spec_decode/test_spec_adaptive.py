@@ -26,17 +26,32 @@ def test_step_time_interpolates_clamps_below_and_grows_in_proportion_above():
 
 
 def test_step_time_running_average_buckets_and_monotone_curve():
-    m = model({1: 0.010})
+    m = model({1: 0.050})  # a cold first step
     m.observe(1, 0.020)
-    assert m.estimate(1) == pytest.approx(0.012)  # 0.010 + 0.2 * (0.020 - 0.010)
-    m.observe(8, 0.005)  # noise: more tokens may not look cheaper
-    assert m.estimate(8) == pytest.approx(0.012)
+    assert m.estimate(1) == pytest.approx(0.020)  # the second observation replaces the first
+    m.observe(1, 0.010)
+    assert m.estimate(1) == pytest.approx(0.018)  # then a running average: 0.020 + 0.2 * (0.010 - 0.020)
+    m.observe(8, 0.030)
+    assert m.estimate(8) == pytest.approx(0.030)
+    m.observe(8, 0.005)  # more tokens seen cheaper: fewer cost no more than that
+    assert m.estimate(8) == m.estimate(1) == pytest.approx(0.005)
     m.observe(200, 1.0)
     m.observe(223, 2.0)  # one bucket of 32 above 128 tokens
+    m.observe(201, 1.5)
     assert StepTimeModel.bucket(223) == StepTimeModel.bucket(200) == 192
-    assert m.estimate(192) == pytest.approx(1.2)
+    assert m.estimate(192) == pytest.approx(1.9)  # 2.0 + 0.2 * (1.5 - 2.0)
     m.observe(0, 1.0), m.observe(3, 0.0)  # ignored
-    assert m.estimate(3) == pytest.approx(0.012)
+    assert m.estimate(3) == pytest.approx(0.005)
+
+
+def test_a_cold_small_step_does_not_price_the_larger_ones():
+    """An engine's first step (10 tokens, cold: 0.5 s) and then decode steps of 16 at 0.15 s: a step of 10
+    costs no more than one of 16, and the 16s are priced at what they took."""
+    m = model({10: 0.535, 512: 0.830})
+    for _ in range(3):
+        m.observe(16, 0.150)
+    assert m.estimate(10) == m.estimate(16) == pytest.approx(0.150)
+    assert m.estimate(80) == pytest.approx(0.150 + (0.830 - 0.150) * 64 / 496)
 
 
 def test_acceptance_estimate_mixes_the_request_record_with_the_engine_prior():
