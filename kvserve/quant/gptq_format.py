@@ -36,22 +36,48 @@ def quantization_config(bits: int, group: int, symmetric: bool) -> dict[str, obj
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned values [R, C] (each < 2^bits) -> int32 [R * bits / 32, C]: each column's R values as
-    one bit stream, value r at bits r * bits .. (r + 1) * bits - 1, lowest bits first."""
+    one bit stream, value r at bits r * bits .. (r + 1) * bits - 1, lowest bits first.
+
+    At 2, 4 and 8 bits whole values fill a word; at 3 bits every 32 values fill 3 words, so the stream
+    is built 32 values at a time: value i of a chunk lands at bit 3 i, its top bits spilling into the
+    next word where it straddles one."""
+    values = np.ascontiguousarray(values)  # (the results keep its memory order)
     r, c = values.shape
     if r * bits % 32:
         raise ValueError(f"{r} values of {bits} bits are not whole int32 words")
-    v = values.astype(np.uint64)
-    stream = ((v[:, None, :] >> np.arange(bits, dtype=np.uint64)[None, :, None]) & 1).reshape(r * bits // 32, 32, c)
-    words = (stream << np.arange(32, dtype=np.uint64)[None, :, None]).sum(axis=1, dtype=np.uint64)
-    return words.astype(np.uint32).view(np.int32)
+    if 32 % bits == 0:
+        per = 32 // bits
+        v = values.astype(np.uint32).reshape(r // per, per, c)
+        shifts = (np.arange(per, dtype=np.uint32) * bits)[None, :, None]
+        return np.bitwise_or.reduce(v << shifts, axis=1).view(np.int32)
+    v = values.astype(np.uint64).reshape(r // 32, 32, c)
+    words = np.zeros((r // 32, bits + 1, c), dtype=np.uint64)  # one spare word for the last value's spill
+    for i in range(32):
+        w, shift = divmod(i * bits, 32)
+        x = v[:, i] << np.uint64(shift)
+        words[:, w] |= x & np.uint64(0xFFFFFFFF)
+        words[:, w + 1] |= x >> np.uint64(32)
+    return words[:, :bits].astype(np.uint32).reshape(r * bits // 32, c).view(np.int32)
 
 
 def unpack_bits(words: np.ndarray, bits: int) -> np.ndarray:
     """The inverse of pack_bits: int32 [W, C] -> int64 [W * 32 / bits, C]."""
+    words = np.ascontiguousarray(words)
     w, c = words.shape
-    u = words.view(np.uint32).astype(np.uint64)
-    stream = ((u[:, None, :] >> np.arange(32, dtype=np.uint64)[None, :, None]) & 1).reshape(w * 32 // bits, bits, c)
-    return (stream << np.arange(bits, dtype=np.uint64)[None, :, None]).sum(axis=1).astype(np.int64)
+    mask = np.uint64(2**bits - 1)
+    if 32 % bits == 0:
+        per = 32 // bits
+        u = words.view(np.uint32).astype(np.uint64)[:, None, :]
+        shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits))[None, :, None]
+        return ((u >> shifts) & mask).reshape(w * per, c).astype(np.int64)
+    u = words.view(np.uint32).astype(np.uint64).reshape(w // bits, bits, c)
+    u = np.concatenate([u, np.zeros_like(u[:, :1])], axis=1)
+    out = np.empty((w // bits, 32, c), dtype=np.int64)
+    for i in range(32):
+        k, shift = divmod(i * bits, 32)
+        pair = u[:, k] | (u[:, k + 1] << np.uint64(32))
+        out[:, i] = ((pair >> np.uint64(shift)) & mask).astype(np.int64)
+    return out.reshape(w * 32 // bits, c)
 
 
 def zero_points(parts: BlockParts, bits: int, name: str) -> torch.Tensor:

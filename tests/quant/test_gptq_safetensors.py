@@ -212,3 +212,18 @@ def test_cli_output_names(capsys, tiny_gguf, tmp_path):
     files = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert files == ["config.json", "generation_config.json", "model.safetensors", "quantize_config.json",
                      "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.mark.slow
+def test_default_model_directory_generates_as_its_q4_0_gguf(default_path, tmp_path):
+    """The real model (about 15 s): RTN 4-bit symmetric groups of 32 as a directory and as a Q4_0 GGUF."""
+    for out in ("d", "q.gguf"):
+        assert main(["quantize", str(default_path), "--method", "rtn", "--bits", "4", "--symmetric",
+                     "--out", str(tmp_path / out)]) == 0
+    ld, td = _generate(tmp_path / "d", "auto")
+    lg, tg = _generate(tmp_path / "q.gguf", "auto")
+    assert td == tg and all(len(t) == 10 for t in td)
+    assert ld.quantization == lg.quantization == ("gguf" if native.available() else "none")
+    text = "The capital of France is Paris. <|im_start|>user\nhi<|im_end|>"
+    assert ld.tokenizer.encode(text) == lg.tokenizer.encode(text)
+    assert ld.tokenizer.chat_template == lg.tokenizer.chat_template and ld.tokenizer.eos_token_ids == lg.tokenizer.eos_token_ids
