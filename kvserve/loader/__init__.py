@@ -170,6 +170,10 @@ def load_model(
     mostly 4-bit, else int8) and the LM
     head in int8; "auto" picks gguf for a quantized GGUF when the model runs on a CPU with the
     native kernels.
+
+    A GPTQ directory (quant/gptq_format.py) is read like a 4-bit GGUF: its linears dequantized to float
+    (bit-exact), and with gguf / int4 run on their own codes where a native kernel holds them exactly;
+    "auto" picks gguf only where every linear's are (else float, and the log says why).
     """
     from kvserve.loader.gguf import GGUFFile
     from kvserve.loader.hf import HFModelDir
