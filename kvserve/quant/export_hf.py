@@ -53,11 +53,26 @@ def _one_or_list(ids: list[int]) -> int | list[int] | None:
     return ids[0] if len(ids) == 1 else (list(ids) or None)
 
 
+def _backend_with_bos(tok):  # noqa: ANN001, ANN202 - kvserve's Tokenizer -> a tokenizers.Tokenizer
+    """The tokenizer kvserve runs, with a post-processor that prepends BOS where the model wants one:
+    kvserve's encode() adds BOS itself, transformers leaves it to tokenizer.json (kvserve's HF loader
+    reads either way)."""
+    if not tok.add_bos or tok.bos_token_id is None:
+        return tok.backend
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_str(tok.backend.to_str())
+    bos = backend.id_to_token(tok.bos_token_id)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.bos_token_id)])
+    return backend
+
+
 def write_tokenizer(lm: LoadedModel, out: Path) -> None:
     """tokenizer.json (the tokenizer kvserve runs), tokenizer_config.json (special tokens, BOS, chat
     template) and generation_config.json (BOS and EOS ids): what Tokenizer.from_hf_dir reads back."""
     tok = lm.tokenizer
-    tok.backend.save(str(out / "tokenizer.json"))
+    _backend_with_bos(tok).save(str(out / "tokenizer.json"))
     tcfg: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos,
                                "model_max_length": lm.config.max_position_embeddings, **tok.special_tokens}
     if tok.chat_template:

@@ -227,3 +227,17 @@ def test_default_model_directory_generates_as_its_q4_0_gguf(default_path, tmp_pa
     text = "The capital of France is Paris. <|im_start|>user\nhi<|im_end|>"
     assert ld.tokenizer.encode(text) == lg.tokenizer.encode(text)
     assert ld.tokenizer.chat_template == lg.tokenizer.chat_template and ld.tokenizer.eos_token_ids == lg.tokenizer.eos_token_ids
+    from transformers import AutoTokenizer  # the directory's tokenizer files as transformers reads them
+
+    tok, msgs = AutoTokenizer.from_pretrained(tmp_path / "d"), [{"role": "user", "content": "hi"}]
+    assert tok(text)["input_ids"] == lg.tokenizer.encode(text)
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == lg.tokenizer.apply_chat_template(msgs)
+
+
+def test_transformers_reads_the_config_and_tokenizer(tiny_gguf, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    lm, out = quantized(tiny_gguf, tmp_path, 3, False, 32)
+    c = AutoConfig.from_pretrained(out)
+    assert type(c).__name__ == "LlamaConfig" and c.quantization_config["bits"] == 3 and c.num_key_value_heads == 2
+    assert AutoTokenizer.from_pretrained(out)("hello world")["input_ids"] == lm.tokenizer.encode("hello world")
