@@ -141,7 +141,8 @@ class ZeroPointGrid(Grid):
 
     Symmetric: zero 2^(bits-1) and the group's value of largest magnitude at code 0 (Q4_0's rule,
     which this is at 4 bits). Asymmetric: scale = (max - min) / (2^bits - 1) over a range that
-    includes 0, zero = round(-min / scale). The classic checkpoint stores zero - 1, so a zero of 0
+    includes 0 (up to 4 bits rounded so scale * zero is an fp16 value: `_scale`), zero = round(-min /
+    scale). The classic checkpoint stores zero - 1, so a zero of 0
     has no code there: a group with no weight below about -scale / 2 instead spans [0, max] on
     2^bits - 2 steps with zero 1."""
 
@@ -157,12 +158,23 @@ class ZeroPointGrid(Grid):
             mx = torch.where(hi >= -lo, hi, lo)
             d = (mx / -z).half().float()
             return d, -z * d
-        d = ((hi - lo) / self.qmax).half().float()
+        d = self._scale((hi - lo) / self.qmax)
         z = torch.round(-lo / torch.where(d > 0, d, torch.ones_like(d))).clamp_(0, self.qmax)
         no_low = z == 0
-        d = torch.where(no_low, (hi / (self.qmax - 1)).half().float(), d)
+        d = torch.where(no_low, self._scale(hi / (self.qmax - 1)), d)
         z = torch.where(no_low, torch.ones_like(z), z)
         return d, -z * d
+
+    def _scale(self, d: torch.Tensor) -> torch.Tensor:
+        """An asymmetric group's fp16 scale. Up to 4 bits it keeps 11 - bits significant bits (at most
+        2^-(12 - bits) relative off), so that scale * zero (zero < 2^bits) is an fp16 value too: the
+        native kernels, which keep each group's minimum in fp16, then run the codes exactly. 8-bit
+        zeros would cost the scale too much precision; those groups keep a full fp16 scale."""
+        if self.bits > 4:
+            return d.half().float()
+        mant, exp = torch.frexp(d.half().float())
+        keep = 2.0 ** (11 - self.bits)
+        return torch.ldexp(torch.round(mant * keep) / keep, exp).half().float()
 
     def _lowest_code(self) -> int:
         return 0

@@ -132,23 +132,29 @@ def test_the_directory_loads_to_the_gguf_of_the_same_grid(tiny_gguf, tmp_path, f
 
 
 @pytest.mark.skipif(not native.available(), reason="no native CPU kernels here")
-def test_auto_runs_exact_codes_natively_and_says_what_it_dequantized(tiny_gguf, tmp_path, caplog):
+@pytest.mark.parametrize("sym", [True, False])
+def test_auto_runs_4_bit_groups_of_32_natively_on_the_written_codes(tiny_gguf, tmp_path, sym):
     from kvserve.quant.int4 import Int4Weight
 
-    lm, out = quantized(tiny_gguf, tmp_path, 4, True, 32)
+    lm, out = quantized(tiny_gguf, tmp_path, 4, sym, 32)
     n = load_model(out, quantization="auto")
-    lin = n.model.model.layers[1].mlp.down_proj
-    assert n.quantization == "gguf" and isinstance(lin.qweight, Int4Weight)
-    assert torch.equal(lin.qweight.dequantize(), lm.model.model.layers[1].mlp.down_proj.weight)
+    assert n.quantization == "gguf"
+    for name in ("self_attn.qkv_proj", "mlp.down_proj"):
+        lin, ref = (m.model.model.layers[1].get_submodule(name) for m in (n, lm))
+        assert isinstance(lin.qweight, Int4Weight) and torch.equal(lin.qweight.dequantize(), ref.weight)
+
+
+@pytest.mark.skipif(not native.available(), reason="no native CPU kernels here")
+def test_auto_says_what_it_dequantized(tiny_gguf, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kvserve"):
         _, out16 = quantized(tiny_gguf, tmp_path / "g16", 4, True, 16)
         assert load_model(out16, quantization="auto").quantization == "none"
-        _, asym = quantized(tiny_gguf, tmp_path / "asym", 4, False, 32)
-        assert load_model(asym, quantization="auto").quantization == "none"
+        _, asym8 = quantized(tiny_gguf, tmp_path / "asym8", 8, False, 32)
+        assert load_model(asym8, quantization="auto").quantization == "none"
     text = caplog.text
     assert "auto -> none: GPTQ 4-bit symmetric, groups of 16: the native kernels take groups of whole 32s" in text
-    assert "GPTQ 4-bit asymmetric, groups of 32:" in text and "not fp16 values" in text
-    assert "dequantized to float" in text
+    assert "auto -> none: GPTQ 8-bit asymmetric, groups of 32: 14 of 14 linears" in text and "not fp16 values" in text
+    assert "14 linears, 14 dequantized to float" in text
 
 
 def _rewrite(out, config=None, tensors=None):
