@@ -135,6 +135,12 @@ def check_out_dir(out: str) -> Path:
                                   "model.safetensors): name the directory")
     if p.exists() and not p.is_dir():
         raise InvalidRequestError(f"--out {out}: exists and is not a directory")
+    from kvserve.quant.export_hf import FILES
+
+    if p.is_dir() and (others := sorted(f.name for f in p.iterdir() if f.name not in FILES)):
+        # another model's shards or index beside ours would be read as part of this one
+        raise InvalidRequestError(f"--out {out}: a directory holding other files ({', '.join(others[:3])}); "
+                                  "name a new or empty one")
     if not p.parent.is_dir():
         raise InvalidRequestError(f"--out {out}: no such directory {p.parent}")
     return p
@@ -192,7 +198,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if kind == "gguf":
         fmt = resolve_format(args.bits, args.symmetric, args.format, args.group_size)
         fallback = resolve_fallback(fmt, args.fallback)
-        out = check_out(args.out)
+        out, gptq = check_out(args.out), None
     else:
         gptq = resolve_gptq(args.bits, args.symmetric, args.format, args.group_size)
         out = check_out_dir(args.out)
@@ -227,7 +233,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         comp = quantize_model(lm, args.method, grid, chunks, fallback=fb_grid)
     except ValueError as e:  # rows that are not whole groups of 32, a Hessian that cannot be factored
         raise InvalidRequestError(str(e)) from None
-    size = _write(kind, src, lm, comp, out, args, gptq if kind == "safetensors" else None)
+    size = _write(kind, src, lm, comp, out, args, gptq)
     errs = [r.rel_error for r in comp.reports if r.rel_error is not None]
     print(f"{args.method} -> {label}: {len(comp.parts)} linears, {comp.calib_tokens} calibration tokens, "
           f"{time.perf_counter() - t0:.1f}s")
@@ -250,14 +256,14 @@ def _write(kind: str, src, lm, comp, out: Path, args: argparse.Namespace,  # noq
         write_gguf(src, lm, comp, out, {"kvserve.compress.method": args.method,
                                         "kvserve.compress.calib_tokens": comp.calib_tokens})
         return out.stat().st_size
-    from kvserve.quant.export_hf import write_gptq_dir
+    from kvserve.quant.export_hf import FILES, write_gptq_dir
 
     bits, sym, group = gptq
     try:
         write_gptq_dir(lm, comp, out, bits, group, sym)
     except ValueError as e:  # a grid the layout cannot hold exactly
         raise InvalidRequestError(str(e)) from None
-    return sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return sum((out / f).stat().st_size for f in FILES)
 
 
 def describe_mix(counts: dict[str, tuple[int, int]], main: str) -> str:

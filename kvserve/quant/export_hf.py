@@ -124,8 +124,8 @@ def gptq_tensors(lm: LoadedModel, comp, bits: int) -> dict[str, torch.Tensor]:  
 def write_gptq_dir(lm: LoadedModel, comp, out: str | Path, bits: int, group: int,  # noqa: ANN001 - a Compressed
                    symmetric: bool) -> Path:
     """Write the quantized model `lm` (its codes in `comp`, every decoder layer's linears) as a HF
-    directory in the GPTQ layout; ValueError (before anything is written) where a grid cannot be
-    held exactly."""
+    directory in the GPTQ layout (the files FILES); ValueError (before anything is written) where a
+    grid cannot be held exactly."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -138,6 +138,11 @@ def write_gptq_dir(lm: LoadedModel, comp, out: str | Path, bits: int, group: int
     (out / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n")
     write_tokenizer(lm, out)
     return out
+
+
+# what write_gptq_dir writes (a directory holding only these may be written again)
+FILES = ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+         "generation_config.json")
 
 
 def check_gptq_shapes(lm: LoadedModel, bits: int, group: int) -> None:

@@ -189,6 +189,7 @@ def test_the_loader_refuses_what_it_cannot_read_exactly(tiny_gguf, tmp_path, cha
     (["--bits", "5"], "--bits 5: choose from 8, 4, 3, 2"),
     (["--bits", "5", "--out-format", "gguf"], "--bits 5: choose from 8, 4, 3, 2"),
     (["--group-size", "0"], "--group-size must be a positive number"),
+    (["--group-size", "64", "--out-format", "gguf"], "GGUF q4_0 has groups of 32 inputs, not --group-size 64"),
     (["--group-size", "64"], "--group-size 64 does not divide mlp.down_proj's 96 inputs"),
     (["--bits", "3", "--group-size", "16"], None),
     (["--format", "q4_1"], "GGUF q4_1's grid has a float minimum per group"),
@@ -218,6 +219,10 @@ def test_cli_output_names(capsys, tiny_gguf, tmp_path):
     files = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert files == ["config.json", "generation_config.json", "model.safetensors", "quantize_config.json",
                      "tokenizer.json", "tokenizer_config.json"]
+    assert main(["quantize", str(tiny_gguf), "--method", "rtn", "--out", str(tmp_path / "d"), "--bits", "4"]) == 0
+    (tmp_path / "d" / "model.safetensors.index.json").write_text("{}")  # another model's, read as this one's
+    assert main(["quantize", str(tiny_gguf), "--method", "rtn", "--out", str(tmp_path / "d")]) == 2
+    assert "holding other files (model.safetensors.index.json)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
