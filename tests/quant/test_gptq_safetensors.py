@@ -99,6 +99,23 @@ def test_calibrated_methods_write_the_same_layout(tiny_gguf, tmp_path, method):
     assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), back.model.state_dict().values()))
 
 
+def test_biases_and_an_hf_source_round_trip(tmp_path):
+    """Qwen2's q/k/v biases are split out of the fused projection like the weights (an HF source, through
+    the API: the CLI quantizes GGUF sources)."""
+    from helpers import make_tiny_hf
+
+    lm = load_model(make_tiny_hf(tmp_path / "hf", "qwen2"))
+    comp = quantize_model(lm, "rtn", gptq_grid(4, False, 32), None)
+    out = write_gptq_dir(lm, comp, tmp_path / "out", 4, 32, False)
+    t = load_file(str(out / "model.safetensors"))
+    qkv = lm.model.model.layers[0].self_attn.qkv_proj
+    off, size = qkv.shard_offsets["k"]
+    assert np.array_equal(t["model.layers.0.self_attn.k_proj.bias"], qkv.bias[off : off + size].numpy())
+    back = load_model(out)
+    assert back.config == lm.config
+    assert all(torch.equal(a, back.model.state_dict()[k]) for k, a in lm.model.state_dict().items())
+
+
 def _generate(path, quantization):
     llm = LLM(str(path), max_model_len=64, max_num_seqs=2, quantization=quantization)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
