@@ -162,6 +162,23 @@ def test_auto_runs_4_bit_groups_of_32_natively_on_the_written_codes(tiny_gguf, t
 
 
 @pytest.mark.skipif(not native.available(), reason="no native CPU kernels here")
+@pytest.mark.parametrize("bits,sym,group", [(8, True, 16), (3, True, 32), (2, False, 16)])
+def test_auto_runs_other_widths_on_the_wide_kernel(tiny_gguf, tmp_path, bits, sym, group):
+    """8-bit codes as they are, 3- and 2-bit ones as the 5-bit kernel's: the products match the float
+    weights' up to the kernels' int8 activations."""
+    from kvserve.quant.wide import WideWeight
+
+    lm, out = quantized(tiny_gguf, tmp_path, bits, sym, group)
+    n = load_model(out, quantization="auto")
+    assert n.quantization == "gguf"
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    lin, ref = (m.model.model.layers[0].mlp.down_proj for m in (n, lm))
+    assert isinstance(lin.qweight, WideWeight) and lin.qweight.bits == (8 if bits == 8 else 5)
+    y, y_ref = lin.qweight.matmul(x), x @ ref.weight.t()
+    assert float((y - y_ref).abs().max()) < 0.02 * float(y_ref.abs().max())
+
+
+@pytest.mark.skipif(not native.available(), reason="no native CPU kernels here")
 def test_auto_says_what_it_dequantized(tiny_gguf, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kvserve"):
         _, out16 = quantized(tiny_gguf, tmp_path / "g16", 4, True, 16)
