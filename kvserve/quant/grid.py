@@ -142,9 +142,8 @@ class ZeroPointGrid(Grid):
     Symmetric: zero 2^(bits-1) and the group's value of largest magnitude at code 0 (Q4_0's rule,
     which this is at 4 bits). Asymmetric: scale = (max - min) / (2^bits - 1) over a range that
     includes 0 (up to 4 bits rounded so scale * zero is an fp16 value: `_scale`), zero = round(-min /
-    scale). The classic checkpoint stores zero - 1, so a zero of 0
-    has no code there: a group with no weight below about -scale / 2 instead spans [0, max] on
-    2^bits - 2 steps with zero 1."""
+    scale). The classic checkpoint stores zero - 1, so a zero of 0 has no code there: a group with
+    no weight below about -scale / 2 instead spans [0, max] on 2^bits - 2 steps with zero 1."""
 
     @property
     def qmax(self) -> int:
@@ -167,7 +166,7 @@ class ZeroPointGrid(Grid):
 
     def _scale(self, d: torch.Tensor) -> torch.Tensor:
         """An asymmetric group's fp16 scale. Up to 4 bits it keeps 11 - bits significant bits (at most
-        2^-(12 - bits) relative off), so that scale * zero (zero < 2^bits) is an fp16 value too: the
+        2^-(11 - bits) relative off), so that scale * zero (zero < 2^bits) is an fp16 value too: the
         native kernels, which keep each group's minimum in fp16, then run the codes exactly. 8-bit
         zeros would cost the scale too much precision; those groups keep a full fp16 scale."""
         if self.bits > 4:
