@@ -16,7 +16,9 @@ from kvserve.errors import InvalidRequestError, ModelLoadError
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ, AWQ-style); write a GGUF or a GPTQ-layout "
                                         "safetensors directory")
-    q.add_argument("model", nargs="?", default=None, help="a GGUF file (default: the embedded default model)")
+    q.add_argument("model", nargs="?", default=None,
+                   help="a GGUF file, or for a directory --out also a Hugging Face directory (default: the embedded "
+                        "default model)")
     q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="gptq")
     q.add_argument("--bits", type=int, default=None,
                    help="bits per weight: 8, 4, 3, 2 (default 4; GGUF 3: q3_k, 2: q2_k)")
@@ -168,17 +170,27 @@ def read_text(path: str) -> str:
         raise InvalidRequestError(f"{p}: not UTF-8 text") from None
 
 
-def open_source(model: str | None):  # noqa: ANN201 - (GGUFFile, path)
-    """The source GGUF (an HF directory is refused until a GGUF metadata writer for it exists)."""
+def open_source(model: str | None, hf_ok: bool = False):  # noqa: ANN201 - (GGUFFile or HFModelDir, path)
+    """The source: a GGUF, or with `hf_ok` (a directory output, which needs no GGUF metadata) also a
+    Hugging Face directory."""
     from kvserve.loader import default_model_path
     from kvserve.loader.gguf import GGUFFile
+    from kvserve.loader.hf import HFModelDir
 
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(path, "no such file or directory")
-    if path.is_dir():
-        raise ModelLoadError(path, "a Hugging Face directory: compression writes GGUF from a GGUF source only so far")
-    return GGUFFile(path), path
+    if path.is_dir() and not hf_ok:
+        raise ModelLoadError(path, "a Hugging Face directory: GGUF output is written from a GGUF source only "
+                                   "(its metadata); a directory --out takes this source")
+    return (HFModelDir(path) if path.is_dir() else GGUFFile(path)), path
+
+
+def describe_source(src) -> str:  # noqa: ANN001 - a GGUFFile or an HFModelDir
+    """The quantized weights of a source, in a few words."""
+    if hasattr(src, "reader"):  # a GGUF: its 2-D tensors' types
+        return "/".join(sorted({t.tensor_type.name for t in src.reader.tensors if len(t.shape) == 2})) + " weights"
+    return f"{src.describe_quantization()} linears"
 
 
 def check_out(out: str) -> Path:
@@ -206,12 +218,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--method {args.method} needs --calib-file")
     if args.calib_file:
         read_text(args.calib_file)  # a bad file fails before the model loads
-    src, path = open_source(args.model)
+    src, path = open_source(args.model, hf_ok=kind == "safetensors")
     t0 = time.perf_counter()
     lm = load_model(path, dtype="float32", quantization="none")
     if src.has_quantized_weights():
-        kinds = sorted({t.tensor_type.name for t in src.reader.tensors if len(t.shape) == 2})
-        print(f"source {path.name}: {'/'.join(kinds)} weights dequantized to float32; that float32 model is "
+        print(f"source {path.name}: {describe_source(src)} dequantized to float32; that float32 model is "
               "the reference", file=sys.stderr)
     if kind == "gguf":
         from kvserve.quant.grid import grid_for
@@ -256,14 +267,16 @@ def _write(kind: str, src, lm, comp, out: Path, args: argparse.Namespace,  # noq
         write_gguf(src, lm, comp, out, {"kvserve.compress.method": args.method,
                                         "kvserve.compress.calib_tokens": comp.calib_tokens})
         return out.stat().st_size
-    from kvserve.quant.export_hf import FILES, write_gptq_dir
+    from kvserve.loader.hf import HFModelDir
+    from kvserve.quant.export_hf import write_gptq_dir
 
     bits, sym, group = gptq
     try:
-        write_gptq_dir(lm, comp, out, bits, group, sym)
+        written = write_gptq_dir(lm, comp, out, bits, group, sym,
+                                 source=src.path if isinstance(src, HFModelDir) else None)
     except ValueError as e:  # a grid the layout cannot hold exactly
         raise InvalidRequestError(str(e)) from None
-    return sum((out / f).stat().st_size for f in FILES)
+    return sum((out / f).stat().st_size for f in written)
 
 
 def describe_mix(counts: dict[str, tuple[int, int]], main: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,36 +122,52 @@ def gptq_tensors(lm: LoadedModel, comp, bits: int) -> dict[str, torch.Tensor]:  
     return out
 
 
+# the files of every directory written; the tokenizer files, written from kvserve's tokenizer for a GGUF
+# source (the first three) or copied from an HF source where it has them; a directory holding only
+# these may be written again
+OWN_FILES = ("config.json", "quantize_config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+FILES = OWN_FILES + TOKENIZER_FILES
+
+
 def write_gptq_dir(lm: LoadedModel, comp, out: str | Path, bits: int, group: int,  # noqa: ANN001 - a Compressed
-                   symmetric: bool) -> Path:
+                   symmetric: bool, source: Path | None = None) -> list[str]:
     """Write the quantized model `lm` (its codes in `comp`, every decoder layer's linears) as a HF
-    directory in the GPTQ layout (the files FILES); ValueError (before anything is written) where a
-    grid cannot be held exactly."""
+    directory in the GPTQ layout; returns the names of the files written. `source`: the model's own
+    HF directory, whose config.json (plus the quantization_config) and tokenizer files are kept as
+    they are; else both come from what kvserve read (a GGUF's metadata). ValueError (before anything
+    is written) where a grid cannot be held exactly."""
     from safetensors.torch import save_file
 
     out = Path(out)
     quant = quantization_config(bits, group, symmetric)
-    config = hf_config(lm, quant)
+    if source is None:
+        config = hf_config(lm, quant)
+    else:
+        config = {**json.loads((source / "config.json").read_text()), "quantization_config": quant}
     tensors = gptq_tensors(lm, comp, bits)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "quantize_config.json").write_text(json.dumps(quant, indent=2) + "\n")
-    write_tokenizer(lm, out)
-    return out
-
-
-# what write_gptq_dir writes (a directory holding only these may be written again)
-FILES = ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-         "generation_config.json")
+    if source is None:
+        write_tokenizer(lm, out)
+        return [*OWN_FILES, *TOKENIZER_FILES[:3]]
+    copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+    for f in copied:
+        shutil.copyfile(source / f, out / f)
+    return [*OWN_FILES, *copied]
 
 
 def check_gptq_shapes(lm: LoadedModel, bits: int, group: int) -> None:
     """ValueError naming the first linear the layout cannot hold at `bits` in groups of `group`: inputs
     that are not whole groups, or inputs / outputs (each projection of a fused one) that do not fill
-    whole int32 words."""
+    whole int32 words; or an architecture not written as a directory yet."""
     from kvserve.quant.calibrate import LINEARS
 
+    if lm.config.architecture not in HF_ARCHITECTURES:
+        raise ValueError(f"{lm.config.architecture} models are not written as safetensors directories yet")
     layer = lm.model.model.layers[0]  # every decoder layer has the same shapes
     for path in LINEARS:
         lin = layer.get_submodule(path)

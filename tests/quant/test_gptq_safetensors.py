@@ -7,8 +7,9 @@ directory loads back in kvserve to the same tensors and greedy tokens as the GGU
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -58,7 +59,8 @@ def quantized(tiny_gguf, tmp_path, bits, sym, group, method="rtn"):
     lm = load_model(tiny_gguf)
     chunks = None if method == "rtn" else calibration_chunks(lm, split_text()[0], 512, 256)
     comp = quantize_model(lm, method, gptq_grid(bits, sym, group), chunks)
-    return lm, write_gptq_dir(lm, comp, tmp_path / "out", bits, group, sym)
+    write_gptq_dir(lm, comp, tmp_path / "out", bits, group, sym)
+    return lm, tmp_path / "out"
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
@@ -99,21 +101,34 @@ def test_calibrated_methods_write_the_same_layout(tiny_gguf, tmp_path, method):
     assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), back.model.state_dict().values()))
 
 
-def test_biases_and_an_hf_source_round_trip(tmp_path):
-    """Qwen2's q/k/v biases are split out of the fused projection like the weights (an HF source, through
-    the API: the CLI quantizes GGUF sources)."""
+def test_an_hf_source_keeps_its_config_and_tokenizer_files(tmp_path, capsys):
+    """An HF source (Qwen2: q/k/v biases, split out of the fused projection like the weights) keeps its
+    config.json, plus the quantization_config, and its tokenizer files as they are; a GPTQ directory
+    is a source too (its float dequantization the reference)."""
     from helpers import make_tiny_hf
 
-    lm = load_model(make_tiny_hf(tmp_path / "hf", "qwen2"))
+    src = make_tiny_hf(tmp_path / "hf", "qwen2")
+    assert main(["quantize", str(src), "--method", "rtn", "--bits", "4", "--no-symmetric", "--out", str(tmp_path / "d")]) == 0
+    d = tmp_path / "d"
+    quant = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+             "checkpoint_format": "gptq", "lm_head": False}
+    assert json.loads((d / "config.json").read_text()) == {**json.loads((src / "config.json").read_text()),
+                                                           "quantization_config": quant}
+    kept = [f.name for f in src.iterdir() if f.name.startswith(("tokenizer", "generation_config", "special_tokens"))]
+    assert "tokenizer.json" in kept and all((d / f).read_bytes() == (src / f).read_bytes() for f in kept)
+    lm = load_model(src)
     comp = quantize_model(lm, "rtn", gptq_grid(4, False, 32), None)
-    out = write_gptq_dir(lm, comp, tmp_path / "out", 4, 32, False)
-    t = load_file(str(out / "model.safetensors"))
+    t = load_file(str(d / "model.safetensors"))
     qkv = lm.model.model.layers[0].self_attn.qkv_proj
     off, size = qkv.shard_offsets["k"]
     assert np.array_equal(t["model.layers.0.self_attn.k_proj.bias"], qkv.bias[off : off + size].numpy())
-    back = load_model(out)
-    assert back.config == lm.config
+    back = load_model(d)
+    assert replace(back.config, name=lm.config.name) == lm.config and len(comp.parts) == 8  # (name: the directory's)
     assert all(torch.equal(a, back.model.state_dict()[k]) for k, a in lm.model.state_dict().items())
+    capsys.readouterr()
+    assert main(["quantize", str(d), "--method", "rtn", "--bits", "8", "--out", str(tmp_path / "d8")]) == 0
+    assert "source d: GPTQ 4-bit asymmetric, groups of 32 linears dequantized to float32" in capsys.readouterr().err
+    assert json.loads((tmp_path / "d8" / "config.json").read_text())["quantization_config"]["bits"] == 8
 
 
 def _generate(path, quantization):
