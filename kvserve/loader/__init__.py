@@ -135,6 +135,8 @@ def resolve_quantization(quantization: str | None, src: object, device: torch.de
                               "compiler): the GGUF's weights are dequantized to float")
             logger.warning("quantization auto -> none: %s", why)
             return q
+        elif blocker := getattr(src, "native_blocker", lambda: None)():
+            q, why = "none", f"{blocker}; weights dequantized to float"
         else:
             q = "gguf"
             why = f"each layer in the file's own format, {native.isa()} kernels"
@@ -168,6 +170,10 @@ def load_model(
     mostly 4-bit, else int8) and the LM
     head in int8; "auto" picks gguf for a quantized GGUF when the model runs on a CPU with the
     native kernels.
+
+    A GPTQ directory (quant/gptq_format.py) is read like a 4-bit GGUF: its linears dequantized to float
+    (bit-exact), and with gguf / int4 run on their own codes where a native kernel holds them exactly;
+    "auto" picks gguf only where every linear's are (else float, and the log says why).
     """
     from kvserve.loader.gguf import GGUFFile
     from kvserve.loader.hf import HFModelDir
@@ -220,8 +226,8 @@ def load_model(
             # quantized, unsplit: the vocabulary tables come as int8 rows, never as float32
             weights = src.weights(cfg, native=method in ("gguf", "int4"),
                                   int8_tables=method != "none" and get_state().world_size == 1)
-        else:
-            weights = src.weights(cfg)
+        else:  # a GPTQ checkpoint's codes are kept for gguf and int4 as a GGUF's are
+            weights = src.weights(cfg, native=method in ("gguf", "int4"))
         if num_layers is not None:
             weights = (w for w in weights if _layer_index(w[0]) < num_layers)
         net.load_weights(weights, dtype=torch_dtype, on_loaded=None if method == "none" else quantize_loaded)

@@ -116,7 +116,7 @@ class BlockParts:
     bits: int
     codes: torch.Tensor  # uint8 [N, K]
     scale: torch.Tensor  # fp16 [N, K / group]
-    minimum: torch.Tensor  # fp16 [N, K / group]
+    minimum: torch.Tensor  # fp16 [N, K / group] (float32 on a GPTQ grid: -zero * scale, quant.grid.ZeroPointGrid)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -76,11 +76,17 @@ class Grid:
         m = minimum.view(-1, *([1] * (w.dim() - 1)))
         safe = torch.where(s != 0, s, torch.ones_like(s))
         q = torch.where(s != 0, torch.round((w - m) / safe), torch.full_like(w, self._zero_code()))
-        lo = 1 if self.qtype == "Q8_0" else 0  # Q8_0 keeps -127..127 (llama.cpp never writes -128)
-        return q.clamp_(lo, self.qmax)
+        return q.clamp_(self._lowest_code(), self.qmax)
+
+    def _lowest_code(self) -> int:
+        return 1 if self.qtype == "Q8_0" else 0  # Q8_0 keeps -127..127 (llama.cpp never writes -128)
 
     def _zero_code(self) -> float:
         return {"Q4_0": 8.0, "Q8_0": 128.0, "Q4_1": 0.0}[self.qtype]
+
+    def _stored_minimum(self, m: torch.Tensor) -> torch.Tensor:
+        """The minimum as the parts keep it: fp16, as the GGUF block stores it."""
+        return m.half()
 
     def quantize(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> BlockParts:
         """Round-to-nearest: float [N, K] (K a multiple of 32) -> BlockParts on this grid; clip: a
@@ -92,7 +98,7 @@ class Grid:
         scale, minimum = self.params(g, 1.0 if clip is None else clip.reshape(-1))
         q = self.codes(g, scale, minimum)
         return BlockParts(self.bits, q.to(torch.uint8).reshape(n, k), scale.half().reshape(n, -1),
-                          minimum.half().reshape(n, -1))
+                          self._stored_minimum(minimum).reshape(n, -1))
 
     @property
     def span(self) -> int:
@@ -112,7 +118,7 @@ class Grid:
 
     def assemble(self, codes: torch.Tensor, fits: list[GroupFit]) -> BlockParts:
         return BlockParts(self.bits, codes, torch.cat([f.scale for f in fits], 1).half(),
-                          torch.cat([f.minimum for f in fits], 1).half())
+                          self._stored_minimum(torch.cat([f.minimum for f in fits], 1)))
 
     def rtn(self, w: torch.Tensor, h: torch.Tensor | None = None) -> BlockParts:
         """Round-to-nearest, on each group's full range or (with h) its searched clipping."""
@@ -123,6 +129,76 @@ class Grid:
 
     def pack(self, p: BlockParts) -> np.ndarray:
         return parts_to_blocks(p, self.qtype)
+
+
+@dataclass(frozen=True)
+class ZeroPointGrid(Grid):
+    """GPTQ's grid: `bits`-bit codes 0..2^bits - 1 with an fp16 scale and an integer zero point per
+    group of `group` inputs, w = scale * (code - zero), the grid the GPTQ checkpoint layout holds
+    (quant/gptq_format.py). Kept in kvserve's terms as minimum = -zero * scale, in float32: that
+    product of an fp16 and a small integer is exact there (not always in fp16), so scale * code +
+    minimum is exactly scale * (code - zero).
+
+    Symmetric: zero 2^(bits-1) and the group's value of largest magnitude at code 0 (Q4_0's rule,
+    which this is at 4 bits). Asymmetric: scale = (max - min) / (2^bits - 1) over a range that
+    includes 0 (up to 4 bits rounded so scale * zero is an fp16 value: `_scale`), zero = round(-min /
+    scale). The classic checkpoint stores zero - 1, so a zero of 0 has no code there: a group with
+    no weight below about -scale / 2 instead spans [0, max] on 2^bits - 2 steps with zero 1."""
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def params(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = (w.amin(dim=1) * clip).clamp(max=0.0)
+        hi = (w.amax(dim=1) * clip).clamp(min=0.0)
+        if self.symmetric:
+            z = float(2 ** (self.bits - 1))
+            mx = torch.where(hi >= -lo, hi, lo)
+            d = (mx / -z).half().float()
+            return d, -z * d
+        d = self._scale((hi - lo) / self.qmax)
+        z = torch.round(-lo / torch.where(d > 0, d, torch.ones_like(d))).clamp_(0, self.qmax)
+        no_low = z == 0
+        d = torch.where(no_low, self._scale(hi / (self.qmax - 1)), d)
+        z = torch.where(no_low, torch.ones_like(z), z)
+        return d, -z * d
+
+    def _scale(self, d: torch.Tensor) -> torch.Tensor:
+        """An asymmetric group's fp16 scale. Up to 4 bits it keeps 11 - bits significant bits (at most
+        2^-(11 - bits) relative off), so that scale * zero (zero < 2^bits) is an fp16 value too: the
+        native kernels, which keep each group's minimum in fp16, then run the codes exactly. 8-bit
+        zeros would cost the scale too much precision; those groups keep a full fp16 scale."""
+        if self.bits > 4:
+            return d.half().float()
+        mant, exp = torch.frexp(d.half().float())
+        keep = 2.0 ** (11 - self.bits)
+        return torch.ldexp(torch.round(mant * keep) / keep, exp).half().float()
+
+    def _lowest_code(self) -> int:
+        return 0
+
+    def _zero_code(self) -> float:
+        return float(2 ** (self.bits - 1))
+
+    def _stored_minimum(self, m: torch.Tensor) -> torch.Tensor:
+        return m.float()
+
+    def fits(self, k: int) -> bool:
+        return k % self.group == 0 and k * self.bits % 32 == 0
+
+    def pack(self, p: BlockParts) -> np.ndarray:
+        raise ValueError(f"{self.qtype} has no GGUF block format; it is written in the GPTQ layout only")
+
+
+def gptq_grid(bits: int, symmetric: bool, group: int) -> Grid:
+    """The grid of a GPTQ-layout output: Q8_0's and Q4_0's own grids where symmetric (so at group 32 the
+    codes equal a GGUF q8_0 / q4_0's), else GPTQ's zero-point grid."""
+    if symmetric and bits == 8:
+        return Grid("Q8_0", 8, True, group)
+    if symmetric and bits == 4:
+        return Grid("Q4_0", 4, True, group)
+    return ZeroPointGrid(f"GPTQ{bits}{'' if symmetric else 'A'}", bits, symmetric, group)
 
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6

@@ -218,5 +218,5 @@ def test_cli_refuses_a_source_it_cannot_write(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "GGUF source only" in err
     assert main(["quantize", "--method", "rtn", "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "only GGUF output" in capsys.readouterr().err
+    assert "name the directory" in capsys.readouterr().err
 
