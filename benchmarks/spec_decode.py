@@ -124,6 +124,12 @@ def method_config(name: str, args, tiny_path: Path | None) -> dict:  # noqa: ANN
     return {**cfg, "adaptive": False} if fixed else cfg
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median decode rate (the lower middle one of an even count): its other figures with it."""
+    ranked = sorted(runs, key=lambda r: r["decode_tok_s"] or 0.0)
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M GGUF")
@@ -144,6 +150,9 @@ def main() -> None:
                     help="decode time by the wall clock, or by the process's CPU time (a shared core)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--kv-cache-memory", default="1GiB")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="runs of each case, alternating none and every method; the median run of each is reported "
+                         "(a shared machine's speed drifts: one run of each reads +-10%% apart on the same work)")
     ap.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny random model and a few tokens")
     args = ap.parse_args()
 
@@ -178,20 +187,25 @@ def main() -> None:
         for batch in batch_sizes:
             ps = prompts[:batch] if batch > 1 else prompts[:2]
             for temperature in temperatures:
-                base = run(loaded, ps, None, batch, temperature, args)
+                runs: dict[str | None, list[dict]] = {None: [], **{label: [] for label in configs}}
+                for _ in range(max(1, args.reps)):  # alternating, so a drift in the machine's speed hits all alike
+                    runs[None].append(run(loaded, ps, None, batch, temperature, args))
+                    for label, cfg in configs.items():
+                        runs[label].append(run(loaded, ps, cfg, batch, temperature, args))
+                base = median_run(runs[None])
                 row = {"workload": name, "batch": batch, "temperature": temperature, "base_tok_s": base["decode_tok_s"],
                        "base_tok_s_wall": base["decode_tok_s_wall"], "base_tok_s_cpu": base["decode_tok_s_cpu"]}
-                for label, cfg in configs.items():
-                    sd = run(loaded, ps, cfg, batch, temperature, args)
+                for label in configs:
+                    sd = median_run(runs[label])
                     # greedy, or seeded sampling: the tokens of decoding without speculation. Bit for bit on the
                     # native path; on the torch path a verify step's GEMMs have more rows than a decode's, so a
                     # near tie (or a draw at a CDF boundary) may go the other way: counted, not hidden
-                    same = base["tokens"] == sd["tokens"]
-                    diverged = [next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-                                for a, b in zip(base["tokens"], sd["tokens"]) if a != b]
+                    same = all(r["tokens"] == base["tokens"] for r in runs[None] + runs[label])
+                    diverged = sorted({next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+                                       for r in runs[label] for a, b in zip(base["tokens"], r["tokens"]) if a != b})
                     if not same:
-                        print(f"WARNING {name} batch {batch} T={temperature} ({label}): {len(diverged)} of {len(ps)} "
-                              f"outputs differ from decoding without speculation, from token {diverged}", flush=True)
+                        print(f"WARNING {name} batch {batch} T={temperature} ({label}): outputs differ from decoding "
+                              f"without speculation, first at token {diverged}", flush=True)
                         if loaded.quantization != "none":
                             raise SystemExit("outputs differ on the native path, where they must not")
                     speedup = (sd["decode_tok_s"] / base["decode_tok_s"]) if base["decode_tok_s"] and \
@@ -209,6 +223,7 @@ def main() -> None:
                     for label, r in ((m, row[m]) for m in configs)), flush=True)
     print(json.dumps({"benchmark": "spec_decode", "methods": configs, "k": args.num_speculative_tokens,
                       "quantization": loaded.quantization, "clock": args.clock, "threads": torch.get_num_threads(),
+                      "reps": max(1, args.reps),
                       "tiny": args.tiny, "rows": rows}))
 
 
