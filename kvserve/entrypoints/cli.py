@@ -367,7 +367,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  request_timeout=args.request_timeout) for e in replicas]
         async_engine = fronts[0] if dp == 1 else DataParallelEngine(fronts, args.routing)
         engines.append(async_engine)
-        app = build_app(async_engine, name, default_api_key(args.api_key), Metrics(),
+        metrics = Metrics(log_records_dropped=lambda: out.dropped_total)
+        app = build_app(async_engine, name, default_api_key(args.api_key), metrics,
                         metrics_public=args.metrics_public, log_requests=not args.disable_log_requests,
                         limit_concurrency=args.limit_concurrency)
         server.app_state = app.state

@@ -9,6 +9,7 @@ import threading
 import time
 
 from kvserve.entrypoints.log_writer import LogWriter
+from kvserve.entrypoints.openai.metrics import Metrics
 
 
 class _StalledStream(io.StringIO):
@@ -37,6 +38,8 @@ def test_a_stalled_stream_does_not_block_the_logger_and_drops_are_reported():
         assert time.perf_counter() - t0 < 1.0  # the writes all wait on `go`: the calls returned anyway
         assert not writer.flush(timeout=0.2)  # still stalled
         dropped = writer.dropped_total
+        metrics = Metrics(log_records_dropped=lambda: writer.dropped_total)  # as `kvserve serve` wires it
+        assert f"kvserve:log_records_dropped_total {float(dropped)}" in metrics.render()[0].decode()
         assert dropped >= 500 + 1 - 50 - 1  # 50 queued and 1 being written; a record that found room
         stream.go.set()                      # in between (the writer took its first) carries a count
         assert writer.flush(timeout=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter as Tally
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -15,7 +16,9 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, log_records_dropped: Callable[[], int] | None = None) -> None:
+        """log_records_dropped: the serving process's count of log records dropped because its output was
+        not being read (LogWriter.dropped_total), exported as a counter."""
         self.registry = CollectorRegistry()
         # plain totals and the latencies of the last requests, for /stats (the counters below hold the same sums)
         self.started = time.time()
@@ -70,6 +73,9 @@ class Metrics:
                                    "Tokens emitted per verify step (accepted drafts + 1)", registry=r)
         self.queue = Histogram("kvserve:request_queue_time_seconds", "Time from arrival to first scheduling",
                                buckets=_LATENCY_BUCKETS, registry=r)
+        self._log_dropped_source, self._log_dropped_seen = log_records_dropped, 0
+        self.log_dropped = Counter("kvserve:log_records_dropped", "Log records dropped because the server's output "
+                                   "was not being read (a full pipe)", registry=r)
 
     def update_gauges(self, st: dict) -> None:
         """Set the gauges from a stats snapshot (LLMEngine.stats() taken on the engine thread)."""
@@ -125,4 +131,9 @@ class Metrics:
             self.queue.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
 
     def render(self) -> tuple[bytes, str]:
+        if self._log_dropped_source is not None:
+            total = self._log_dropped_source()
+            if total > self._log_dropped_seen:
+                self.log_dropped.inc(total - self._log_dropped_seen)
+                self._log_dropped_seen = total
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
