@@ -1,4 +1,4 @@
-"""NativeDecoder: a Llama-family decode step with int8/int4 weights as one native CPU call."""
+"""NativeDecoder: a Llama-family decode step with native int8/int4/k-quant or float32 weights as one native CPU call."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kvserve.quant.wide import WideWeight
 
 
 class NativeDecoder:
-    """Decode-only steps of a Llama-family model with int8/int4 weights as one native call
+    """Decode-only steps of a Llama-family model with native quantized or float32 weights as one native call
     (`kvserve.kernels.cpu.llama_decode`), instead of ~25 torch ops per layer.
 
     Built by the model runner when `supports()` holds; the runner sends it the sequences of a step
@@ -49,7 +49,10 @@ class NativeDecoder:
                               ("down", mlp.down_proj)):
                 w = lin.qweight
                 bias = None if lin.bias is None else lin.bias.data_ptr()
-                if isinstance(w, Int4Weight):
+                if w is None:  # float32, read in place (supports() checked it)
+                    args = native.QLinearArgs(2, lin.weight.data_ptr(), None, None, bias, lin.out_features,
+                                              lin.in_features)
+                elif isinstance(w, Int4Weight):
                     args = native.QLinearArgs(1, w.q.data_ptr(), None, None, bias, w.out_features, w.in_features)
                 elif isinstance(w, WideWeight):  # kind = the codes' bits (llama_decode.c)
                     args = native.QLinearArgs(w.bits, w.q.data_ptr(), None, None, bias, w.out_features, w.in_features)
@@ -64,7 +67,8 @@ class NativeDecoder:
 
     @staticmethod
     def supports(model: nn.Module, kv_caches: list[KVCache]) -> bool:
-        """Llama-family, float32 activations, native int8/int4 weights on every layer's linears, CPU caches."""
+        """Llama-family, float32 activations, native quantized or float32 weights on every layer's linears
+        (float32 ones by the few-row kernel, which reads a weight once for all the step's rows), CPU caches."""
         from kvserve.kernels import cpu as native
         from kvserve.layers.attention.cpu_native import CPUNativeAttentionBackend
         from kvserve.models.llama import LlamaForCausalLM
@@ -84,7 +88,10 @@ class NativeDecoder:
             if not isinstance(attn.attn.backend, CPUNativeAttentionBackend):
                 return False
             for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                if lin.qweight is None or not lin.qweight.native:
+                if lin.qweight is None:
+                    if lin.weight.dtype != torch.float32 or not lin.weight.is_contiguous():
+                        return False
+                elif not lin.qweight.native:
                     return False
                 if lin.bias is not None and lin.bias.dtype != torch.float32:
                     return False

@@ -18,6 +18,7 @@ from torch import nn
 
 from kvserve.distributed.parallel_state import get_state, tp_all_reduce
 from kvserve.errors import ModelLoadError
+from kvserve.kernels.cpu import ops as cpu_ops
 from kvserve.quant.gguf import BlockParts
 from kvserve.quant.int4 import Int4Weight
 from kvserve.quant.int8 import Int8Weight
@@ -29,6 +30,15 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         raise ModelLoadError(name, f"shape mismatch: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
     with torch.no_grad():
         dst.copy_(src)
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) for float weights: a float32 step of few tokens on the CPU (a decode step, a speculative
+    verify) by the native kernel that reads W once for all rows, anything else by torch."""
+    if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() <= cpu_ops.f32_few_rows() * w.shape[1] and w.is_contiguous()):
+        return cpu_ops.linear_f32(x, w, bias)
+    return F.linear(x, w, bias)
 
 
 class Linear(nn.Module):
@@ -77,7 +87,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.qweight.matmul(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return float_linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

@@ -36,29 +36,33 @@ def _copy(caches):
     return [KVCache(*clone_cache(tuple(c.tensors()))) for c in caches]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
-def int8_model(request, tmp_path_factory):
-    path = make_tiny_hf(tmp_path_factory.mktemp(request.param), request.param)
-    model = load_model(str(path), quantization="int8").model
+@pytest.fixture(scope="module", params=[("llama", "int8"), ("qwen2", "int8"), ("qwen3", "int8"), ("llama", "none"),
+                                        ("qwen2", "none")], ids="-".join)
+def native_model(request, tmp_path_factory):
+    """A tiny model on the fused step's weight formats: int8, or float32 read in place (kind 2; qwen2's
+    projections carry biases)."""
+    arch, quantization = request.param
+    path = make_tiny_hf(tmp_path_factory.mktemp(arch), arch)
+    model = load_model(str(path), quantization=quantization).model
     set_attention_backend(model, CPUNativeAttentionBackend())  # the fused step stands in for this backend
     return model
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float16])
-def test_fused_decode_matches_op_by_op(int8_model, cache_dtype):
-    meta, caches = _caches(int8_model, cache_dtype, seed=7)
-    assert NativeDecoder.supports(int8_model, caches)
+def test_fused_decode_matches_op_by_op(native_model, cache_dtype):
+    meta, caches = _caches(native_model, cache_dtype, seed=7)
+    assert NativeDecoder.supports(native_model, caches)
     ids = torch.tensor([5, 77, 300, 12, 9])
     pos = meta.seq_lens.long() - 1
     want_caches, got_caches = _copy(caches), _copy(caches)
     with torch.inference_mode():
-        want = int8_model(ids, pos, meta, want_caches)
-        got = NativeDecoder(int8_model, got_caches).forward(ids, pos, meta)
+        want = native_model(ids, pos, meta, want_caches)
+        got = NativeDecoder(native_model, got_caches).forward(ids, pos, meta)
     # the same arithmetic up to float rounding order (norm sums, exp), amplified at most by a flipped
     # int8 activation rounding: far below the hidden states' own scale of ~1
     assert (got - want).abs().max().item() < 2e-2
-    torch.testing.assert_close(int8_model.compute_logits(got), int8_model.compute_logits(want), atol=5e-2, rtol=0)
-    assert (int8_model.compute_logits(got).argmax(-1) == int8_model.compute_logits(want).argmax(-1)).all()
+    torch.testing.assert_close(native_model.compute_logits(got), native_model.compute_logits(want), atol=5e-2, rtol=0)
+    assert (native_model.compute_logits(got).argmax(-1) == native_model.compute_logits(want).argmax(-1)).all()
     for a, b in zip(got_caches, want_caches):  # every layer wrote its new K/V rows, as the torch path does
         for x, y in zip(a.tensors(), b.tensors()):
             if x.dtype == torch.int8:
@@ -70,30 +74,30 @@ def test_fused_decode_matches_op_by_op(int8_model, cache_dtype):
 
 
 @pytest.mark.parametrize("isa", native.supported_isas())
-def test_fused_decode_rows_do_not_depend_on_the_batch(int8_model, isa):
-    meta, caches = _caches(int8_model, torch.int8, seed=11)
+def test_fused_decode_rows_do_not_depend_on_the_batch(native_model, isa):
+    meta, caches = _caches(native_model, torch.int8, seed=11)
     ids = torch.tensor([5, 77, 300, 12, 9])
     pos = meta.seq_lens.long() - 1
     with torch.inference_mode(), native.use_isa(isa):
-        full = NativeDecoder(int8_model, _copy(caches)).forward(ids, pos, meta)
+        full = NativeDecoder(native_model, _copy(caches)).forward(ids, pos, meta)
         for i in range(len(SEQ_LENS)):
             sub = type(meta)(meta.query_start_loc[: 2] * 1, meta.seq_lens[i : i + 1], [1], [SEQ_LENS[i]],
                              meta.slot_mapping[i : i + 1], meta.block_tables[i : i + 1])
-            one = NativeDecoder(int8_model, _copy(caches)).forward(ids[i : i + 1], pos[i : i + 1], sub)
+            one = NativeDecoder(native_model, _copy(caches)).forward(ids[i : i + 1], pos[i : i + 1], sub)
             assert torch.equal(one, full[i : i + 1])
 
 
 @pytest.mark.parametrize("isa", [i for i in native.supported_isas() if i != "scalar"])
-def test_fused_decode_variants_match_scalar(int8_model, isa):
+def test_fused_decode_variants_match_scalar(native_model, isa):
     """Each SIMD variant's fused step against the portable scalar build (lane sums differ in order only)."""
-    meta, caches = _caches(int8_model, torch.bfloat16, seed=5)
+    meta, caches = _caches(native_model, torch.bfloat16, seed=5)
     ids = torch.tensor([5, 77, 300, 12, 9])
     pos = meta.seq_lens.long() - 1
     outs = []
     for variant in (isa, "scalar"):
         with torch.inference_mode(), native.use_isa(variant):
             c = _copy(caches)
-            outs.append((NativeDecoder(int8_model, c).forward(ids, pos, meta), c))
+            outs.append((NativeDecoder(native_model, c).forward(ids, pos, meta), c))
     (got, got_c), (want, want_c) = outs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(got_c, want_c):
@@ -106,8 +110,10 @@ def test_runner_uses_the_fused_step_only_where_it_applies(tmp_path):
     from kvserve.engine.llm_engine import LLMEngine
 
     path = str(make_tiny_hf(tmp_path, "llama"))
-    float_engine = LLMEngine(model=path, kv_cache_memory="4MiB")
-    assert float_engine.runner.native is None  # float weights keep the exact torch path
+    float_engine = LLMEngine(model=path, kv_cache_memory="4MiB")  # float32 weights, read in place (kind 2)
+    assert float_engine.runner.native is not None
+    assert {la.qkv.kind for la in float_engine.runner.native.layers} == {2}
+    assert LLMEngine(model=path, kv_cache_memory="4MiB", dtype="bfloat16").runner.native is None  # float32 only
     engine = LLMEngine(model=path, quantization="int8", kv_cache_memory="4MiB")
     assert engine.runner.native is not None
     calls = []

@@ -1,7 +1,7 @@
-"""Native CPU kernels (int8, int4 and 5/6/8-bit GEMMs, paged attention, the fused decode step), compiled once with
-the system C compiler for this CPU's ISA and called through ctypes.
+"""Native CPU kernels (int8, int4, 5/6/8-bit and few-row float32 GEMMs, paged attention, the fused decode step),
+compiled once with the system C compiler for this CPU's ISA and called through ctypes.
 
-One C source per concept (act_quant.c, gemm_q8.c, gemm_q4.c, gemm_wide.c, attn_decode.c, attn_prefill.c,
+One C source per concept (act_quant.c, gemm_q8.c, gemm_q4.c, gemm_wide.c, gemm_f32.c, attn_decode.c, attn_prefill.c,
 llama_decode.c), all written against simd.h, whose vector layer has one implementation per ISA:
 AVX-512 (VNNI), AVX2 (+FMA, F16C), ARM NEON (dotprod where present) and portable scalar C. A
 variant is built per ISA (about a second each, cached under ``$KVSERVE_CACHE_DIR``, default
@@ -29,6 +29,8 @@ from kvserve.kernels.cpu.ops import (
     cache_dtype_code,
     decode_attention_supported,
     embed_rows,
+    f32_few_rows,
+    linear_f32,
     llama_decode,
     mask_logits,
     pack_q4,
@@ -47,8 +49,8 @@ from kvserve.kernels.cpu.ops import (
 
 __all__ = [
     "GROUP", "ISAS", "NEON_FLAGS", "Q4_GROUP_BYTES", "SIMD_ISAS", "LayerArgs", "ModelArgs", "QLinearArgs", "available",
-    "best_isa", "build", "build_check_driver", "cache_dtype_code", "decode_attention_supported", "embed_rows", "engine_isa", "isa",
-    "llama_decode", "load", "pack_q4", "pack_weight", "paged_decode_attention", "paged_prefill_attention", "q4gemm",
+    "best_isa", "build", "build_check_driver", "cache_dtype_code", "decode_attention_supported", "embed_rows",
+    "engine_isa", "f32_few_rows", "isa", "linear_f32", "llama_decode", "load", "pack_q4", "pack_weight", "paged_decode_attention", "paged_prefill_attention", "q4gemm",
     "qgemm", "quantize_act", "quantize_act_s8", "supported_isas", "use_isa", "pack_wide", "quantize_act_s8h",
     "wide_gemm", "wide_group_bytes", "mask_logits",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ("runtime.c", "act_quant.c", "gemm_q8.c", "gemm_q4.c", "gemm_wide.c", "attn_decode.c", "attn_prefill.c", "llama_decode.c", "logits.c")
+_SOURCES = ("runtime.c", "act_quant.c", "gemm_q8.c", "gemm_q4.c", "gemm_wide.c", "gemm_f32.c", "attn_decode.c", "attn_prefill.c", "llama_decode.c", "logits.c")
 _HEADERS = ("simd.h", "common.h")
 _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 # ISA -> (compiler flags, /proc/cpuinfo flags the CPU must report), best first

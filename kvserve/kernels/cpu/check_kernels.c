@@ -89,6 +89,16 @@ int main(void) {
     if (kv_linear_q4(x, M, K, w4, N, y)) return 1;
     put("gemm_q4", y, sizeof(float) * M * N);
 
+    { /* float32, 37 channels (a partial tile of 4) over K = 100 (a partial vector of 16), with a bias */
+        float *wf = KV_ALLOC(float, N * K), bias[N];
+        if (!wf) return 1;
+        for (int i = 0; i < N * K; i++) wf[i] = frand();
+        for (int i = 0; i < N; i++) bias[i] = frand();
+        if (kv_linear_f32(x, M, K, wf, bias, N - 3, y)) return 1;
+        put("gemm_f32", y, sizeof(float) * M * (N - 3));
+        free(wf);
+    }
+
     { /* 5-, 6- and 8-bit codes, a scale and minimum per 16 inputs */
         uint16_t *sw = KV_ALLOC(uint16_t, N * 2 * G), *mw = KV_ALLOC(uint16_t, N * 2 * G);
         uint8_t *ww = KV_ALLOC(uint8_t, ((N + 15) / 16) * G * (256 + 64 * 4 + 128));

@@ -16,7 +16,8 @@
 #endif
 
 typedef struct {
-    int64_t kind; /* 0: int8 (wp, dw, corr), 1: int4 (wp), 5/6/8: codes of that many bits (wp, gemm_wide.c) */
+    int64_t kind; /* 0: int8 (wp, dw, corr), 1: int4 (wp), 2: float32 [N, K] (wp, gemm_f32.c),
+                     5/6/8: codes of that many bits (wp, gemm_wide.c) */
     const void *wp;
     const float *dw;
     const int32_t *corr;
@@ -54,6 +55,7 @@ void kv_embed_rows(const int8_t *wp, const float *dw, int64_t K, const int64_t *
 int kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const float *dw, const int32_t *corr,
               int64_t N, float *y);
 int kv_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t N, float *y);
+int kv_linear_f32(const float *x, int64_t M, int64_t K, const float *w, const float *bias, int64_t N, float *y);
 void kv_quantize_act_s8h(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs, int32_t *hs);
 int kv_linear_wide(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_t N, int64_t H, float *y);
 int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,

@@ -54,6 +54,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "kv_quantize_act_s8": ([p, i64, i64, p, p, p], None),
         "kv_pack_q4": ([p, p, p, i64, i64, p], None),
         "kv_linear_q4": ([p, i64, i64, p, i64, p], i32),
+        "kv_linear_f32": ([p, i64, i64, p, p, i64, p], i32),
         "kv_quantize_act_s8h": ([p, i64, i64, p, p, p, p], None),
         "kv_to_f16": ([p, i64, p], None),
         "kv_mask_logits": ([p, i64, i64, p, i64, p, i64], None),

@@ -98,6 +98,7 @@ static void store_row(void *cache, float *scales, int64_t row, const float *v, i
 
 static int qlinear(const kv_qlinear_t *l, const float *x, int64_t M, float *y) {
     const int rc = l->kind == 1   ? kv_linear_q4(x, M, l->K, (const uint8_t *)l->wp, l->N, y)
+                   : l->kind == 2 ? kv_linear_f32(x, M, l->K, (const float *)l->wp, NULL, l->N, y)
                    : l->kind >= 5 ? kv_linear_wide(x, M, l->K, (const uint8_t *)l->wp, l->N, l->kind - 4, y)
                                   : kv_linear(x, M, l->K, (const int8_t *)l->wp, l->dw, l->corr, l->N, y);
     if (l->bias)

@@ -463,13 +463,26 @@ static inline vi vi_dot_q8(vi acc, vb a, vb b) {
 
 /* ---- built on the layer above, the same on every ISA ---------------------------------------- */
 
-/* the horizontal sums of four vectors at once (x86: three VHADDPS instead of four reductions) */
+/* the horizontal sums of four vectors at once (x86: three VHADDPS instead of four reductions), by one
+ * tree on every ISA, so a sum has the same bits everywhere: with s_l = v_l + v_(l+8),
+ * sum = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) */
 static inline void vf_reduce_add4(vf a, vf b, vf c, vf d, float *out) {
 #if defined(KV_ISA_AVX512) || defined(KV_ISA_AVX2)
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(kv_fold8(a), kv_fold8(b)), _mm256_hadd_ps(kv_fold8(c), kv_fold8(d)));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#elif defined(KV_ISA_NEON)
+    const float32x4_t lo = vpaddq_f32(vpaddq_f32(vaddq_f32(a.v[0], a.v[2]), vaddq_f32(b.v[0], b.v[2])),
+                                      vpaddq_f32(vaddq_f32(c.v[0], c.v[2]), vaddq_f32(d.v[0], d.v[2])));
+    const float32x4_t hi = vpaddq_f32(vpaddq_f32(vaddq_f32(a.v[1], a.v[3]), vaddq_f32(b.v[1], b.v[3])),
+                                      vpaddq_f32(vaddq_f32(c.v[1], c.v[3]), vaddq_f32(d.v[1], d.v[3])));
+    vst1q_f32(out, vaddq_f32(lo, hi));
 #else
-    out[0] = vf_reduce_add(a), out[1] = vf_reduce_add(b), out[2] = vf_reduce_add(c), out[3] = vf_reduce_add(d);
+    const vf *v[4] = {&a, &b, &c, &d};
+    for (int i = 0; i < 4; i++) {
+        float s[8];
+        for (int l = 0; l < 8; l++) s[l] = v[i]->v[l] + v[i]->v[l + 8];
+        out[i] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
 #endif
 }
 

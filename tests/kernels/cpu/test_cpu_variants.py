@@ -92,12 +92,16 @@ def test_gemms_bit_identical(isa, m, k, n):
         wp, corr = native.pack_weight(q8)
         w4 = native.pack_q4(q4, d4, m4)
         ws = [native.wide_gemm(x, native.pack_wide(*wide[b], b), n, b) for b in wide]
-        return native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, n), *ws
+        return native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, n), *ws, native.linear_f32(x, w, bias)
 
+    bias = torch.randn(n, generator=g)
     got, want = _both(isa, run)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(got) == 6 and all(torch.equal(a, b) for a, b in zip(got, want))
     y8, r8 = got[0], want[0]
     assert float((y8 - x @ (q8.float() * s8[:, None]).T).abs().max()) < 0.03 * float(r8.abs().max())
+    # float32: one fused multiply-add per product, lanes summed by one tree on every ISA
+    torch.testing.assert_close(got[-1], torch.nn.functional.linear(x.double(), w.double(), bias.double()).float(),
+                               rtol=1e-5, atol=1e-5 * k ** 0.5)
 
 
 @pytest.mark.parametrize("isa", VARIANTS)
@@ -132,7 +136,8 @@ def test_attention_matches_scalar(isa, cache_dtype, q_lens, seq_lens):
 
 @pytest.mark.parametrize("isa", [*VARIANTS, "scalar"])
 def test_invariances_hold_on_every_variant(isa):
-    """Batched == alone (decode attention, both GEMMs) and chunked == whole (prefill attention), bit for bit."""
+    """Batched == alone (decode attention, the int8, int4 and float32 GEMMs) and chunked == whole (prefill
+    attention), bit for bit."""
     with native.use_isa(isa):
         case = make_case([1] * 6, [3, 50, 17, 16, 90, 1], 9, 3, 64, seed=3)
         cache = KVCache(*case.kv_cache)
@@ -146,10 +151,11 @@ def test_invariances_hold_on_every_variant(isa):
         q8, s8 = quantize_rows(w)
         wp, corr = native.pack_weight(q8)
         w4 = native.pack_q4(*quantize_q4(w))
-        y8, y4 = native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, 200)
+        y8, y4, yf = native.qgemm(x, wp, s8, corr), native.q4gemm(x, w4, 200), native.linear_f32(x, w)
         for rows in ([0], [5, 6, 7], list(range(4, 12)), [22, 0, 13, 1, 2]):
             assert torch.equal(native.qgemm(x[rows].contiguous(), wp, s8, corr), y8[rows])
             assert torch.equal(native.q4gemm(x[rows].contiguous(), w4, 200), y4[rows])
+            assert torch.equal(native.linear_f32(x[rows], w), yf[rows])
         n = 150
         pcase = make_case([n], [n], 9, 3, 64, seed=11)
         pc, pq, table = KVCache(*pcase.kv_cache), pcase.q.contiguous(), pcase.meta.block_tables
@@ -196,3 +202,29 @@ def test_embedding_rows_from_the_packed_head_as_torch_reads_them(isa):
         ids = torch.tensor([[0, 15, 16, 69], [33, 1, 68, 47]])
         ref = w.rows(ids).float() * w.scale[ids].unsqueeze(-1)
         assert torch.equal(native.embed_rows(w.q, w.scale, w.in_features, ids), ref)
+
+
+def test_float_linears_take_the_few_row_kernel_up_to_its_row_limit(monkeypatch):
+    """Linear layers with float32 weights: steps of up to f32_few_rows() tokens by the native kernel (the
+    weight read once for all rows, each row's bits independent of the others), longer ones by torch."""
+    from kvserve.kernels.cpu import ops
+    from kvserve.layers.linear import Linear
+
+    limit = ops.f32_few_rows()
+    assert limit == ops.F32_FEW_ROWS[native.isa()] > 0
+    lin = Linear(96, 50, bias=True)
+    with torch.no_grad():
+        lin.weight.normal_(), lin.bias.normal_()
+    calls = []
+    real = ops.linear_f32
+    monkeypatch.setattr(ops, "linear_f32", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(limit + 5, 96)
+    with torch.inference_mode():
+        whole = lin(x)  # torch
+        rows = [lin(x[i : i + 1].view(1, 1, 96)).view(1, 50) for i in range(limit + 5)]  # native, any leading shape
+        few = lin(x[:limit])  # native
+    assert calls == [(1, 1, 96)] * (limit + 5) + [(limit, 96)]
+    assert torch.equal(torch.cat(rows[:limit]), few)  # batched == alone, bit for bit
+    want = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()).float()
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat(rows), want, rtol=1e-5, atol=1e-4)
