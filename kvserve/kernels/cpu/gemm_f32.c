@@ -15,8 +15,10 @@
 #define F32_PREFETCH_ROWS NRF
 #endif
 #define F32_PREFETCH (F32_PREFETCH_ROWS * K)
-#ifdef KV_ISA_AVX512
-#define MRF 4 /* rows per tile: 16 accumulators + 4 weight vectors of 32 registers */
+#ifdef KV_F32_MR /* KVSERVE_CFLAGS=-DKV_F32_MR=n to tune */
+#define MRF KV_F32_MR
+#elif defined(KV_ISA_AVX512)
+#define MRF 6 /* rows per tile: 24 accumulators + 4 weight vectors of 32 registers (M = 5: 1.07x over 4 rows) */
 #else
 #define MRF 1 /* AVX2 (16 registers of half a vector) and NEON: one row's 4 accumulators; the next row
                  reads the same weights from L1 */
@@ -68,20 +70,22 @@ int kv_linear_f32(const float *x, int64_t M, int64_t K, const float *w, const fl
             const int64_t left = M - m;
             const float *xm = x + m * K;
             float *ym = y + m * N;
-            if (left >= MRF) { /* constant row counts, so each call compiles to a register tile */
-                tile_f32(xm, K, MRF, wr, K, bias, n0, nr, ym, N);
-                m += MRF;
-            }
-#if MRF > 1
-            else if (left >= 2) {
-                tile_f32(xm, K, 2, wr, K, bias, n0, nr, ym, N);
-                m += 2;
-            }
+            const int mr = left >= MRF ? MRF : (int)left;
+            switch (mr) { /* constant row counts, so each call compiles to a register tile */
+#if MRF >= 6
+            case 6: tile_f32(xm, K, 6, wr, K, bias, n0, nr, ym, N); break;
+            case 5: tile_f32(xm, K, 5, wr, K, bias, n0, nr, ym, N); break;
 #endif
-            else {
-                tile_f32(xm, K, 1, wr, K, bias, n0, nr, ym, N);
-                m += 1;
+#if MRF >= 4
+            case 4: tile_f32(xm, K, 4, wr, K, bias, n0, nr, ym, N); break;
+            case 3: tile_f32(xm, K, 3, wr, K, bias, n0, nr, ym, N); break;
+#endif
+#if MRF >= 2
+            case 2: tile_f32(xm, K, 2, wr, K, bias, n0, nr, ym, N); break;
+#endif
+            default: tile_f32(xm, K, 1, wr, K, bias, n0, nr, ym, N); break;
             }
+            m += mr;
         }
     }
     return 0;

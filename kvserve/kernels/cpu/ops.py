@@ -113,9 +113,10 @@ def q4gemm(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # rows up to which the few-row float32 kernel beats torch's GEMM, per variant (measured on 2 threads of a
-# Sapphire Rapids against torch's AVX-512 GEMM, the model's 121 linears, weights streamed from memory:
-# AVX-512 1.0-1.9x from 1 to 24 rows, 1.04x at 32; AVX2 1.0-1.45x to 12 rows, 0.94x at 16)
-F32_FEW_ROWS = {"avx512": 24, "avxvnni": 16, "avx2": 16, "neon": 8}
+# Sapphire Rapids against torch's AVX-512 GEMM, the default model's 121 linears, weights streamed from
+# memory: AVX-512 1.09-1.89x from 1 to 32 rows, 0.95x at 64; AVX2 1.0-1.45x to 12 rows, 0.94x at 16,
+# 1.05x at 16 against torch held to AVX2 by MKL_ENABLE_INSTRUCTIONS)
+F32_FEW_ROWS = {"avx512": 32, "avxvnni": 16, "avx2": 16, "neon": 8}
 
 
 @functools.cache
