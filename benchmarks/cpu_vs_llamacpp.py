@@ -76,10 +76,16 @@ def workloads(run, prompts: dict[str, list]) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
+WORKLOADS = [workloads]  # what the engine runners time (benchmarks/contention.py puts lighter ones here)
+
+
 # -- kvserve ---------------------------------------------------------------------------------
 
 
-def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization: str | None) -> dict:
+def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization: str | None,
+                fixed_threads: bool = True) -> dict:
+    """`fixed_threads`: `threads` threads throughout (--num-threads); False: at most `threads`, fewer while
+    other processes take cores (the engine's default)."""
     import torch
 
     from kvserve import SamplingParams
@@ -88,7 +94,7 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
 
     torch.set_num_threads(threads)
     flags = {} if quantization is None else {"quantization": quantization}
-    eng = LLMEngine(model=model, num_threads=threads, enable_prefix_caching=False, **flags)
+    eng = LLMEngine(model=model, num_threads=threads if fixed_threads else None, enable_prefix_caching=False, **flags)
 
     def run(batch: list[list[int]], new: int) -> tuple[float, float]:
         """Wall time to the first token of the last sequence and to the end."""
@@ -103,8 +109,9 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
                 first = time.perf_counter()
         return first - t0, time.perf_counter() - t0
 
-    return {**workloads(run, prompts), "weight_bytes": streamed_bytes(eng.lm.model),
-            "weights": eng.lm.describe(), "kernels": native.isa() or "torch", "kv": eng.budget.describe()}
+    return {**WORKLOADS[0](run, prompts), "weight_bytes": streamed_bytes(eng.lm.model),
+            "weights": eng.lm.describe(), "kernels": native.isa() or "torch", "kv": eng.budget.describe(),
+            "thread_changes": eng.thread_governor.changes if eng.thread_governor is not None else 0}
 
 
 def cpu_isa() -> str:
@@ -189,7 +196,7 @@ def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
 
     info = lc.llama_print_system_info().decode()
     simd = ",".join(k.split(":")[-1].strip() for k, _, v in (p.partition("=") for p in info.split("|")) if v.strip() == "1")
-    return {**workloads(run, prompts), "version": lc.__version__, "simd": simd}
+    return {**WORKLOADS[0](run, prompts), "version": lc.__version__, "simd": simd}
 
 
 def memory_bandwidth_gb_s() -> float:

@@ -199,7 +199,8 @@ class EngineConfig:
                                       "lpf (length-predicted first), mlfq (skip-join multi-level feedback queue)")
     scheduling_max_wait: float | None = arg(None, help="aging: seconds of waiting after which a request outranks "
                                                        "all others (lpf, mlfq default 30)")
-    num_threads: int | None = arg(None, help="torch CPU threads (default: torch's choice)")
+    num_threads: int | None = arg(None, help="CPU threads (default: torch's choice, one fewer for each core other "
+                                              "processes take while they do; a number fixes the count)")
     seed: int = arg(0, flag=False, help="engine seed (no flag: --seed is the sampling seed of generate and chat)")
     attention_backend: str = arg("auto", choices=ATTENTION_BACKENDS,
                                  help="auto: Triton kernels on CUDA when triton is installed, the native kernels (cpu) on a CPU "

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+# the thread count stays fixed in tests (the servers they start inherit this): runs compared bit for bit
+# must not differ by a thread change that another process's load caused (tests/engine/test_cpu_threads.py
+# tests the governor itself)
+os.environ.setdefault("KVSERVE_CPU_THREAD_GOVERNOR", "0")
 
 
 @pytest.fixture(scope="session")

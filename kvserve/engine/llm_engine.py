@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.engine.cpu_threads import ThreadGovernor
 from kvserve.engine.input_processor import InputProcessor
 from kvserve.engine.kv_cache import KVCacheManager
 from kvserve.engine.output_processor import OutputProcessor
@@ -55,6 +57,10 @@ class LLMEngine:
             self.shutdown()
             raise
         self.output_processor = OutputProcessor()
+        # CPU threads follow the cores other processes leave free, unless the user fixed them (cpu_threads.py)
+        self.thread_governor = (ThreadGovernor(torch.get_num_threads())
+                                if self.device.type == "cpu" and self.executor is None and not c.num_threads
+                                and os.environ.get("KVSERVE_CPU_THREAD_GOVERNOR", "1") != "0" else None)
         self.step_observers: list[StepObserver] = []  # e.g. the simulator's calibration
         self._counter = 0
 
@@ -166,6 +172,8 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.thread_governor is not None:
+            self._follow_free_cores(self.thread_governor)
         timed = self.step_observers or self.scheduler.draft_control is not None
         t0 = time.perf_counter() if timed else 0.0
         so, result = self.runner.step(self.scheduler)  # schedule + execute (pipelined: the oldest micro-batch back)
@@ -180,6 +188,14 @@ class LLMEngine:
             for observe in self.step_observers:
                 observe(so, dt)
         return outputs
+
+    @staticmethod
+    def _follow_free_cores(gov: ThreadGovernor) -> None:
+        n = gov.tick()
+        if n is not None:
+            logger.info("CPU threads -> %d: other processes use %.1f of this engine's %d cores (--num-threads fixes "
+                        "the count)", n, gov.others, len(gov.cpus))
+            torch.set_num_threads(n)
 
     # -- state --------------------------------------------------------------------------
 
@@ -196,6 +212,7 @@ class LLMEngine:
             "blocks_free": pool.num_free_blocks - pool.num_cached_blocks,
             "blocks_cached": pool.num_cached_blocks,
             "blocks_used": pool.num_used_blocks,
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else 0,
             "kv_internal_waste_perc": self.kv.internal_waste(
                 {r.request_id: r.num_computed_tokens for r in self.scheduler.running}),
             **self.scheduler.spec_stats.as_dict(),  # zeros without speculative decoding

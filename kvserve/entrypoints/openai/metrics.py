@@ -31,6 +31,8 @@ class Metrics:
         self.kv_usage = Gauge("kvserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)", registry=r)
         self.preemptions = Gauge("kvserve:num_preemptions", "Preemptions since start", registry=r)
         self.swaps = Gauge("kvserve:num_swaps", "Preemptions by swap since start", registry=r)
+        self.cpu_threads = Gauge("kvserve:cpu_threads", "CPU threads the engine's kernels run on (0: not a CPU "
+                                 "engine); they follow the cores other processes leave free", registry=r)
         self.blocks = Gauge("kvserve:kv_cache_blocks", "KV blocks by state", ["state"], registry=r)
         self.waste = Gauge("kvserve:kv_cache_internal_waste_perc",
                            "Fraction of slots in used KV blocks that hold no token", registry=r)
@@ -84,6 +86,7 @@ class Metrics:
         self.kv_usage.set(st["kv_cache_usage_perc"])
         self.preemptions.set(st["num_preemptions"])
         self.swaps.set(st["num_swaps"])
+        self.cpu_threads.set(st.get("cpu_threads", 0))
         for state in ("free", "cached", "used"):
             self.blocks.labels(state=state).set(st[f"blocks_{state}"])
         self.waste.set(st["kv_internal_waste_perc"])
