@@ -54,30 +54,56 @@ static inline int64_t head_rows(const void *cache, int dtype, int64_t row0, int6
     return D;
 }
 #define SPLIT_BLOCKS 4 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
+#define GROUP_ROWS 16  /* at most this many rows over one block table share a task */
 
-/* A task is one part of one sequence (SPLIT_BLOCKS blocks, all heads), so a block's rows are read
- * front to back once for K and once for V, and a long context spreads over threads. Each part
- * keeps per head its max score, its sum of exponentials and its unnormalised output; the parts
- * are merged in order. The parts depend only on the sequence's own length, so its result does
- * not depend on the batch or the thread count. Returns 0, or -1 when scratch memory ran out. */
+/* Whether rows a and b read the same blocks wherever both have them (a speculative verify's rows, a
+ * prompt's one-token rows in the fused step: one request's tokens over its own table). */
+static int same_table(const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens, int64_t a, int64_t b,
+                      int64_t bs) {
+    const int64_t la = (seq_lens[a] + bs - 1) / bs, lb = (seq_lens[b] + bs - 1) / bs, n = la < lb ? la : lb;
+    for (int64_t i = 0; i < n; i++)
+        if (block_tables[a * bt_stride + i] != block_tables[b * bt_stride + i]) return 0;
+    return 1;
+}
+
+/* A task is one part (SPLIT_BLOCKS blocks) of a group of rows over one block table, all heads: a
+ * block's K (then V) rows are read and converted to float32 once for every row of the group, and a
+ * long context spreads over threads. Each row keeps per part and head its max score, its sum of
+ * exponentials and its unnormalised output; a row's parts are merged in order. Every row takes the
+ * operations it would take alone, in the same order (its parts, its 4-token groups and tails follow
+ * its own length), so its result depends on nothing but its own context: not on the batch, the rows
+ * beside it or the thread count. Returns 0, or -1 when scratch memory ran out. */
 int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
                               const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
                               const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                               float scale, float *out) {
-    const int64_t group = H / Hkv, nd = D / 16, esz = kv_cache_esize(dtype);
+    const int64_t group = H / Hkv, nd = D / 16, esz = kv_cache_esize(dtype), span = SPLIT_BLOCKS * bs;
     const int64_t rowb = Hkv * D * esz; /* one token's K (or V) row, all heads */
-    int64_t *first = KV_ALLOC(int64_t, B + 1); /* first task of each sequence */
+    /* first[b]: row b's first part; rows g0[j] .. g0[j + 1] - 1 form group j, whose tasks start at gt[j] */
+    int64_t *first = KV_ALLOC(int64_t, 3 * (B + 1)), *g0 = first + B + 1, *gt = g0 + B + 1;
     if (!first) return -1;
-    int64_t work = 0;
-    first[0] = 0;
-    for (int64_t b = 0; b < B; b++) {
+    int64_t work = 0, ng = 0;
+    first[0] = gt[0] = 0;
+    for (int64_t b = 0, lead = 0; b < B; b++) {
         const int64_t nblk = (seq_lens[b] + bs - 1) / bs;
         first[b + 1] = first[b] + (nblk + SPLIT_BLOCKS - 1) / SPLIT_BLOCKS;
         work += seq_lens[b];
+        if (b == 0 || b - g0[ng - 1] >= GROUP_ROWS || !same_table(block_tables, bt_stride, seq_lens, lead, b, bs)) {
+            g0[ng++] = b;
+            lead = b;
+        } else if (seq_lens[b] > seq_lens[lead]) {
+            lead = b; /* the group's longest row: its table has every block the group reads */
+        }
     }
-    const int64_t tasks = first[B];
-    /* per task and head: max, sum, then D outputs */
-    float *part = KV_ALLOC(float, tasks * H * (D + 2));
+    g0[ng] = B;
+    for (int64_t j = 0; j < ng; j++) {
+        int64_t most = 0;
+        for (int64_t b = g0[j]; b < g0[j + 1]; b++) most = first[b + 1] - first[b] > most ? first[b + 1] - first[b] : most;
+        gt[j + 1] = gt[j] + most;
+    }
+    const int64_t tasks = gt[ng];
+    /* per row, part and head: max, sum, then D outputs */
+    float *part = KV_ALLOC(float, first[B] * H * (D + 2));
     if (!part) {
         free(first);
         return -1;
@@ -85,8 +111,8 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
     int failed = 0;
 #pragma omp parallel if (tasks > 1 && work * H * D >= (1 << 16))
     {
-        /* scores, then a block of one head's rows as float32 */
-        float *scores = KV_ALLOC(float, H * SPLIT_BLOCKS * bs + bs * D), *hbuf = scores + H * SPLIT_BLOCKS * bs;
+        /* scores of each row of a group, then one block's rows of every KV head as float32 */
+        float *scores = KV_ALLOC(float, GROUP_ROWS * H * span + Hkv * bs * D), *hbuf = scores + GROUP_ROWS * H * span;
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
@@ -94,98 +120,127 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             if (!scores) continue;
-            int64_t b = 0;
-            while (first[b + 1] <= task) b++;
-            const int64_t L = seq_lens[b], blk0 = (task - first[b]) * SPLIT_BLOCKS;
-            const int64_t t0 = blk0 * bs, t1 = L < t0 + SPLIT_BLOCKS * bs ? L : t0 + SPLIT_BLOCKS * bs, n = t1 - t0;
-            const int32_t *bt = block_tables + b * bt_stride;
-            const float *qb = q + b * H * D;
-            float *pm = part + task * H * (D + 2), *pl = pm + H, *po = pl + H;
+            int64_t j = 0;
+            while (gt[j + 1] <= task) j++;
+            const int64_t p = task - gt[j], r0 = g0[j], R = g0[j + 1] - r0, blk0 = p * SPLIT_BLOCKS, t0 = blk0 * bs;
+            int64_t n[GROUP_ROWS], nmax = 0, lead = r0;
+            for (int64_t r = 0; r < R; r++) { /* this part's tokens of each row (0: the row ends before it) */
+                const int64_t L = seq_lens[r0 + r];
+                n[r] = L <= t0 ? 0 : (L < t0 + span ? L : t0 + span) - t0;
+                if (n[r] > nmax) nmax = n[r], lead = r0 + r;
+            }
+            const int32_t *bt = block_tables + lead * bt_stride;
             prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
-            /* pass 1: scores[h * n + t] = scale * q_h . k_t */
-            for (int64_t t = 0; t < n; t += bs) {
-                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
-                /* while a block's K rows are used: the next block's K rows and this block's V rows, a
+            /* pass 1: scores[(r * H + h) * span + t] = scale * q_(r,h) . k_t */
+            for (int64_t t = 0; t < nmax; t += bs) {
+                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, mmax = nmax - t < bs ? nmax - t : bs;
+                /* the next block's K rows and this block's V rows while this block's K rows are used, a
                  * few lines per token rather than a block at once (a burst fills the miss buffers and
                  * stalls the core), so pass 2 finds V in cache */
-                const char *nk = t + bs < n ? (const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb : NULL;
+                const char *nk = t + bs < nmax ? (const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb : NULL;
                 const char *cv = (const char *)v_cache + slot0 * rowb;
-                int64_t o = 0;
-                for (; o + 4 <= m; o += 4) { /* four tokens at a time: one reduction network for four dots */
-                    if (nk) prefetch_bytes(nk + o * rowb, 4 * rowb);
-                    prefetch_bytes(cv + o * rowb, 4 * rowb);
+                const int64_t ks = dtype == 0 ? Hkv * D : D; /* K rows: the cache itself, or converted once */
+                if (dtype != 0)
                     for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                        const int64_t row = (slot0 + o) * Hkv + kvh;
-                        const float *kr;
-                        const int64_t ks = head_rows(k_cache, dtype, row, 4, Hkv, D, hbuf, &kr);
-                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-                            vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
-                            for (int64_t d = 0; d < nd; d++) {
-                                const vf qv = vf_load(qb + h * D + 16 * d);
-                                for (int r = 0; r < 4; r++) acc[r] = vf_fmadd(qv, vf_load(kr + r * ks + 16 * d), acc[r]);
+                        const float *unused;
+                        head_rows(k_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf + kvh * bs * D, &unused);
+                    }
+#define K_ROWS(kvh) (dtype == 0 ? (const float *)k_cache + (slot0 * Hkv + (kvh)) * D : hbuf + (kvh) * bs * D)
+                for (int64_t r = 0; r < R; r++) {
+                    const int64_t m = n[r] - t < bs ? n[r] - t : bs;
+                    const float *qb = q + (r0 + r) * H * D;
+                    float *sr = scores + r * H * span;
+                    int64_t o = 0;
+                    for (; o + 4 <= m; o += 4) { /* four tokens at a time: one reduction network for four dots */
+                        if (r == 0) { /* prefetching paced by the first row's dots */
+                            if (nk) prefetch_bytes(nk + o * rowb, 4 * rowb);
+                            prefetch_bytes(cv + o * rowb, 4 * rowb);
+                        }
+                        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                            const int64_t row = (slot0 + o) * Hkv + kvh;
+                            const float *k4 = K_ROWS(kvh) + o * ks;
+                            for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                                vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
+                                for (int64_t d = 0; d < nd; d++) {
+                                    const vf qv = vf_load(qb + h * D + 16 * d);
+                                    for (int i = 0; i < 4; i++) acc[i] = vf_fmadd(qv, vf_load(k4 + i * ks + 16 * d), acc[i]);
+                                }
+                                float dots[4];
+                                vf_reduce_add4(acc[0], acc[1], acc[2], acc[3], dots);
+                                for (int i = 0; i < 4; i++)
+                                    sr[h * span + t + o + i] = dots[i] * ((dtype == 2 ? k_scale[row + i * Hkv] : 1.0f) * scale);
                             }
-                            float dots[4];
-                            vf_reduce_add4(acc[0], acc[1], acc[2], acc[3], dots);
-                            for (int r = 0; r < 4; r++)
-                                scores[h * n + t + o + r] = dots[r] * ((dtype == 2 ? k_scale[row + r * Hkv] : 1.0f) * scale);
+                        }
+                    }
+                    for (; o < m; o++) {
+                        if (r == 0) {
+                            if (nk) prefetch_bytes(nk + o * rowb, rowb);
+                            prefetch_bytes(cv + o * rowb, rowb);
+                        }
+                        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                            const int64_t row = (slot0 + o) * Hkv + kvh;
+                            const float ksc = (dtype == 2 ? k_scale[row] : 1.0f) * scale, *k1 = K_ROWS(kvh) + o * ks;
+                            for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                                vf acc = vf_zero();
+                                for (int64_t d = 0; d < nd; d++)
+                                    acc = vf_fmadd(vf_load(qb + h * D + 16 * d), vf_load(k1 + 16 * d), acc);
+                                sr[h * span + t + o] = vf_reduce_add(acc) * ksc;
+                            }
                         }
                     }
                 }
-                for (; o < m; o++) {
-                    if (nk) prefetch_bytes(nk + o * rowb, rowb);
-                    prefetch_bytes(cv + o * rowb, rowb);
-                    for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                        const int64_t row = (slot0 + o) * Hkv + kvh;
-                        const float ks = (dtype == 2 ? k_scale[row] : 1.0f) * scale;
-                        const int64_t kidx = row * D;
-                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-                            vf acc = vf_zero();
-                            for (int64_t d = 0; d < nd; d++)
-                                acc = vf_fmadd(vf_load(qb + h * D + 16 * d), vf_load_cache(k_cache, kidx + 16 * d, dtype), acc);
-                            scores[h * n + t + o] = vf_reduce_add(acc) * ks;
-                        }
+#undef K_ROWS
+            }
+            /* local softmax statistics per row and head; scores become exp(s - max) */
+            for (int64_t r = 0; r < R; r++) {
+                if (!n[r]) continue;
+                float *pm = part + (first[r0 + r] + p) * H * (D + 2), *pl = pm + H, *po = pl + H;
+                for (int64_t h = 0; h < H; h++) {
+                    float *sc = scores + (r * H + h) * span;
+                    const int64_t nr = n[r];
+                    vf mx = vf_set1(-INFINITY);
+                    for (int64_t t = 0; t < nr; t += 16) mx = vf_max(mx, vf_first_n(vf_load_n(sc + t, nr - t), nr - t, -INFINITY));
+                    const float mxs = vf_reduce_max(mx);
+                    const vf mv = vf_set1(mxs);
+                    vf sum = vf_zero();
+                    for (int64_t t = 0; t < nr; t += 16) {
+                        const vf e = vf_first_n(vf_exp(vf_sub(vf_load_n(sc + t, nr - t), mv)), nr - t, 0.0f);
+                        sum = vf_add(sum, e);
+                        vf_store_n(sc + t, e, nr - t);
                     }
+                    pm[h] = mxs;
+                    pl[h] = vf_reduce_add(sum);
                 }
+                for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
             }
-            /* local softmax statistics per head; scores become exp(s - max) */
-            for (int64_t h = 0; h < H; h++) {
-                float *s = scores + h * n;
-                vf mx = vf_set1(-INFINITY);
-                for (int64_t t = 0; t < n; t += 16) mx = vf_max(mx, vf_first_n(vf_load_n(s + t, n - t), n - t, -INFINITY));
-                const float mxs = vf_reduce_max(mx);
-                const vf m = vf_set1(mxs);
-                vf sum = vf_zero();
-                for (int64_t t = 0; t < n; t += 16) {
-                    const vf e = vf_first_n(vf_exp(vf_sub(vf_load_n(s + t, n - t), m)), n - t, 0.0f);
-                    sum = vf_add(sum, e);
-                    vf_store_n(s + t, e, n - t);
-                }
-                pm[h] = mxs;
-                pl[h] = vf_reduce_add(sum);
-            }
-            /* pass 2: po_h = sum_t p[h, t] * v_t, block by block (a block's V rows stay in L1 while
-             * each head group sweeps them), a few heads' accumulators in registers at a time */
-            for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
-            for (int64_t t = 0; t < n; t += bs) {
-                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, m = n - t < bs ? n - t : bs;
+            /* pass 2: po_h = sum_t p[h, t] * v_t, block by block (a block's V rows, converted once, stay
+             * in L1 while each row's head groups sweep them), a few heads' accumulators in registers */
+            for (int64_t t = 0; t < nmax; t += bs) {
+                const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, mmax = nmax - t < bs ? nmax - t : bs;
                 for (int64_t kvh = 0; kvh < Hkv; kvh++) {
                     const float *vr;
-                    const int64_t vstride = head_rows(v_cache, dtype, slot0 * Hkv + kvh, m, Hkv, D, hbuf, &vr);
-                    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += V2_HEADS) {
-                        const int64_t left = (kvh + 1) * group - h0;
-                        const float *sp = scores + h0 * n + t, *vsc = dtype == 2 ? v_scale + slot0 * Hkv + kvh : NULL;
-                        float *op = po + h0 * D;
-                        switch (left < V2_HEADS ? left : V2_HEADS) { /* a constant head count per case */
-                        case 1: pv_heads(1, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
-                        case 2: pv_heads(2, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
-                        case 3: pv_heads(3, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
-                        case 4: pv_heads(4, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                    const int64_t vstride = head_rows(v_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf, &vr);
+                    const float *vsc = dtype == 2 ? v_scale + slot0 * Hkv + kvh : NULL;
+                    for (int64_t r = 0; r < R; r++) {
+                        const int64_t m = n[r] - t < bs ? n[r] - t : bs;
+                        if (m <= 0) continue;
+                        float *po = part + (first[r0 + r] + p) * H * (D + 2) + 2 * H;
+                        for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += V2_HEADS) {
+                            const int64_t left = (kvh + 1) * group - h0;
+                            const float *sp = scores + (r * H + h0) * span + t;
+                            float *op = po + h0 * D;
+                            switch (left < V2_HEADS ? left : V2_HEADS) { /* a constant head count per case */
+                            case 1: pv_heads(1, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 2: pv_heads(2, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 3: pv_heads(3, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 4: pv_heads(4, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
 #if V2_HEADS > 4
-                        case 5: pv_heads(5, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
-                        case 6: pv_heads(6, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
-                        case 7: pv_heads(7, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
-                        case 8: pv_heads(8, sp, n, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 5: pv_heads(5, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 6: pv_heads(6, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 7: pv_heads(7, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
+                            case 8: pv_heads(8, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
 #endif
+                            }
                         }
                     }
                 }
