@@ -14,29 +14,52 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
 /* heads of a group that share each V row load in pass 2, their accumulators in registers (a vf is
  * one AVX-512 register, two AVX2 or four NEON ones) */
 #ifndef V2_HEADS
-#if defined(KV_ISA_AVX512)
-#define V2_HEADS 8
-#else
 #define V2_HEADS 4
+#endif
+
+/* vectors of output columns a pass-2 sweep keeps in registers per head (AVX-512: 4 heads x 4; AVX2,
+ * whose vf is two registers: 4 x 2; NEON, four: 4 x 1) */
+#ifndef V2_COLS
+#if defined(KV_ISA_AVX512)
+#define V2_COLS 4
+#elif defined(KV_ISA_AVX2)
+#define V2_COLS 2
+#else
+#define V2_COLS 1
 #endif
 #endif
 
 /* po[h] += sum_o p[h][o] * vs[o] * v[o] for hc heads (score rows sp + h * ldp, outputs op + h * D) over
- * m rows of one KV head, a vector of output columns at a time; hc is a constant at every call site,
- * so the accumulators stay in registers */
+ * m rows of one KV head, for nc vectors of output columns: hc x nc accumulators, each summing its rows in
+ * order (o = 0, 1, ...), independent of each other so the core overlaps them; hc and nc are constants
+ * at every call site, so the accumulators stay in registers */
+static inline __attribute__((always_inline)) void pv_cols(const int hc, const int nc, const float *sp, int64_t ldp,
+                                                          const float *vr, int64_t vstride, const float *vsc,
+                                                          int64_t Hkv, int64_t m, int64_t D, float *op) {
+    vf acc[V2_HEADS][V2_COLS];
+    for (int h = 0; h < hc; h++)
+        for (int c = 0; c < nc; c++) acc[h][c] = vf_load(op + h * D + 16 * c);
+    for (int64_t o = 0; o < m; o++) {
+        vf v[V2_COLS];
+        for (int c = 0; c < nc; c++) v[c] = vf_load(vr + o * vstride + 16 * c);
+        const float vs = vsc ? vsc[o * Hkv] : 1.0f;
+        for (int h = 0; h < hc; h++) {
+            const vf p = vf_set1(sp[h * ldp + o] * vs);
+            for (int c = 0; c < nc; c++) acc[h][c] = vf_fmadd(p, v[c], acc[h][c]);
+        }
+    }
+    for (int h = 0; h < hc; h++)
+        for (int c = 0; c < nc; c++) vf_store(op + h * D + 16 * c, acc[h][c]);
+}
+
+/* the same over all D output columns, V2_COLS vectors at a time (then one) */
 static inline __attribute__((always_inline)) void pv_heads(const int hc, const float *sp, int64_t ldp, const float *vr,
                                                            int64_t vstride, const float *vsc, int64_t Hkv, int64_t m,
                                                            int64_t D, float *op) {
-    for (int64_t d = 0; d < D; d += 16) {
-        vf acc[V2_HEADS];
-        for (int h = 0; h < hc; h++) acc[h] = vf_load(op + h * D + d);
-        for (int64_t o = 0; o < m; o++) {
-            const vf v = vf_load(vr + o * vstride + d);
-            const float vs = vsc ? vsc[o * Hkv] : 1.0f;
-            for (int h = 0; h < hc; h++) acc[h] = vf_fmadd(vf_set1(sp[h * ldp + o] * vs), v, acc[h]);
-        }
-        for (int h = 0; h < hc; h++) vf_store(op + h * D + d, acc[h]);
-    }
+    int64_t d0 = 0;
+    for (; d0 + 16 * V2_COLS <= D; d0 += 16 * V2_COLS)
+        pv_cols(hc, V2_COLS, sp, ldp, vr + d0, vstride, vsc, Hkv, m, D, op + d0);
+    for (; d0 < D; d0 += 16) pv_cols(hc, 1, sp, ldp, vr + d0, vstride, vsc, Hkv, m, D, op + d0);
 }
 
 /* Rows of one KV head as float32: the cache itself when it is float32 (row stride Hkv * D), else
