@@ -73,6 +73,9 @@ class ForwardBatch(FlatBatch):
     prompt_spans: list[PromptLogprobSpan]
     decode_only: bool  # one new token per sequence
     native: NativeRoute | None = None  # set when the runner has the fused native step
+    # with decode graphs: for a step of output tokens only that is not decode_only (a speculative verify,
+    # tokens a grammar forced), the batch as one row per token over its own prefix, so the graphs run it
+    one_token_rows: AttentionMetadata | None = None
 
     @property
     def logit_rows(self) -> list[int]:
@@ -104,8 +107,27 @@ def flatten(pieces: list[Piece], block_size: int, device: torch.device) -> FlatB
     return FlatBatch(torch.tensor(ids, device=device), torch.tensor(positions, dtype=torch.int64, device=device), meta)
 
 
+def _decoding(s: ScheduledRequest) -> bool:
+    """The piece computes output tokens only (a decode, a verify's draft tokens, tokens a grammar forced)."""
+    return bool(s.spec_token_ids) or s.start >= s.request.num_prompt_tokens
+
+
+def _one_token_rows(batch: FlatBatch, rows: torch.Tensor, seq_of_row: torch.Tensor) -> AttentionMetadata:
+    """Metadata of the batch's `rows` (sequence `seq_of_row` each) as one-token queries, each over its own
+    prefix: a row's attention is then a decode's, whatever else its sequence computes in the step."""
+    positions, meta = batch.positions[rows], batch.meta
+    return AttentionMetadata(
+        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device=positions.device),
+        seq_lens=(positions + 1).to(torch.int32),
+        query_lens_cpu=[1] * len(rows),
+        seq_lens_cpu=(positions + 1).tolist(),
+        slot_mapping=meta.slot_mapping[rows],
+        block_tables=meta.block_tables[seq_of_row.to(meta.block_tables.device)],
+    )
+
+
 def build_forward_batch(scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
-                        native: bool = False) -> ForwardBatch:
+                        native: bool = False, graphs: bool = False) -> ForwardBatch:
     flat = flatten([(s.request, s.start, s.num_new_tokens, s.block_ids, s.spec_token_ids) for s in scheduled],
                    block_size, device)
     rows = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=0))
@@ -127,6 +149,10 @@ def build_forward_batch(scheduled: list[ScheduledRequest], block_size: int, devi
                          all(s.num_new_tokens == 1 for s in scheduled))
     if native:
         batch.native = _native_route(scheduled, batch, rows, block_size, device)
+    if graphs and not batch.decode_only and all(_decoding(s) for s in scheduled):
+        counts = torch.tensor([s.num_new_tokens for s in scheduled])
+        batch.one_token_rows = _one_token_rows(batch, torch.arange(rows[-1], device=batch.positions.device),
+                                               torch.repeat_interleave(torch.arange(len(scheduled)), counts))
     return batch
 
 
@@ -140,8 +166,7 @@ def _native_route(scheduled: list[ScheduledRequest], batch: ForwardBatch, starts
         # output tokens go fused, each over its own prefix (a verify step's, or the tokens a grammar forced
         # before the one sampled after them): every token's logits then come from the same computation as
         # a plain decode of it, so neither speculation nor jump-forward changes a greedy token
-        decoding = s.spec_token_ids or first >= s.request.num_prompt_tokens
-        k = n if n == 1 or decoding else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
+        k = n if n == 1 or _decoding(s) else max(0, min(n, FUSED_PROMPT_POSITIONS - first))
         if k:
             fused.append((i, k))
         if k < n:
@@ -153,16 +178,7 @@ def _native_route(scheduled: list[ScheduledRequest], batch: ForwardBatch, starts
         return NativeRoute(None, batch.meta, None, None)
     rows = torch.cat([torch.arange(starts[i], starts[i] + k) for i, k in fused])
     seq_of_row = torch.repeat_interleave(torch.tensor([i for i, _ in fused]), torch.tensor([k for _, k in fused]))
-    positions = batch.positions[rows]
-    meta = batch.meta
-    one = AttentionMetadata(  # one row per token: its own prefix is its context
-        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
-        seq_lens=(positions + 1).to(torch.int32),
-        query_lens_cpu=[1] * len(rows),
-        seq_lens_cpu=(positions + 1).tolist(),
-        slot_mapping=meta.slot_mapping[rows],
-        block_tables=meta.block_tables[seq_of_row],
-    )
+    one = _one_token_rows(batch, rows, seq_of_row)
     if not rest:
         return NativeRoute(rows, one, None, None)
     return NativeRoute(rows, one, torch.cat(rest_rows), flatten(rest, block_size, device))

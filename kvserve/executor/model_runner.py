@@ -62,7 +62,8 @@ class ModelRunner:
                 copy_blocks(src_caches, dst_caches, pairs)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> ForwardBatch:
-        return build_forward_batch(scheduled, self.block_size, self.device, native=self.native is not None)
+        return build_forward_batch(scheduled, self.block_size, self.device, native=self.native is not None,
+                                   graphs=self.graphs is not None)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
@@ -83,6 +84,8 @@ class ModelRunner:
         hidden = None
         if self.graphs is not None and batch.decode_only:
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.meta)
+        elif self.graphs is not None and batch.one_token_rows is not None:  # a verify step: a decode per token
+            hidden = self.graphs.run(batch.input_ids, batch.positions, batch.one_token_rows)
         elif batch.native is not None:
             hidden = self._run_native(batch)
         if hidden is None:

@@ -95,3 +95,39 @@ def test_decode_graph_padding_path_matches_torch_backend(tiny_loaded, monkeypatc
     assert got == want
     assert 3 in replayed  # three decodes padded into the size-4 graph
     assert None not in replayed
+
+
+def test_verify_steps_replay_the_decode_graphs_one_row_per_token(tiny_loaded, monkeypatch):
+    """A speculative verify step runs through the decode graphs (emulated here), each verified token as a
+    one-token row over its own prefix: greedy tokens equal decoding without speculation on the torch backend."""
+    from kvserve.executor.cuda_graph import DecodeGraphRunner
+    from kvserve.executor.model_runner import ModelRunner
+
+    # repeating prompts, so n-gram lookup finds drafts
+    prompts = [(random_ids(5, TINY_VOCAB, seed=n) * 4)[: 4 * 5 - n] for n in (1, 2, 3)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    plain = LLMEngine(loaded=tiny_loaded, attention_backend="torch", device=DEVICE, kv_cache_memory="1MiB",
+                      block_size=8)
+    want = run_engine(plain, prompts, params)
+
+    replayed = []
+    original_run = DecodeGraphRunner.run
+
+    def spy(self, input_ids, positions, meta):
+        out = original_run(self, input_ids, positions, meta)
+        replayed.append((input_ids.numel(), len(set(meta.block_tables[:, 0].tolist()))) if out is not None else None)
+        return out
+
+    monkeypatch.setattr(DecodeGraphRunner, "run", spy)
+    eng = LLMEngine(loaded=tiny_loaded, attention_backend="triton", device=DEVICE, kv_cache_memory="1MiB",
+                    block_size=8, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                      "adaptive": False})
+    eng.runner = ModelRunner(tiny_loaded.model, eng.budget.num_blocks, 8, tiny_loaded.dtype, eng.device,
+                             decode_graphs="emulate", max_num_seqs=16, max_model_len=eng.max_model_len)
+    got = run_engine(eng, prompts, params)
+    assert got == want
+    assert eng.scheduler.spec_stats.num_draft_tokens > 0
+    # verify steps: more rows than sequences went through the graphs
+    assert any(rows > seqs for rows, seqs in filter(None, replayed)) and None not in replayed
+    eng.kv.check_invariants()
+    generate(tiny_loaded, "torch", prompts[:1])  # leave the shared model on the reference backend
