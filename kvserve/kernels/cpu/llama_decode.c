@@ -118,6 +118,10 @@ void kv_prof_dump(void) { for (int i = 0; i < 8; i++) fprintf(stderr, "%d: %.3f 
 #define PROF(i) do {} while (0)
 #endif
 
+/* rows from which the per-row work between the GEMMs (norms, rotary and K/V writes, SwiGLU, residuals)
+ * is split over the threads too: serial, it kept the other threads waiting at the next GEMM */
+#define ROWS_PARALLEL 8
+
 /* Returns 0, or -1 when scratch memory ran out (x is then partly updated: the step must be dropped). */
 int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_layers, float *x, int64_t M,
                      const int64_t *positions, const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
@@ -133,10 +137,12 @@ int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_l
 #endif
     for (int64_t li = 0; li < n_layers && rc == 0; li++) {
         const kv_layer_t *L = layers + li;
+#pragma omp parallel for schedule(static) if (M >= ROWS_PARALLEL)
         for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * Hd, L->ln1, Hd, cfg->eps, h + m * Hd);
         PROF(0);
         if ((rc = qlinear(&L->qkv, h, M, qkv))) break;
         PROF(1);
+#pragma omp parallel for schedule(static) if (M >= ROWS_PARALLEL)
         for (int64_t m = 0; m < M; m++) {
             float *row = qkv + m * nqkv, *qm = q + m * qs;
             const float *c = cfg->cos + positions[m] * rot, *s = cfg->sin + positions[m] * rot;
@@ -161,11 +167,15 @@ int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_l
         PROF(3);
         if ((rc = qlinear(&L->o, att, M, out))) break;
         PROF(4);
-        for (int64_t i = 0; i < M * Hd; i++) x[i] += out[i];
-        for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * Hd, L->ln2, Hd, cfg->eps, h + m * Hd);
+#pragma omp parallel for schedule(static) if (M >= ROWS_PARALLEL)
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t i = m * Hd; i < (m + 1) * Hd; i++) x[i] += out[i];
+            rmsnorm_row(x + m * Hd, L->ln2, Hd, cfg->eps, h + m * Hd);
+        }
         PROF(0);
         if ((rc = qlinear(&L->gate_up, h, M, gu))) break;
         PROF(5);
+#pragma omp parallel for schedule(static) if (M >= ROWS_PARALLEL)
         for (int64_t m = 0; m < M; m++) silu_mul_row(gu + m * 2 * I, I, act + m * I);
         PROF(6);
         if ((rc = qlinear(&L->down, act, M, out))) break;
