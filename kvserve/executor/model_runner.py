@@ -88,6 +88,8 @@ class ModelRunner:
             hidden = self.graphs.run(batch.input_ids, batch.positions, batch.one_token_rows)
         elif batch.native is not None:
             hidden = self._run_native(batch)
+        elif self.native is not None and self.native.extends:  # prompt chunks past the fused positions only
+            hidden = self.native.extend(batch.input_ids, batch.positions, batch.meta)
         if hidden is None:
             hidden = self._model_forward(batch.input_ids, batch.positions, batch.meta)
         return hidden
@@ -108,7 +110,8 @@ class ModelRunner:
         hidden[route.rows] = out
         if route.rest is not None:  # after the fused call: these read its tokens' K/V from the cache
             rest = route.rest
-            hidden[route.rest_rows] = self._model_forward(rest.input_ids, rest.positions, rest.meta)
+            hidden[route.rest_rows] = (native.extend(rest.input_ids, rest.positions, rest.meta) if native.extends
+                                       else self._model_forward(rest.input_ids, rest.positions, rest.meta))
         return hidden
 
     def sample(self, batch: ForwardBatch, logits: torch.Tensor | None,

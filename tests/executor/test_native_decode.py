@@ -73,6 +73,28 @@ def test_fused_decode_matches_op_by_op(native_model, cache_dtype):
                 torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.03 * float(y.float().abs().max()))
 
 
+def test_fused_extend_matches_op_by_op(native_model):
+    """Prompt chunks in one native call (kv_llama_extend): each sequence's new tokens attend as an extend
+    of its paged cache, as the op-by-op forward's prefill attention does."""
+    cfg = native_model.config
+    q_lens, seq_lens = [9, 70, 1], [40, 100, 17]
+    cases = [make_case(q_lens, seq_lens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seed=3 + i)
+             for i in range(cfg.num_layers)]
+    caches = [KVCache(*c.kv_cache) for c in cases]
+    meta = cases[0].meta
+    ids = torch.randint(0, 250, (sum(q_lens),), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
+    want_caches, got_caches = _copy(caches), _copy(caches)
+    with torch.inference_mode():
+        want = native_model(ids, pos, meta, want_caches)
+        got = NativeDecoder(native_model, got_caches).extend(ids, pos, meta)
+    assert (got - want).abs().max().item() < 2e-2
+    assert (native_model.compute_logits(got).argmax(-1) == native_model.compute_logits(want).argmax(-1)).float().mean() > 0.95
+    for a, b in zip(got_caches, want_caches):
+        for x, y in zip(a.tensors(), b.tensors()):
+            torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=0.03 * float(y.float().abs().max()))
+
+
 @pytest.mark.parametrize("isa", native.supported_isas())
 def test_fused_decode_rows_do_not_depend_on_the_batch(native_model, isa):
     meta, caches = _caches(native_model, torch.int8, seed=11)
@@ -116,15 +138,22 @@ def test_runner_uses_the_fused_step_only_where_it_applies(tmp_path):
     assert LLMEngine(model=path, kv_cache_memory="4MiB", dtype="bfloat16").runner.native is None  # float32 only
     engine = LLMEngine(model=path, quantization="int8", kv_cache_memory="4MiB")
     assert engine.runner.native is not None
+    assert engine.runner.native.extends and not float_engine.runner.native.extends
     calls = []
-    real = engine.runner.native.forward
+    real, real_extend = engine.runner.native.forward, engine.runner.native.extend
     engine.runner.native.forward = lambda *a: calls.append(len(a[0])) or real(*a)
+    engine.runner.native.extend = lambda *a: calls.append(("extend", len(a[0]))) or real_extend(*a)
     engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0))
     outs = []
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
     assert len(outs[0].outputs[0].token_ids) == 6
     assert calls == [5] + [1] * 5  # the short prompt fused too, one row per token, then five decode steps
+    calls.clear()
+    engine.add_request("b", [(7 * i) % 250 + 3 for i in range(100)], SamplingParams(max_tokens=2, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert calls == [64, ("extend", 36), 1]  # positions below 64 fused, the rest of the prompt as one extend
 
 
 def test_prompt_tokens_take_a_path_fixed_by_position(tmp_path):

@@ -32,6 +32,7 @@ from kvserve.kernels.cpu.ops import (
     f32_few_rows,
     linear_f32,
     llama_decode,
+    llama_extend,
     mask_logits,
     pack_q4,
     pack_weight,
@@ -50,7 +51,8 @@ from kvserve.kernels.cpu.ops import (
 __all__ = [
     "GROUP", "ISAS", "NEON_FLAGS", "Q4_GROUP_BYTES", "SIMD_ISAS", "LayerArgs", "ModelArgs", "QLinearArgs", "available",
     "best_isa", "build", "build_check_driver", "cache_dtype_code", "decode_attention_supported", "embed_rows",
-    "engine_isa", "f32_few_rows", "isa", "linear_f32", "llama_decode", "load", "pack_q4", "pack_weight", "paged_decode_attention", "paged_prefill_attention", "q4gemm",
+    "engine_isa", "f32_few_rows", "isa", "linear_f32", "llama_decode", "llama_extend", "load", "pack_q4",
+    "pack_weight", "paged_decode_attention", "paged_prefill_attention", "q4gemm",
     "qgemm", "quantize_act", "quantize_act_s8", "supported_isas", "use_isa", "pack_wide", "quantize_act_s8h",
     "wide_gemm", "wide_group_bytes", "mask_logits",
 ]

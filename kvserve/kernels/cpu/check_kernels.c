@@ -13,10 +13,6 @@ void kv_pack_weight(const int8_t *w, int64_t N, int64_t K, int8_t *wp);
 void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t N, int64_t K, uint8_t *wp);
 void kv_pack_wide(const uint8_t *q, const uint16_t *s, const uint16_t *mn, int64_t N, int64_t K, int64_t H,
                   uint8_t *wp);
-int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
-                               const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
-                               const int32_t *q_start, const int32_t *q_len, const int32_t *seq_lens, int64_t B,
-                               int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, float *out);
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static float frand(void) { /* uniform in [-1, 1) */

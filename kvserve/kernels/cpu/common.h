@@ -62,5 +62,9 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                               const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
                               const int32_t *seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
                               float scale, float *out);
+int kv_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache, const float *k_scale,
+                               const float *v_scale, int dtype, const int32_t *block_tables, int64_t bt_stride,
+                               const int32_t *q_start, const int32_t *q_len, const int32_t *seq_lens, int64_t B,
+                               int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale, float *out);
 
 #endif

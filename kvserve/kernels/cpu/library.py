@@ -61,6 +61,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "kv_pack_wide": ([p, p, p, i64, i64, i64, p], None),
         "kv_linear_wide": ([p, i64, i64, p, i64, i64, p], i32),
         "kv_llama_decode": ([p, p, i64, p, i64, p, p, p, i64, p], i32),
+        "kv_llama_extend": ([p, p, i64, p, i64, p, p, p, i64, p, p, p, i64], i32),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)

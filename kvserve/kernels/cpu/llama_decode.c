@@ -122,10 +122,14 @@ void kv_prof_dump(void) { for (int i = 0; i < 8; i++) fprintf(stderr, "%d: %.3f 
  * is split over the threads too: serial, it kept the other threads waiting at the next GEMM */
 #define ROWS_PARALLEL 8
 
-/* Returns 0, or -1 when scratch memory ran out (x is then partly updated: the step must be dropped). */
-int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_layers, float *x, int64_t M,
-                     const int64_t *positions, const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
-                     const int32_t *seq_lens) {
+/* Every layer on the residual stream x [M, hidden]. Attention: with q_start NULL, each row is one
+ * token over its own prefix (block_tables and seq_lens per row, M of them); else the rows are B
+ * sequences' new tokens (q_start, q_len, seq_lens per sequence) attending as an extend of the paged
+ * cache. Returns 0, or -1 when scratch memory ran out (x is then partly updated: the step must be
+ * dropped). */
+static int llama_layers(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_layers, float *x, int64_t M,
+                        const int64_t *positions, const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
+                        const int32_t *seq_lens, const int32_t *q_start, const int32_t *q_len, int64_t B) {
     const int64_t Hd = cfg->hidden, H = cfg->n_heads, Hkv = cfg->n_kv, D = cfg->head_dim, I = cfg->inter;
     const int64_t qs = H * D, kvs = Hkv * D, nqkv = qs + 2 * kvs, rot = cfg->rot_dim;
     float *h = KV_ALLOC(float, M * Hd), *qkv = KV_ALLOC(float, M * nqkv), *q = KV_ALLOC(float, M * qs);
@@ -160,10 +164,13 @@ int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_l
             }
         }
         PROF(2);
-        if ((rc = kv_paged_decode_attention(q, L->k_cache, L->v_cache, L->k_scale, L->v_scale, cfg->cache_dtype,
-                                            block_tables, bt_stride, seq_lens, M, H, Hkv, D, cfg->block_size,
-                                            cfg->attn_scale, att)))
-            break;
+        rc = q_start ? kv_paged_prefill_attention(q, L->k_cache, L->v_cache, L->k_scale, L->v_scale, cfg->cache_dtype,
+                                                  block_tables, bt_stride, q_start, q_len, seq_lens, B, H, Hkv, D,
+                                                  cfg->block_size, cfg->attn_scale, att)
+                     : kv_paged_decode_attention(q, L->k_cache, L->v_cache, L->k_scale, L->v_scale, cfg->cache_dtype,
+                                                 block_tables, bt_stride, seq_lens, M, H, Hkv, D, cfg->block_size,
+                                                 cfg->attn_scale, att);
+        if (rc) break;
         PROF(3);
         if ((rc = qlinear(&L->o, att, M, out))) break;
         PROF(4);
@@ -188,4 +195,20 @@ int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_l
         for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * Hd, cfg->final_norm, Hd, cfg->eps, x + m * Hd);
     free(h), free(qkv), free(q), free(att), free(gu), free(act), free(out);
     return rc;
+}
+
+/* A decode step: M one-token rows, each over its own prefix (block_tables [M, bt_stride], seq_lens [M]). */
+int kv_llama_decode(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_layers, float *x, int64_t M,
+                    const int64_t *positions, const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
+                    const int32_t *seq_lens) {
+    return llama_layers(cfg, layers, n_layers, x, M, positions, slots, block_tables, bt_stride, seq_lens, NULL, NULL, M);
+}
+
+/* Prompt chunks: B sequences' new tokens, rows q_start[b] .. q_start[b] + q_len[b] - 1 of x, over the
+ * paged cache (block_tables [B, bt_stride], seq_lens [B]: each sequence's length after the chunk). */
+int kv_llama_extend(const kv_model_t *cfg, const kv_layer_t *layers, int64_t n_layers, float *x, int64_t M,
+                    const int64_t *positions, const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
+                    const int32_t *q_start, const int32_t *q_len, const int32_t *seq_lens, int64_t B) {
+    return llama_layers(cfg, layers, n_layers, x, M, positions, slots, block_tables, bt_stride, seq_lens, q_start,
+                        q_len, B);
 }

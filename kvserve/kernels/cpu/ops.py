@@ -252,6 +252,19 @@ def llama_decode(model: ModelArgs, layers: ctypes.Array, x: torch.Tensor, positi
            "fused decode step")
 
 
+def llama_extend(model: ModelArgs, layers: ctypes.Array, x: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
+                 seq_lens: torch.Tensor) -> None:
+    """Every layer of B sequences' prompt chunks in place on x [M, hidden] float32 (kv_llama_extend):
+    rows q_start[b] .. + q_len[b] are sequence b's new tokens, attending over its paged cache as an extend.
+    positions/slots int64 [M], block_tables int32 [B, W], q_start/q_len/seq_lens int32 [B]; contiguous."""
+    lib = _ready_lib()
+    _check(lib.kv_llama_extend(ctypes.byref(model), layers, len(layers), x.data_ptr(), x.shape[0], positions.data_ptr(),
+                               slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], q_start.data_ptr(),
+                               q_len.data_ptr(), seq_lens.data_ptr(), q_start.numel()),
+           "fused prompt step")
+
+
 def mask_logits(logits: torch.Tensor, bits: torch.Tensor, rows: torch.Tensor) -> None:
     """In place: logits[rows[r], t] = -inf wherever bit t of bits[r] (int32 words, 32 tokens each) is
     clear, and for every t past the bitmask's width. logits float32 [B, V] contiguous on the CPU."""
