@@ -52,7 +52,9 @@ class ThreadGovernor:
     def __init__(self, max_threads: int, cpus: set[int] | None = None,
                  read_busy: Callable[[], float | None] | None = None,
                  own_cpu: Callable[[], float] = time.process_time, clock: Callable[[], float] = time.monotonic) -> None:
-        self.cpus = set(cpus if cpus is not None else os.sched_getaffinity(0))
+        if cpus is None:  # macOS has no affinity call (nor /proc/stat: there the governor never acts)
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        self.cpus = set(cpus)
         self.max_threads = max(1, min(max_threads, len(self.cpus)))
         self.threads = self.max_threads
         self._read_busy = read_busy or (lambda: busy_seconds(self.cpus))

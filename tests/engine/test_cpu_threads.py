@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvserve.engine.cpu_threads import ThreadGovernor, busy_seconds
@@ -88,3 +90,10 @@ def test_engine_follows_the_governor_unless_threads_are_fixed(tmp_path, monkeypa
         assert torch.get_num_threads() == 1 and engine.stats()["cpu_threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_without_an_affinity_call_or_proc_stat_the_governor_keeps_its_threads(monkeypatch):
+    """macOS: no os.sched_getaffinity and no /proc/stat; the governor takes every CPU and never changes."""
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)
+    gov = ThreadGovernor(64, read_busy=lambda: None)
+    assert gov.cpus == set(range(os.cpu_count())) and gov.tick() is None and gov.threads == gov.max_threads
