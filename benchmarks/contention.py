@@ -3,13 +3,13 @@
 A user's laptop or server runs other work beside the engine. Each engine runs in a fresh process,
 alternating, twice: on a quiet machine, then with a busy loop (one Python process spinning) pinned to
 the last CPU this process may use. Workloads, same GGUF and token ids as benchmarks/cpu_vs_llamacpp.py:
-decode tok/s at batch 1 (a 128-token prompt, 64 new tokens) and prompt tok/s (one 512-token prompt).
+decode tok/s at batch 1 (a 128-token prompt, base.LIGHT_NEW = 64 new tokens) and prompt tok/s (one 512-token prompt).
 
 Rows: kvserve as installed (at most `--threads` threads, fewer while other processes take cores:
 kvserve/engine/cpu_threads.py), kvserve with the count fixed (`--num-threads`), and llama.cpp with
 `n_threads` = `--threads` (llama-cpp-python, as in cpu_vs_llamacpp.py).
 
-    python benchmarks/contention.py        # default model, 2 threads, 2 repetitions (medians)
+    python benchmarks/contention.py        # default model, 2 threads, 3 repetitions (medians)
 """
 
 from __future__ import annotations
@@ -24,39 +24,12 @@ import time
 
 import cpu_vs_llamacpp as base
 
-NEW = 64
 ENGINES = ("kvserve", "kvserve fixed", "llamacpp")
-
-
-def light(run, prompts: dict[str, list]) -> dict:
-    run([prompts["one"][:32]], 8)  # warm-up
-    first, total = run([prompts["one"]], NEW)
-    t_prompt, _ = run([prompts["long"]], 1)
-    return {"decode_tok_s": (NEW - 1) / (total - first), "prompt_tok_s": base.PROMPT_LONG / t_prompt}
-
-
-def worker(kind: str, model: str, threads: int) -> None:
-    import torch
-
-    base.WORKLOADS[0] = light
-    torch.set_num_threads(threads)
-    prompts = base.prompts_for(base.token_pool(5000 + base.NSEQ * 97 + base.PROMPT_B))
-    if kind == "llamacpp":
-        res = base.run_llamacpp(model, threads, prompts)
-    else:
-        res = base.run_kvserve(model, threads, prompts, None, fixed_threads=kind == "kvserve fixed")
-        res = {k: v for k, v in res.items() if k.endswith("_tok_s") or k in ("kernels", "thread_changes")}
-    print("RESULT " + json.dumps(res), flush=True)
+FLAGS = {"kvserve": ("--light", "--max-threads"), "kvserve fixed": ("--light",), "llamacpp": ("--light",)}
 
 
 def spawn(kind: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False,
-                         env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return base.spawn(kind.split()[0], args, flags=FLAGS[kind])
 
 
 def busy_loop(cpu: int) -> subprocess.Popen:
@@ -70,16 +43,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M Q4_1)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     if args.model is None:
         from kvserve.loader import default_model_path
 
         args.model = str(default_model_path())
-    if args.worker:
-        worker(args.worker, args.model, args.threads)
-        return
     runs: dict[tuple[str, str], list[dict]] = {(e, load): [] for e in ENGINES for load in ("quiet", "busy")}
     cpu = max(os.sched_getaffinity(0))
     for load in ("quiet", "busy"):

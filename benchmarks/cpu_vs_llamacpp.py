@@ -35,6 +35,7 @@ import time
 
 PROMPT1, NEW1 = 128, 128
 PROMPT_LONG = 512
+LIGHT_NEW = 64  # decode tokens of the light workloads
 NSEQ, PROMPT_B, NEW_B = 64, 128, 128
 N_CTX = NSEQ * (PROMPT_B + NEW_B) + 256  # KV room of both engines, in tokens
 
@@ -65,25 +66,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def workloads(run, prompts: dict[str, list]) -> dict:
-    """The three timed workloads through one engine's `run(sequences, new) -> (to first token, total)`."""
+def workloads(run, prompts: dict[str, list], light: bool = False) -> dict:
+    """The three timed workloads through one engine's `run(sequences, new) -> (to first token, total)`;
+    `light` (benchmarks/contention.py): decode LIGHT_NEW tokens and the long prompt only."""
+    new1 = LIGHT_NEW if light else NEW1
     run([prompts["one"][:32]], 8)  # warm-up
-    first, total = run([prompts["one"]], NEW1)
+    first, total = run([prompts["one"]], new1)
     t_prompt, _ = run([prompts["long"]], 1)
+    res = {"decode_tok_s": (new1 - 1) / (total - first), "prompt_tok_s": PROMPT_LONG / t_prompt}
+    if light:
+        return res
     _, t_batch = run(prompts["batch"], NEW_B)
-    return {"decode_tok_s": (NEW1 - 1) / (total - first), "prompt_tok_s": PROMPT_LONG / t_prompt,
-            "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch, "batch_gen_tok_s": NSEQ * NEW_B / t_batch,
-            "peak_rss_mib": peak_rss_mib()}
-
-
-WORKLOADS = [workloads]  # what the engine runners time (benchmarks/contention.py puts lighter ones here)
+    return {**res, "batch_total_tok_s": NSEQ * (PROMPT_B + NEW_B) / t_batch,
+            "batch_gen_tok_s": NSEQ * NEW_B / t_batch, "peak_rss_mib": peak_rss_mib()}
 
 
 # -- kvserve ---------------------------------------------------------------------------------
 
 
 def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization: str | None,
-                fixed_threads: bool = True) -> dict:
+                fixed_threads: bool = True, light: bool = False) -> dict:
     """`fixed_threads`: `threads` threads throughout (--num-threads); False: at most `threads`, fewer while
     other processes take cores (the engine's default)."""
     import torch
@@ -109,7 +111,7 @@ def run_kvserve(model: str, threads: int, prompts: dict[str, list], quantization
                 first = time.perf_counter()
         return first - t0, time.perf_counter() - t0
 
-    return {**WORKLOADS[0](run, prompts), "weight_bytes": streamed_bytes(eng.lm.model),
+    return {**workloads(run, prompts, light), "weight_bytes": streamed_bytes(eng.lm.model),
             "weights": eng.lm.describe(), "kernels": native.isa() or "torch", "kv": eng.budget.describe(),
             "thread_changes": eng.thread_governor.changes if eng.thread_governor is not None else 0}
 
@@ -139,7 +141,7 @@ def streamed_bytes(model) -> int:
 # -- llama.cpp -------------------------------------------------------------------------------
 
 
-def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
+def run_llamacpp(model: str, threads: int, prompts: dict[str, list], light: bool = False) -> dict:
     import ctypes
 
     import llama_cpp as lc
@@ -196,7 +198,7 @@ def run_llamacpp(model: str, threads: int, prompts: dict[str, list]) -> dict:
 
     info = lc.llama_print_system_info().decode()
     simd = ",".join(k.split(":")[-1].strip() for k, _, v in (p.partition("=") for p in info.split("|")) if v.strip() == "1")
-    return {**WORKLOADS[0](run, prompts), "version": lc.__version__, "simd": simd}
+    return {**workloads(run, prompts, light), "version": lc.__version__, "simd": simd}
 
 
 def memory_bandwidth_gb_s() -> float:
@@ -218,20 +220,23 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     prompts = prompts_for(token_pool(5000 + NSEQ * 97 + PROMPT_B))
     if args.worker == "kvserve":
-        res = run_kvserve(args.model, args.threads, prompts, args.quantization)
+        res = run_kvserve(args.model, args.threads, prompts, args.quantization,
+                          fixed_threads=not args.max_threads, light=args.light)
     elif args.worker == "llamacpp":
-        res = run_llamacpp(args.model, args.threads, prompts)
+        res = run_llamacpp(args.model, args.threads, prompts, args.light)
     else:
         res = {"bandwidth_gb_s": memory_bandwidth_gb_s()}
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def spawn(kind: str, args: argparse.Namespace, quantization: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads)]
+def spawn(kind: str, args: argparse.Namespace, quantization: str | None = None, flags: tuple[str, ...] = ()) -> dict:
+    """One worker process (kvserve, llamacpp or bandwidth) and its RESULT; `flags`: the worker's --light,
+    --max-threads."""
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads), *flags]
     if quantization is not None:
         cmd += ["--quantization", quantization]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    if kind == "llamacpp" and args.llamacpp_path:  # another llama-cpp-python build first (e.g. AVX2 only)
+    if kind == "llamacpp" and getattr(args, "llamacpp_path", None):  # another llama-cpp-python build first (e.g. AVX2 only)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (args.llamacpp_path, env.get("PYTHONPATH")) if p)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     for line in out.stdout.splitlines():
@@ -250,6 +255,8 @@ def main() -> None:
     p.add_argument("--llamacpp-path", default=None,
                    help="a directory holding another llama-cpp-python build (pip install --target DIR ...)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--light", action="store_true", help=argparse.SUPPRESS)  # a worker's light workloads
+    p.add_argument("--max-threads", action="store_true", help=argparse.SUPPRESS)  # kvserve: at most --threads
     args = p.parse_args()
     if args.model is None:
         from kvserve.loader import default_model_path

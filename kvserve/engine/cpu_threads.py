@@ -46,7 +46,8 @@ def busy_seconds(cpus: set[int], path: str = "/proc/stat") -> float | None:
 class ThreadGovernor:
     """Chooses the engine's CPU thread count from the cores other processes use (module docstring)."""
 
-    INTERVAL = 0.25  # seconds between looks (/proc/stat counts in 10 ms ticks: 2.5% of 2 cores)
+    INTERVAL = 0.25  # seconds between looks (/proc/stat counts in 10 ms ticks: 2% of 2 cores)
+    STALE = 1.0  # a look further apart than this (the engine sat idle) only starts a new measurement
     SLACK = 0.5  # cores others may use before a thread gives way (at half a core 1 and 2 threads tied)
 
     def __init__(self, max_threads: int, cpus: set[int] | None = None,
@@ -64,6 +65,7 @@ class ThreadGovernor:
         self.others = 0.0  # cores other processes used over the last look
         self.changes = 0  # thread count changes made
         self.tick()  # the first look: what the next one measures from
+        self.active = self._last is not None  # False without /proc/stat (macOS): the engine keeps no governor
 
     def wanted(self, others: float) -> int:
         """Threads for a machine where others use `others` cores."""
@@ -79,7 +81,8 @@ class ThreadGovernor:
             return None
         own, last = self._own_cpu(), self._last
         self._last = (now, busy, own)
-        if last is None:
+        if last is None or now - last[0] > self.STALE:  # load seen while the engine idled says little of now
+            self._pending = None
             return None
         self.others = max(0.0, ((busy - last[1]) - (own - last[2])) / (now - last[0]))
         want = self.wanted(self.others)

@@ -58,9 +58,10 @@ class LLMEngine:
             raise
         self.output_processor = OutputProcessor()
         # CPU threads follow the cores other processes leave free, unless the user fixed them (cpu_threads.py)
-        self.thread_governor = (ThreadGovernor(torch.get_num_threads())
-                                if self.device.type == "cpu" and self.executor is None and not c.num_threads
-                                and os.environ.get("KVSERVE_CPU_THREAD_GOVERNOR", "1") != "0" else None)
+        gov = (ThreadGovernor(torch.get_num_threads())
+               if self.device.type == "cpu" and self.executor is None and not c.num_threads
+               and os.environ.get("KVSERVE_CPU_THREAD_GOVERNOR", "1") != "0" else None)
+        self.thread_governor = gov if gov is not None and gov.active else None
         self.step_observers: list[StepObserver] = []  # e.g. the simulator's calibration
         self._counter = 0
 

@@ -90,8 +90,9 @@ class ModelRunner:
             hidden = self._run_native(batch)
         elif self.native is not None and self.native.extends:  # prompt chunks past the fused positions only
             hidden = self.native.extend(batch.input_ids, batch.positions, batch.meta)
-        if hidden is None:
-            hidden = self._model_forward(batch.input_ids, batch.positions, batch.meta)
+        if hidden is None:  # (a verify step past the largest graph: its one-token rows eagerly, still decodes)
+            meta = batch.one_token_rows if batch.one_token_rows is not None else batch.meta
+            hidden = self._model_forward(batch.input_ids, batch.positions, meta)
         return hidden
 
     def _model_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:  # noqa: ANN001

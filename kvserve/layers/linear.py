@@ -36,7 +36,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     """x W^T (+ b) for float weights: a float32 step of few tokens on the CPU (a decode step, a speculative
     verify) by the native kernel that reads W once for all rows, anything else by torch."""
     if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
-            and x.numel() <= cpu_ops.f32_few_rows() * w.shape[1] and w.is_contiguous()):
+            and 0 < x.numel() <= cpu_ops.f32_few_rows() * w.shape[1] and w.is_contiguous()):
         return cpu_ops.linear_f32(x, w, bias)
     return F.linear(x, w, bias)
 

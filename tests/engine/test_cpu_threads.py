@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
+from kvserve.engine import cpu_threads
 from kvserve.engine.cpu_threads import ThreadGovernor, busy_seconds
 from helpers import make_tiny_hf
 
@@ -29,21 +31,21 @@ class Machine:
 def test_threads_drop_at_once_under_load_and_return_after_two_quiet_looks():
     m = Machine()
     gov = m.governor()
-    m.run(1.0, others=0.05, own=2.0)
+    m.run(0.5, others=0.05, own=2.0)
     assert gov.tick() is None and gov.threads == 2 and abs(gov.others - 0.05) < 1e-9
-    m.run(1.0, others=0.9, own=1.1)  # a busy loop on the second core
+    m.run(0.5, others=0.9, own=1.1)  # a busy loop on the second core
     assert gov.tick() == 1 and gov.threads == 1
     m.run(0.1, others=0.0)
     assert gov.tick() is None  # looks are INTERVAL apart
-    m.run(1.0, others=0.95)
+    m.run(0.5, others=0.95)
     assert gov.tick() is None and gov.threads == 1
-    m.run(1.0, others=0.0)
+    m.run(0.5, others=0.0)
     assert gov.tick() is None and gov.threads == 1  # one quiet look may be a blip
-    m.run(1.0, others=0.6)
+    m.run(0.5, others=0.6)
     assert gov.tick() is None and gov.threads == 1  # ... and it was
-    m.run(1.0, others=0.0)
+    m.run(0.5, others=0.0)
     assert gov.tick() is None
-    m.run(1.0, others=0.1)
+    m.run(0.5, others=0.1)
     assert gov.tick() == 2 and gov.threads == 2 and gov.changes == 2
 
 
@@ -64,11 +66,31 @@ def test_busy_seconds_reads_the_cores_of_the_affinity_set(tmp_path):
                     "cpu0 300 0 20 2000 10 0 5 5 0 0\n"  # busy: 300 + 20 + 5 + 5 = 330 ticks
                     "cpu1 600 0 80 3000 40 1 0 9 0 0\n"  # 690
                     "intr 1 2 3\n")
-    tick = busy_seconds.__globals__["_TICK"]
-    assert busy_seconds({0}, str(stat)) == 330 / tick
-    assert busy_seconds({0, 1}, str(stat)) == 1020 / tick
+    assert busy_seconds({0}, str(stat)) == 330 / cpu_threads._TICK
+    assert busy_seconds({0, 1}, str(stat)) == 1020 / cpu_threads._TICK
     assert busy_seconds({5}, str(stat)) is None and busy_seconds({0}, str(tmp_path / "none")) is None
-    assert busy_seconds({0}) is not None  # this machine's own counters parse
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="no /proc/stat (not Linux)")
+def test_busy_seconds_parses_this_machines_counters():
+    cpus = os.sched_getaffinity(0)
+    first = busy_seconds(cpus)
+    assert first is not None and first > 0
+    sum(i * i for i in range(300_000))  # some work of our own: the counters never go back
+    assert busy_seconds(cpus) >= first
+
+
+def test_a_look_after_the_engine_idled_starts_a_new_measurement():
+    m = Machine()
+    gov = m.governor()
+    m.run(1.0, others=0.0, own=2.0)
+    assert gov.tick() is None and gov.threads == 2
+    m.run(30.0, others=1.0, own=0.0)  # another program ran while the engine had nothing to do
+    assert gov.tick() is None and gov.threads == 2  # stale: only a new baseline
+    m.run(0.5, others=0.0, own=2.0)  # ... and it is gone now that the engine runs
+    assert gov.tick() is None and gov.threads == 2 and gov.changes == 0
+    m.run(0.5, others=1.0, own=1.0)  # a load that starts while the engine runs is seen at the next look
+    assert gov.tick() == 1
 
 
 def test_engine_follows_the_governor_unless_threads_are_fixed(tmp_path, monkeypatch):
@@ -77,7 +99,7 @@ def test_engine_follows_the_governor_unless_threads_are_fixed(tmp_path, monkeypa
 
     path = str(make_tiny_hf(tmp_path, "llama"))
     assert LLMEngine(model=path, kv_cache_memory="4MiB").thread_governor is None  # the suite's setting (conftest)
-    monkeypatch.delenv("KVSERVE_CPU_THREAD_GOVERNOR")  # the default: on
+    monkeypatch.setenv("KVSERVE_CPU_THREAD_GOVERNOR", "1")  # the default: on
     assert LLMEngine(model=path, kv_cache_memory="4MiB", num_threads=1).thread_governor is None
     before = torch.get_num_threads()
     engine = LLMEngine(model=path, kv_cache_memory="4MiB")
@@ -96,4 +118,6 @@ def test_without_an_affinity_call_or_proc_stat_the_governor_keeps_its_threads(mo
     """macOS: no os.sched_getaffinity and no /proc/stat; the governor takes every CPU and never changes."""
     monkeypatch.delattr("os.sched_getaffinity", raising=False)
     gov = ThreadGovernor(64, read_busy=lambda: None)
-    assert gov.cpus == set(range(os.cpu_count())) and gov.tick() is None and gov.threads == gov.max_threads
+    assert gov.cpus == set(range(os.cpu_count())) and gov.threads == gov.max_threads
+    assert not gov.active  # the engine keeps no governor then (and reads no file per step)
+    assert ThreadGovernor(64, read_busy=lambda: 1.0).active

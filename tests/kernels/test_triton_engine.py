@@ -63,22 +63,14 @@ def test_unknown_backend_is_rejected(tiny_loaded):
 
 def test_decode_graph_padding_path_matches_torch_backend(tiny_loaded, monkeypatch):
     """The decode-graph path (static buffers, batches padded into a scratch block), run eagerly on CPU."""
-    from kvserve.executor.cuda_graph import DecodeGraphRunner, capture_sizes
+    from kvserve.executor.cuda_graph import capture_sizes
     from kvserve.executor.model_runner import ModelRunner
 
     assert capture_sizes(5) == [1, 2, 4, 5] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     prompts = [random_ids(n, TINY_VOCAB, seed=n) for n in (3, 17, 9)]
     want, _ = generate(tiny_loaded, "torch", prompts)
 
-    replayed = []
-    original_run = DecodeGraphRunner.run
-
-    def spy(self, input_ids, positions, meta):
-        out = original_run(self, input_ids, positions, meta)
-        replayed.append(input_ids.numel() if out is not None else None)
-        return out
-
-    monkeypatch.setattr(DecodeGraphRunner, "run", spy)
+    replayed = spy_graph_runs(monkeypatch, lambda ids, meta: ids.numel())
     original_init = LLMEngine.__init__
 
     def init_with_emulated_graphs(self, *a, **kw):
@@ -97,10 +89,27 @@ def test_decode_graph_padding_path_matches_torch_backend(tiny_loaded, monkeypatc
     assert None not in replayed
 
 
-def test_verify_steps_replay_the_decode_graphs_one_row_per_token(tiny_loaded, monkeypatch):
-    """A speculative verify step runs through the decode graphs (emulated here), each verified token as a
-    one-token row over its own prefix: greedy tokens equal decoding without speculation on the torch backend."""
+def spy_graph_runs(monkeypatch, record) -> list:  # noqa: ANN001 - record(input_ids, meta) -> what to keep
+    """Patches DecodeGraphRunner.run to note each call: record(...) when a graph ran it, None when none fit."""
     from kvserve.executor.cuda_graph import DecodeGraphRunner
+
+    replayed = []
+    original_run = DecodeGraphRunner.run
+
+    def spy(self, input_ids, positions, meta):
+        out = original_run(self, input_ids, positions, meta)
+        replayed.append(record(input_ids, meta) if out is not None else None)
+        return out
+
+    monkeypatch.setattr(DecodeGraphRunner, "run", spy)
+    return replayed
+
+
+@pytest.mark.parametrize("max_num_seqs", [16, 2])
+def test_verify_steps_replay_the_decode_graphs_one_row_per_token(tiny_loaded, monkeypatch, max_num_seqs):
+    """A speculative verify step runs through the decode graphs (emulated here), each verified token as a
+    one-token row over its own prefix: greedy tokens equal decoding without speculation on the torch backend.
+    Past the largest graph (max_num_seqs 2) the same one-token rows run eagerly: still decodes."""
     from kvserve.executor.model_runner import ModelRunner
 
     # repeating prompts, so n-gram lookup finds drafts
@@ -110,24 +119,28 @@ def test_verify_steps_replay_the_decode_graphs_one_row_per_token(tiny_loaded, mo
                       block_size=8)
     want = run_engine(plain, prompts, params)
 
-    replayed = []
-    original_run = DecodeGraphRunner.run
+    replayed = spy_graph_runs(monkeypatch, lambda ids, meta: (ids.numel(), len(set(meta.block_tables[:, 0].tolist()))))
+    eager = []  # the query lengths of what ran outside the graphs
+    original_forward = ModelRunner._model_forward
 
-    def spy(self, input_ids, positions, meta):
-        out = original_run(self, input_ids, positions, meta)
-        replayed.append((input_ids.numel(), len(set(meta.block_tables[:, 0].tolist()))) if out is not None else None)
-        return out
+    def spy_forward(self, input_ids, positions, meta):
+        eager.append(meta.query_lens_cpu)
+        return original_forward(self, input_ids, positions, meta)
 
-    monkeypatch.setattr(DecodeGraphRunner, "run", spy)
+    monkeypatch.setattr(ModelRunner, "_model_forward", spy_forward)
     eng = LLMEngine(loaded=tiny_loaded, attention_backend="triton", device=DEVICE, kv_cache_memory="1MiB",
                     block_size=8, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                                       "adaptive": False})
     eng.runner = ModelRunner(tiny_loaded.model, eng.budget.num_blocks, 8, tiny_loaded.dtype, eng.device,
-                             decode_graphs="emulate", max_num_seqs=16, max_model_len=eng.max_model_len)
+                             decode_graphs="emulate", max_num_seqs=max_num_seqs, max_model_len=eng.max_model_len)
     got = run_engine(eng, prompts, params)
     assert got == want
     assert eng.scheduler.spec_stats.num_draft_tokens > 0
-    # verify steps: more rows than sequences went through the graphs
-    assert any(rows > seqs for rows, seqs in filter(None, replayed)) and None not in replayed
+    decode_runs = [e for e in eager if all(q == 1 for q in e)]
+    if max_num_seqs == 16:  # verify steps: more rows than sequences went through the graphs
+        assert any(rows > seqs for rows, seqs in filter(None, replayed)) and None not in replayed
+    else:  # none fit in the graphs of 1 or 2 rows: each ran eagerly as one-token rows
+        assert None in replayed and any(len(e) > len(prompts) for e in decode_runs)
+    assert len(decode_runs) >= replayed.count(None)  # every step the graphs refused still ran as decodes
     eng.kv.check_invariants()
     generate(tiny_loaded, "torch", prompts[:1])  # leave the shared model on the reference backend
