@@ -12,12 +12,19 @@ both (checked). Each case runs the engine without speculation and once per --met
     self_quant        the target's own weights quantized (a float target: --quantization none)
     self_quant_skip   the same, only its first --draft-layers layers (a layer-skip self-draft)
 
+With --vs-llamacpp DIR (a llama.cpp build's bin/ holding llama-lookup and llama-speculative, built from
+the same source as the CPU benchmarks), batch 1 greedy runs the same prompts (as text) through llama.cpp's
+own prompt lookup (llama-lookup, --spec-draft-n-max k vs 0) and, for a float target, its draft-model
+decoding (llama-speculative, the draft's GGUF as -md), on the same weights: a float target is the GGUF
+written as F32 by llama.cpp's own quantizer, which is what --quantization none decodes it to.
+
 Decode time is wall-clock by default; --clock cpu reads the process's CPU seconds instead, which a busy
 shared core inflates far less (with one thread both agree on an idle core); the JSON has both. Prints
 one line per case, then one JSON line.
 
     python benchmarks/spec_decode.py [--num-speculative-tokens 4] [--max-tokens 128] [--batch-sizes 1,16]
     python benchmarks/spec_decode.py --quantization none --methods ngram,draft_model,self_quant,self_quant_skip
+    python benchmarks/spec_decode.py --quantization none --methods ngram,draft_model --vs-llamacpp /path/to/llama.cpp/build/bin
     python benchmarks/spec_decode.py --tiny     # dry run: a tiny random model, a few tokens, no timings worth reading
 """
 
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -124,9 +133,64 @@ def method_config(name: str, args, tiny_path: Path | None) -> dict:  # noqa: ANN
     return {**cfg, "adaptive": False} if fixed else cfg
 
 
-def median_run(runs: list[dict]) -> dict:
+LLAMACPP_FIGURES = {"tokens": r"decoded\s+(\d+) tokens", "seconds": r"decoded\s+\d+ tokens in\s+([\d.]+) seconds",
+                    "drafted": r"n_drafted\s*=\s*(\d+)", "accepted": r"n_accept\s*=\s*(\d+)"}
+
+
+def llamacpp_run(cmd: list[str]) -> dict:
+    """One llama-lookup / llama-speculative run: the figures it prints at the end."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise SystemExit(f"{Path(cmd[0]).name} failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+    log = out.stdout + out.stderr
+    return {k: float(m.group(1)) if (m := re.search(rx, log)) else 0.0 for k, rx in LLAMACPP_FIGURES.items()}
+
+
+def vs_llamacpp(bin_dir: Path, target: Path, draft: Path | None, texts: list[str], args) -> dict:  # noqa: ANN001
+    """llama.cpp at batch 1, greedy, on the same prompts: none, its prompt lookup and (with a draft) its
+    draft-model decoding, alternating over --reps; the median by decode rate of each, summed over prompts."""
+    k = str(args.num_speculative_tokens)
+    common = ["-m", str(target), "-n", str(args.max_tokens), "-t", str(args.threads or 2), "-c", "4096",
+              "--temp", "0", "--ignore-eos"]
+    cases = {"none": [str(bin_dir / "llama-lookup"), "--spec-draft-n-max", "0"],
+             "lookup": [str(bin_dir / "llama-lookup"), "--spec-draft-n-max", k]}
+    if draft is not None:
+        cases["speculative"] = [str(bin_dir / "llama-speculative"), "-md", str(draft), "-td", str(args.threads or 2),
+                                "--spec-draft-n-max", k]
+    runs: dict[str, list[dict]] = {c: [] for c in cases}
+    for _ in range(max(1, args.reps)):
+        for case, cmd in cases.items():
+            figs = [llamacpp_run(cmd + common + ["-p", t]) for t in texts]
+            tot = {key: sum(f[key] for f in figs) for key in LLAMACPP_FIGURES}
+            runs[case].append({**tot, "tok_s": round(tot["tokens"] / tot["seconds"], 2) if tot["seconds"] else None})
+    out = {c: median_run(r, "tok_s") for c, r in runs.items()}
+    for case in cases:
+        r = out[case]
+        if case != "none":
+            r["speedup"] = round(r["tok_s"] / out["none"]["tok_s"], 3) if r["tok_s"] and out["none"]["tok_s"] else None
+            r["acceptance_rate"] = round(r["accepted"] / r["drafted"], 3) if r["drafted"] else 0.0
+    return out
+
+
+def llamacpp_files(args, loaded) -> tuple[Path, Path | None]:  # noqa: ANN001 - argparse args, a LoadedModel
+    """The target's and the draft's GGUF for llama.cpp: a float target (--quantization none) is the GGUF
+    written as F32 by llama.cpp's quantizer (the weights kvserve decodes it to), drafted by the GGUF itself."""
+    from formats_vs_llamacpp import make_format
+
+    from kvserve.loader import default_model_path
+
+    src = Path(args.model or default_model_path())
+    if src.suffix != ".gguf":
+        raise SystemExit("--vs-llamacpp needs a GGUF model")
+    if loaded.quantization != "none":
+        return src, None
+    out_dir = Path(tempfile.gettempdir()) / "kvserve-spec-llamacpp"
+    return make_format(src, "F32", out_dir, args.threads or 2), Path(args.draft_model or src)
+
+
+def median_run(runs: list[dict], key: str = "decode_tok_s") -> dict:
     """The run of median decode rate (the lower middle one of an even count): its other figures with it."""
-    ranked = sorted(runs, key=lambda r: r["decode_tok_s"] or 0.0)
+    ranked = sorted(runs, key=lambda r: r[key] or 0.0)
     return ranked[(len(ranked) - 1) // 2]
 
 
@@ -153,6 +217,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1,
                     help="runs of each case, alternating none and every method; the median run of each is reported "
                          "(a shared machine's speed drifts: one run of each reads +-10%% apart on the same work)")
+    ap.add_argument("--vs-llamacpp", type=Path, default=None, metavar="BIN_DIR",
+                    help="a llama.cpp build's bin/ (llama-lookup, llama-speculative): its batch-1 greedy rows beside")
     ap.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny random model and a few tokens")
     args = ap.parse_args()
 
@@ -181,6 +247,10 @@ def main() -> None:
         tok.apply_chat_template([{"role": "user", "content": c}], tokenize=True, add_generation_prompt=True)
         if getattr(tok, "chat_template", None) else c for c in CHAT * 4]}
     workloads = {w: workloads[w] for w in args.workloads.split(",")}
+    texts = {"grounded": workloads.get("grounded"), "chat": [  # what llama.cpp's tools are given: the same prompts
+        tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+        if getattr(tok, "chat_template", None) else c for c in CHAT * 4]}
+    llamacpp_models = llamacpp_files(args, loaded) if args.vs_llamacpp else None
     rows = []
     temperatures = [float(t) for t in args.temperatures.split(",")]
     for name, prompts in workloads.items():
@@ -221,6 +291,11 @@ def main() -> None:
                     f"{label} {r['tok_s']} (x{r['speedup']}, acceptance {r['acceptance_rate']}, mean accepted length "
                     f"{r['mean_accepted_length']}, drafted {r['drafted']})"
                     for label, r in ((m, row[m]) for m in configs)), flush=True)
+                if llamacpp_models and batch == 1 and temperature == 0:
+                    row["llamacpp"] = ll = vs_llamacpp(args.vs_llamacpp, *llamacpp_models, texts[name][:2], args)
+                    print(f"{name:9s} batch  1 llama.cpp: none {ll['none']['tok_s']} tok/s; " + "; ".join(
+                        f"{c} {r['tok_s']} (x{r['speedup']}, acceptance {r['acceptance_rate']}, drafted "
+                        f"{int(r['drafted'])})" for c, r in ll.items() if c != "none"), flush=True)
     print(json.dumps({"benchmark": "spec_decode", "methods": configs, "k": args.num_speculative_tokens,
                       "quantization": loaded.quantization, "clock": args.clock, "threads": torch.get_num_threads(),
                       "reps": max(1, args.reps),
