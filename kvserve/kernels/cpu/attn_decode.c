@@ -125,6 +125,8 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
         gt[j + 1] = gt[j] + most;
     }
     const int64_t tasks = gt[ng];
+    int64_t widest = 1; /* rows of the largest group: what a thread's scores buffer holds */
+    for (int64_t j = 0; j < ng; j++) widest = g0[j + 1] - g0[j] > widest ? g0[j + 1] - g0[j] : widest;
     /* per row, part and head: max, sum, then D outputs */
     float *part = KV_ALLOC(float, first[B] * H * (D + 2));
     if (!part) {
@@ -135,7 +137,7 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
 #pragma omp parallel if (tasks > 1 && work * H * D >= (1 << 16))
     {
         /* scores of each row of a group, then one block's rows of every KV head as float32 */
-        float *scores = KV_ALLOC(float, GROUP_ROWS * H * span + Hkv * bs * D), *hbuf = scores + GROUP_ROWS * H * span;
+        float *scores = KV_ALLOC(float, widest * H * span + Hkv * bs * D), *hbuf = scores + widest * H * span;
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
