@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M Q4_1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--llamacpp-path", default=None,
+                   help="a directory holding another llama-cpp-python build (as in cpu_vs_llamacpp.py)")
     args = p.parse_args()
     if args.model is None:
         from kvserve.loader import default_model_path

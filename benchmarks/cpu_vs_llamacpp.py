@@ -236,7 +236,7 @@ def spawn(kind: str, args: argparse.Namespace, quantization: str | None = None, 
     if quantization is not None:
         cmd += ["--quantization", quantization]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    if kind == "llamacpp" and getattr(args, "llamacpp_path", None):  # another llama-cpp-python build first (e.g. AVX2 only)
+    if kind == "llamacpp" and args.llamacpp_path:  # another llama-cpp-python build first (e.g. AVX2 only)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (args.llamacpp_path, env.get("PYTHONPATH")) if p)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     for line in out.stdout.splitlines():

@@ -59,6 +59,12 @@ def grounded_prompts(n: int, chars: int = 1200) -> list[str]:
     return out
 
 
+def chat_prompts(tok, tokenize: bool) -> list:  # noqa: ANN001 - the model's tokenizer
+    """The open chat prompts in the model's chat template: token ids (kvserve) or text (llama.cpp's tools)."""
+    return [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=tokenize, add_generation_prompt=True)
+            if getattr(tok, "chat_template", None) else c for c in CHAT * 4]
+
+
 def run(loaded, prompts: list[str], spec: dict | None, batch: int, temperature: float, args) -> dict:
     from kvserve import SamplingParams
     from kvserve.engine.llm_engine import LLMEngine
@@ -149,13 +155,12 @@ def llamacpp_run(cmd: list[str]) -> dict:
 def vs_llamacpp(bin_dir: Path, target: Path, draft: Path | None, texts: list[str], args) -> dict:  # noqa: ANN001
     """llama.cpp at batch 1, greedy, on the same prompts: none, its prompt lookup and (with a draft) its
     draft-model decoding, alternating over --reps; the median by decode rate of each, summed over prompts."""
-    k = str(args.num_speculative_tokens)
-    common = ["-m", str(target), "-n", str(args.max_tokens), "-t", str(args.threads or 2), "-c", "4096",
-              "--temp", "0", "--ignore-eos"]
+    k, threads = str(args.num_speculative_tokens), str(args.threads or 2)
+    common = ["-m", str(target), "-n", str(args.max_tokens), "-t", threads, "-c", "4096", "--temp", "0", "--ignore-eos"]
     cases = {"none": [str(bin_dir / "llama-lookup"), "--spec-draft-n-max", "0"],
              "lookup": [str(bin_dir / "llama-lookup"), "--spec-draft-n-max", k]}
     if draft is not None:
-        cases["speculative"] = [str(bin_dir / "llama-speculative"), "-md", str(draft), "-td", str(args.threads or 2),
+        cases["speculative"] = [str(bin_dir / "llama-speculative"), "-md", str(draft), "-td", threads,
                                 "--spec-draft-n-max", k]
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for _ in range(max(1, args.reps)):
@@ -243,13 +248,9 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m and m != "none"]
     configs = {m: method_config(m, args, tiny_path) for m in methods}
     tok = loaded.tokenizer
-    workloads = {"grounded": grounded_prompts(16, 250 if args.tiny else 1200), "chat": [
-        tok.apply_chat_template([{"role": "user", "content": c}], tokenize=True, add_generation_prompt=True)
-        if getattr(tok, "chat_template", None) else c for c in CHAT * 4]}
+    workloads = {"grounded": grounded_prompts(16, 250 if args.tiny else 1200), "chat": chat_prompts(tok, True)}
     workloads = {w: workloads[w] for w in args.workloads.split(",")}
-    texts = {"grounded": workloads.get("grounded"), "chat": [  # what llama.cpp's tools are given: the same prompts
-        tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
-        if getattr(tok, "chat_template", None) else c for c in CHAT * 4]}
+    texts = {"grounded": workloads.get("grounded"), "chat": chat_prompts(tok, False)}  # what llama.cpp is given
     llamacpp_models = llamacpp_files(args, loaded) if args.vs_llamacpp else None
     rows = []
     temperatures = [float(t) for t in args.temperatures.split(",")]

@@ -112,17 +112,19 @@ def _decoding(s: ScheduledRequest) -> bool:
     return bool(s.spec_token_ids) or s.start >= s.request.num_prompt_tokens
 
 
-def _one_token_rows(batch: FlatBatch, rows: torch.Tensor, seq_of_row: torch.Tensor,
-                    seq_lens_cpu: list[int]) -> AttentionMetadata:
-    """Metadata of the batch's `rows` (sequence `seq_of_row` each; `seq_lens_cpu`: their positions + 1) as
-    one-token queries, each over its own prefix: a row's attention is then a decode's, whatever else its
-    sequence computes in the step."""
+def _one_token_rows(batch: FlatBatch, scheduled: list[ScheduledRequest], starts: list[int],
+                    firsts: list[tuple[int, int]]) -> tuple[torch.Tensor, AttentionMetadata]:
+    """The batch rows of the first k tokens of each (sequence i, k) in `firsts` (`starts`: each sequence's
+    first row), and their metadata as one-token queries, each over its own prefix: a row's attention is then
+    a decode's, whatever else its sequence computes in the step."""
+    rows = torch.cat([torch.arange(starts[i], starts[i] + k) for i, k in firsts]).to(batch.positions.device)
+    seq_of_row = torch.repeat_interleave(torch.tensor([i for i, _ in firsts]), torch.tensor([k for _, k in firsts]))
     positions, meta = batch.positions[rows], batch.meta
-    return AttentionMetadata(
+    return rows, AttentionMetadata(
         query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device=positions.device),
         seq_lens=(positions + 1).to(torch.int32),
         query_lens_cpu=[1] * len(rows),
-        seq_lens_cpu=seq_lens_cpu,
+        seq_lens_cpu=[scheduled[i].start + j + 1 for i, k in firsts for j in range(k)],  # no device sync
         slot_mapping=meta.slot_mapping[rows],
         block_tables=meta.block_tables[seq_of_row.to(meta.block_tables.device)],
     )
@@ -152,10 +154,8 @@ def build_forward_batch(scheduled: list[ScheduledRequest], block_size: int, devi
     if native:
         batch.native = _native_route(scheduled, batch, rows, block_size, device)
     if graphs and not batch.decode_only and all(_decoding(s) for s in scheduled):
-        counts = torch.tensor([s.num_new_tokens for s in scheduled])
-        lens = [p + 1 for s in scheduled for p in range(s.start, s.start + s.num_new_tokens)]
-        batch.one_token_rows = _one_token_rows(batch, torch.arange(rows[-1], device=batch.positions.device),
-                                               torch.repeat_interleave(torch.arange(len(scheduled)), counts), lens)
+        _, batch.one_token_rows = _one_token_rows(batch, scheduled, rows,
+                                                  [(i, s.num_new_tokens) for i, s in enumerate(scheduled)])
     return batch
 
 
@@ -179,9 +179,7 @@ def _native_route(scheduled: list[ScheduledRequest], batch: ForwardBatch, starts
         return None
     if not rest and all(k == 1 for _, k in fused):  # decodes only: the batch is already one row per sequence
         return NativeRoute(None, batch.meta, None, None)
-    rows = torch.cat([torch.arange(starts[i], starts[i] + k) for i, k in fused])
-    seq_of_row = torch.repeat_interleave(torch.tensor([i for i, _ in fused]), torch.tensor([k for _, k in fused]))
-    one = _one_token_rows(batch, rows, seq_of_row, [scheduled[i].start + j + 1 for i, k in fused for j in range(k)])
+    rows, one = _one_token_rows(batch, scheduled, starts, fused)
     if not rest:
         return NativeRoute(rows, one, None, None)
     return NativeRoute(rows, one, torch.cat(rest_rows), flatten(rest, block_size, device))
