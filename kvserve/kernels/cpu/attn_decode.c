@@ -30,21 +30,26 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
 #endif
 
 /* po[h] += sum_o p[h][o] * vs[o] * v[o] for hc heads (score rows sp + h * ldp, outputs op + h * D) over
- * m rows of one KV head, for nc vectors of output columns: hc x nc accumulators, each summing its rows in
- * order (o = 0, 1, ...), independent of each other so the core overlaps them; hc and nc are constants
- * at every call site, so the accumulators stay in registers */
-static inline __attribute__((always_inline)) void pv_cols(const int hc, const int nc, const float *sp, int64_t ldp,
-                                                          const float *vr, int64_t vstride, const float *vsc,
-                                                          int64_t Hkv, int64_t m, int64_t D, float *op) {
+ * m rows of one KV head (element vi + o * vstride of vbase, cache type dt, or PV_F32_SCALED: int8 rows
+ * converted to float32, scales still to apply), for nc vectors of output
+ * columns: hc x nc accumulators, each summing its rows in order (o = 0, 1, ...), independent of each
+ * other so the core overlaps them; hc, nc and dt are constants at every call site, so the accumulators
+ * stay in registers and each V vector is loaded (converted) once for the hc heads */
+#define PV_F32_SCALED 4
+static inline __attribute__((always_inline)) void pv_cols(const int hc, const int nc, const int dt, const float *sp,
+                                                          int64_t ldp, const void *vbase, int64_t vi, int64_t vstride,
+                                                          const float *vsc, int64_t Hkv, int64_t m, int64_t D,
+                                                          float *op) {
     vf acc[V2_HEADS][V2_COLS];
     for (int h = 0; h < hc; h++)
         for (int c = 0; c < nc; c++) acc[h][c] = vf_load(op + h * D + 16 * c);
     for (int64_t o = 0; o < m; o++) {
         vf v[V2_COLS];
-        for (int c = 0; c < nc; c++) v[c] = vf_load(vr + o * vstride + 16 * c);
-        const float vs = vsc ? vsc[o * Hkv] : 1.0f;
+        for (int c = 0; c < nc; c++) v[c] = vf_load_cache(vbase, vi + o * vstride + 16 * c, dt == PV_F32_SCALED ? 0 : dt);
+        const int scaled = dt == 2 || dt == PV_F32_SCALED;
+        const float vs = scaled ? vsc[o * Hkv] : 1.0f; /* int8: each token's V scale */
         for (int h = 0; h < hc; h++) {
-            const vf p = vf_set1(sp[h * ldp + o] * vs);
+            const vf p = vf_set1(scaled ? sp[h * ldp + o] * vs : sp[h * ldp + o]);
             for (int c = 0; c < nc; c++) acc[h][c] = vf_fmadd(p, v[c], acc[h][c]);
         }
     }
@@ -53,28 +58,127 @@ static inline __attribute__((always_inline)) void pv_cols(const int hc, const in
 }
 
 /* the same over all D output columns, V2_COLS vectors at a time (then one) */
-static inline __attribute__((always_inline)) void pv_heads(const int hc, const float *sp, int64_t ldp, const float *vr,
-                                                           int64_t vstride, const float *vsc, int64_t Hkv, int64_t m,
-                                                           int64_t D, float *op) {
+static inline __attribute__((always_inline)) void pv_heads(const int hc, const int dt, const float *sp, int64_t ldp,
+                                                           const void *vbase, int64_t vi, int64_t vstride,
+                                                           const float *vsc, int64_t Hkv, int64_t m, int64_t D,
+                                                           float *op) {
     int64_t d0 = 0;
     for (; d0 + 16 * V2_COLS <= D; d0 += 16 * V2_COLS)
-        pv_cols(hc, V2_COLS, sp, ldp, vr + d0, vstride, vsc, Hkv, m, D, op + d0);
-    for (; d0 < D; d0 += 16) pv_cols(hc, 1, sp, ldp, vr + d0, vstride, vsc, Hkv, m, D, op + d0);
+        pv_cols(hc, V2_COLS, dt, sp, ldp, vbase, vi + d0, vstride, vsc, Hkv, m, D, op + d0);
+    for (; d0 < D; d0 += 16) pv_cols(hc, 1, dt, sp, ldp, vbase, vi + d0, vstride, vsc, Hkv, m, D, op + d0);
 }
 
-/* Rows of one KV head as float32: the cache itself when it is float32 (row stride Hkv * D), else
- * converted once into buf (stride D), so each head of the group reads them from L1 without
- * converting again. Returns the row stride. */
-static inline int64_t head_rows(const void *cache, int dtype, int64_t row0, int64_t n, int64_t Hkv, int64_t D,
-                                float *buf, const float **rows) {
-    if (dtype == 0) {
-        *rows = (const float *)cache + row0 * D;
-        return Hkv * D;
+/* pv_heads with the head count (1 .. V2_HEADS) and cache type as constants */
+#define PV_DT(hc)                                                                                           \
+    switch (dt) {                                                                                            \
+    case 0: pv_heads(hc, 0, sp, ldp, vbase, vi, vstride, vsc, Hkv, m, D, op); break;                         \
+    case 1: pv_heads(hc, 1, sp, ldp, vbase, vi, vstride, vsc, Hkv, m, D, op); break;                         \
+    case 2: pv_heads(hc, 2, sp, ldp, vbase, vi, vstride, vsc, Hkv, m, D, op); break;                         \
+    case 3: pv_heads(hc, 3, sp, ldp, vbase, vi, vstride, vsc, Hkv, m, D, op); break;                         \
+    default: pv_heads(hc, PV_F32_SCALED, sp, ldp, vbase, vi, vstride, vsc, Hkv, m, D, op); break;            \
     }
+static void pv_group(int64_t hc, int dt, const float *sp, int64_t ldp, const void *vbase, int64_t vi, int64_t vstride,
+                     const float *vsc, int64_t Hkv, int64_t m, int64_t D, float *op) {
+    switch (hc) {
+    case 1: PV_DT(1) break;
+    case 2: PV_DT(2) break;
+    case 3: PV_DT(3) break;
+    case 4: PV_DT(4) break;
+#if V2_HEADS > 4
+    case 5: PV_DT(5) break;
+    case 6: PV_DT(6) break;
+    case 7: PV_DT(7) break;
+    case 8: PV_DT(8) break;
+#endif
+    }
+}
+#undef PV_DT
+
+/* Pass 1's register tile: ATT_TT tokens x ATT_GH heads of a group, each K vector loaded once for the
+ * heads beside it (AVX-512: 4 x 4 of 32 registers; AVX2, whose vf is two registers: 2 x 3; NEON: 4 x 1) */
+#ifndef ATT_TT
+#if defined(KV_ISA_AVX512)
+#define ATT_TT 4
+#define ATT_GH 4
+#elif defined(KV_ISA_AVX2)
+#define ATT_TT 2
+#define ATT_GH 3
+#else
+#define ATT_TT 4
+#define ATT_GH 1
+#endif
+#endif
+/* whether a lone row reads a 16-bit or int8 cache in place, converting each vector as it is loaded for the
+ * tile's heads (x86: F16C / VCVTPH2PS from memory), rather than converting the block into a buffer first;
+ * NEON, one head per tile, keeps the buffer (not measured on ARM) */
+#ifndef ATT_IN_PLACE
+#define ATT_IN_PLACE (ATT_GH > 1)
+#endif
+
+/* so[h * span + i] = q_h . k_i (unscaled) for tt tokens (element ki + i * ks of kbase, cache type dt)
+ * and gh heads (rows qh + h * D). Each dot sums its products lane by lane in increasing d, then
+ * vf_reduce_add4's tree, which treats each of its four inputs alike: a score's bits do not depend on
+ * the tile that computed it. */
+static inline __attribute__((always_inline)) void score_tile(const int tt, const int gh, const int dt, const float *qh,
+                                                             const void *kbase, int64_t ki, int64_t ks, int64_t D,
+                                                             float *so, int64_t span) {
+    vf acc[ATT_TT * ATT_GH];
+    for (int a = 0; a < tt * gh; a++) acc[a] = vf_zero();
+    for (int64_t d = 0; d < D; d += 16) {
+        vf kv[ATT_TT];
+        for (int i = 0; i < tt; i++) kv[i] = vf_load_cache(kbase, ki + i * ks + d, dt);
+        for (int h = 0; h < gh; h++) {
+            const vf qv = vf_load(qh + h * D + d);
+            for (int i = 0; i < tt; i++) acc[i * gh + h] = vf_fmadd(qv, kv[i], acc[i * gh + h]);
+        }
+    }
+    float s[ATT_TT * ATT_GH + 3];
+    for (int a = 0; a < tt * gh; a += 4)
+        vf_reduce_add4(acc[a], a + 1 < tt * gh ? acc[a + 1] : vf_zero(), a + 2 < tt * gh ? acc[a + 2] : vf_zero(),
+                       a + 3 < tt * gh ? acc[a + 3] : vf_zero(), s + a);
+    for (int i = 0; i < tt; i++)
+        for (int h = 0; h < gh; h++) so[h * span + i] = s[i * gh + h];
+}
+
+#define ST_DT(gh)                                                                                           \
+    switch (dt) {                                                                                            \
+    case 0: score_tile(ATT_TT, gh, 0, qh, kbase, k, ks, D, so, span); break;                                 \
+    case 1: score_tile(ATT_TT, gh, 1, qh, kbase, k, ks, D, so, span); break;                                 \
+    case 2: score_tile(ATT_TT, gh, 2, qh, kbase, k, ks, D, so, span); break;                                 \
+    default: score_tile(ATT_TT, gh, 3, qh, kbase, k, ks, D, so, span); break;                                \
+    }
+/* unscaled scores of 4 tokens (elements ki + i * ks of kbase, type dt) for heads h0 .. h0 + gc - 1:
+ * sr[h * span + i] */
+static void score_heads(const float *qb, const void *kbase, int64_t ki, int64_t ks, int dt, int64_t h0, int64_t gc,
+                        int64_t D, float *sr, int64_t span) {
+    for (int64_t h = h0; h < h0 + gc;) {
+        const int64_t gh = h0 + gc - h < ATT_GH ? h0 + gc - h : ATT_GH;
+        for (int i0 = 0; i0 < 4; i0 += ATT_TT) {
+            const float *qh = qb + h * D;
+            const int64_t k = ki + i0 * ks;
+            float *so = sr + h * span + i0;
+            switch (gh) { /* constant tile shapes */
+            case 1: ST_DT(1) break;
+#if ATT_GH >= 2
+            case 2: ST_DT(2) break;
+#endif
+#if ATT_GH >= 3
+            case 3: ST_DT(3) break;
+#endif
+#if ATT_GH >= 4
+            case 4: ST_DT(4) break;
+#endif
+            }
+        }
+        h += gh;
+    }
+}
+#undef ST_DT
+
+/* n rows of one KV head (from cache row row0, stride Hkv) converted to float32 into buf (stride D) */
+static inline void head_rows(const void *cache, int dtype, int64_t row0, int64_t n, int64_t Hkv, int64_t D, float *buf) {
     for (int64_t r = 0; r < n; r++)
         for (int64_t d = 0; d < D; d += 16) vf_store(buf + r * D + d, vf_load_cache(cache, (row0 + r * Hkv) * D + d, dtype));
-    *rows = buf;
-    return D;
 }
 #define SPLIT_BLOCKS 4 /* a sequence is attended in parts of this many blocks (merged by log-sum-exp) */
 #define GROUP_ROWS 16  /* at most this many rows over one block table share a task */
@@ -164,57 +268,50 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                  * stalls the core), so pass 2 finds V in cache */
                 const char *nk = t + bs < nmax ? (const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb : NULL;
                 const char *cv = (const char *)v_cache + slot0 * rowb;
-                const int64_t ks = dtype == 0 ? Hkv * D : D; /* K rows: the cache itself, or converted once */
-                if (dtype != 0)
-                    for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                        const float *unused;
-                        head_rows(k_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf + kvh * bs * D, &unused);
-                    }
-#define K_ROWS(kvh) (dtype == 0 ? (const float *)k_cache + (slot0 * Hkv + (kvh)) * D : hbuf + (kvh) * bs * D)
+                /* K rows read in place (a lone row, or a float32 cache), or, for a group of rows over one
+                 * table, converted once into hbuf for all of them */
+                const int conv = dtype != 0 && (R > 1 || !ATT_IN_PLACE), kdt = conv ? 0 : dtype;
+                const void *kbase = conv ? (const void *)hbuf : k_cache;
+                const int64_t ks = conv ? D : Hkv * D;
+                if (conv)
+                    for (int64_t kvh = 0; kvh < Hkv; kvh++)
+                        head_rows(k_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf + kvh * bs * D);
+#define K_AT(kvh, o) (conv ? (kvh) * bs * D + (o) * D : (slot0 * Hkv + (kvh)) * D + (o) * Hkv * D)
                 for (int64_t r = 0; r < R; r++) {
-                    const int64_t m = n[r] - t < bs ? n[r] - t : bs;
+                    const int64_t m = n[r] - t < bs ? n[r] - t : bs, m4 = m & ~(int64_t)3;
+                    if (m <= 0) continue; /* the row ends before this block */
                     const float *qb = q + (r0 + r) * H * D;
-                    float *sr = scores + r * H * span;
-                    int64_t o = 0;
-                    for (; o + 4 <= m; o += 4) { /* four tokens at a time: one reduction network for four dots */
+                    float *sr = scores + r * H * span + t;
+                    for (int64_t o = 0; o < m4; o += 4) { /* four tokens at a time: the reduction network of four dots */
                         if (r == 0) { /* prefetching paced by the first row's dots */
                             if (nk) prefetch_bytes(nk + o * rowb, 4 * rowb);
                             prefetch_bytes(cv + o * rowb, 4 * rowb);
                         }
-                        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                            const int64_t row = (slot0 + o) * Hkv + kvh;
-                            const float *k4 = K_ROWS(kvh) + o * ks;
-                            for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-                                vf acc[4] = {vf_zero(), vf_zero(), vf_zero(), vf_zero()};
-                                for (int64_t d = 0; d < nd; d++) {
-                                    const vf qv = vf_load(qb + h * D + 16 * d);
-                                    for (int i = 0; i < 4; i++) acc[i] = vf_fmadd(qv, vf_load(k4 + i * ks + 16 * d), acc[i]);
-                                }
-                                float dots[4];
-                                vf_reduce_add4(acc[0], acc[1], acc[2], acc[3], dots);
-                                for (int i = 0; i < 4; i++)
-                                    sr[h * span + t + o + i] = dots[i] * ((dtype == 2 ? k_scale[row + i * Hkv] : 1.0f) * scale);
-                            }
-                        }
+                        for (int64_t kvh = 0; kvh < Hkv; kvh++)
+                            score_heads(qb, kbase, K_AT(kvh, o), ks, kdt, kvh * group, group, D, sr + o, span);
                     }
-                    for (; o < m; o++) {
+                    for (int64_t o = m4; o < m; o++) {
                         if (r == 0) {
                             if (nk) prefetch_bytes(nk + o * rowb, rowb);
                             prefetch_bytes(cv + o * rowb, rowb);
                         }
                         for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                            const int64_t row = (slot0 + o) * Hkv + kvh;
-                            const float ksc = (dtype == 2 ? k_scale[row] : 1.0f) * scale, *k1 = K_ROWS(kvh) + o * ks;
+                            const int64_t k1 = K_AT(kvh, o);
                             for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
                                 vf acc = vf_zero();
                                 for (int64_t d = 0; d < nd; d++)
-                                    acc = vf_fmadd(vf_load(qb + h * D + 16 * d), vf_load(k1 + 16 * d), acc);
-                                sr[h * span + t + o] = vf_reduce_add(acc) * ksc;
+                                    acc = vf_fmadd(vf_load(qb + h * D + 16 * d), vf_load_cache(kbase, k1 + 16 * d, kdt), acc);
+                                sr[h * span + o] = vf_reduce_add(acc);
                             }
                         }
                     }
+                    /* the scale (int8: times each token's K scale), applied once per score */
+                    for (int64_t kvh = 0; kvh < Hkv; kvh++)
+                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
+                            for (int64_t o = 0; o < m; o++)
+                                sr[h * span + o] *= (dtype == 2 ? k_scale[(slot0 + o) * Hkv + kvh] : 1.0f) * scale;
                 }
-#undef K_ROWS
+#undef K_AT
             }
             /* local softmax statistics per row and head; scores become exp(s - max) */
             for (int64_t r = 0; r < R; r++) {
@@ -238,13 +335,17 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                 }
                 for (int64_t i = 0; i < H * D; i++) po[i] = 0.0f;
             }
-            /* pass 2: po_h = sum_t p[h, t] * v_t, block by block (a block's V rows, converted once, stay
-             * in L1 while each row's head groups sweep them), a few heads' accumulators in registers */
+            /* pass 2: po_h = sum_t p[h, t] * v_t, block by block (a block's V rows stay in L1 while each
+             * row's head groups sweep them: read in place, or converted once for a group of rows), a few
+             * heads' accumulators in registers */
             for (int64_t t = 0; t < nmax; t += bs) {
                 const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, mmax = nmax - t < bs ? nmax - t : bs;
+                /* V as pass 1 reads K */
+                const int conv = dtype != 0 && (R > 1 || !ATT_IN_PLACE), vdt = !conv ? dtype : dtype == 2 ? PV_F32_SCALED : 0;
                 for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                    const float *vr;
-                    const int64_t vstride = head_rows(v_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf, &vr);
+                    if (conv) head_rows(v_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf);
+                    const void *vbase = conv ? (const void *)hbuf : v_cache;
+                    const int64_t vi = conv ? 0 : (slot0 * Hkv + kvh) * D, vstride = conv ? D : Hkv * D;
                     const float *vsc = dtype == 2 ? v_scale + slot0 * Hkv + kvh : NULL;
                     for (int64_t r = 0; r < R; r++) {
                         const int64_t m = n[r] - t < bs ? n[r] - t : bs;
@@ -252,20 +353,8 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                         float *po = part + (first[r0 + r] + p) * H * (D + 2) + 2 * H;
                         for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += V2_HEADS) {
                             const int64_t left = (kvh + 1) * group - h0;
-                            const float *sp = scores + (r * H + h0) * span + t;
-                            float *op = po + h0 * D;
-                            switch (left < V2_HEADS ? left : V2_HEADS) { /* a constant head count per case */
-                            case 1: pv_heads(1, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-                            case 2: pv_heads(2, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-                            case 3: pv_heads(3, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-                            case 4: pv_heads(4, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-#if V2_HEADS > 4
-                            case 5: pv_heads(5, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-                            case 6: pv_heads(6, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-                            case 7: pv_heads(7, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-                            case 8: pv_heads(8, sp, span, vr, vstride, vsc, Hkv, m, D, op); break;
-#endif
-                            }
+                            pv_group(left < V2_HEADS ? left : V2_HEADS, vdt, scores + (r * H + h0) * span + t, span,
+                                     vbase, vi, vstride, vsc, Hkv, m, D, po + h0 * D);
                         }
                     }
                 }
