@@ -112,6 +112,9 @@ int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
 #endif
 #ifdef KV_Q8_NR
 #define NR KV_Q8_NR
+#elif defined(KV_ISA_AVX2) && !defined(__AVXVNNI__)
+#define NR 1 /* AVX2 without VNNI (Zen 3): one block per tile, 1.2-1.4x over 3 at M = 1-4 on the LM head (one
+                stream per thread instead of three), and still ahead at M = 64 */
 #else
 #define NR 3
 #endif
