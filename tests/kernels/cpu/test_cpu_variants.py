@@ -148,16 +148,19 @@ def test_invariances_hold_on_every_variant(isa):
                                                 lens[i : i + 1], 0.125)
             assert torch.equal(one, full[i : i + 1])
         # rows over one block table (a speculative verify's, a prompt's one-token rows), across a part
-        # boundary (64 tokens) and more than one group of 16: each equals itself alone
+        # boundary (64 tokens) and more than one group of 16: each equals itself alone (a lone row reads
+        # a 16-bit or int8 cache in place, a group through one converted copy of each block)
         one_seq = make_case([1], [100], 9, 3, 64, seed=4)
-        for dtype in (torch.float32, torch.float16):
-            k, v = (t.to(dtype) for t in one_seq.kv_cache)
+        int8_seq = make_case([1], [100], 9, 3, 64, seed=4, int8=True)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+            k, v, ks, vs = (int8_seq.kv_cache if dtype == torch.int8
+                            else (*(t.to(dtype) for t in one_seq.kv_cache), None, None))
             lens = torch.tensor([58 + i for i in range(20)] + [100, 3], dtype=torch.int32)
             table = one_seq.meta.block_tables.expand(len(lens), -1).contiguous()
             qs = torch.randn(len(lens), 9, 64)
-            full = native.paged_decode_attention(qs, k, v, None, None, table, lens, 0.125)
+            full = native.paged_decode_attention(qs, k, v, ks, vs, table, lens, 0.125)
             for i in range(len(lens)):
-                alone = native.paged_decode_attention(qs[i : i + 1], k, v, None, None, table[i : i + 1],
+                alone = native.paged_decode_attention(qs[i : i + 1], k, v, ks, vs, table[i : i + 1],
                                                       lens[i : i + 1], 0.125)
                 assert torch.equal(alone, full[i : i + 1]), (dtype, i)
         x, w = torch.randn(23, 576), torch.randn(200, 576)
