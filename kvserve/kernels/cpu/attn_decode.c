@@ -111,6 +111,7 @@ static void pv_group(int64_t hc, int dt, const float *sp, int64_t ldp, const voi
 /* whether a lone row reads a 16-bit or int8 cache in place, converting each vector as it is loaded for the
  * tile's heads (x86: F16C / VCVTPH2PS from memory), rather than converting the block into a buffer first;
  * NEON, one head per tile, keeps the buffer (not measured on ARM) */
+_Static_assert(4 % ATT_TT == 0, "pass 1 runs 4-token groups in tiles of ATT_TT tokens");
 #ifndef ATT_IN_PLACE
 #define ATT_IN_PLACE (ATT_GH > 1)
 #endif
