@@ -47,8 +47,8 @@ typedef struct {
 float kv_quantize_group(const float *row, int64_t K, int64_t k0, vi *qa, vi *qb);
 void kv_quantize_act(const float *x, int64_t M, int64_t K, uint8_t *xq, float *dx);
 void kv_quantize_act_s8(const float *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *xs);
-void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const int8_t *wp, const float *dw,
-              const int32_t *corr, int64_t N, float *y);
+int kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const int8_t *wp, const float *dw,
+             const int32_t *corr, int64_t N, float *y);
 void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t K, const uint8_t *wp,
                int64_t N, float *y);
 void kv_embed_rows(const int8_t *wp, const float *dw, int64_t K, const int64_t *ids, int64_t M, float *out);

