@@ -260,6 +260,10 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                 if (n[r] > nmax) nmax = n[r], lead = r0 + r;
             }
             const int32_t *bt = block_tables + lead * bt_stride;
+            /* K and V rows read in place (a lone row, or a float32 cache), or, for a group of rows over one
+             * table, each block converted once into hbuf for all of them */
+            const int conv = dtype != 0 && (R > 1 || !ATT_IN_PLACE), kdt = conv ? 0 : dtype;
+            const int vdt = !conv ? dtype : dtype == 2 ? PV_F32_SCALED : 0;
             prefetch_bytes((const char *)k_cache + (int64_t)bt[blk0] * bs * rowb, bs * rowb);
             /* pass 1: scores[(r * H + h) * span + t] = scale * q_(r,h) . k_t */
             for (int64_t t = 0; t < nmax; t += bs) {
@@ -269,9 +273,6 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                  * stalls the core), so pass 2 finds V in cache */
                 const char *nk = t + bs < nmax ? (const char *)k_cache + (int64_t)bt[blk0 + t / bs + 1] * bs * rowb : NULL;
                 const char *cv = (const char *)v_cache + slot0 * rowb;
-                /* K rows read in place (a lone row, or a float32 cache), or, for a group of rows over one
-                 * table, converted once into hbuf for all of them */
-                const int conv = dtype != 0 && (R > 1 || !ATT_IN_PLACE), kdt = conv ? 0 : dtype;
                 const void *kbase = conv ? (const void *)hbuf : k_cache;
                 const int64_t ks = conv ? D : Hkv * D;
                 if (conv)
@@ -307,10 +308,9 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
                         }
                     }
                     /* the scale (int8: times each token's K scale), applied once per score */
-                    for (int64_t kvh = 0; kvh < Hkv; kvh++)
-                        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
-                            for (int64_t o = 0; o < m; o++)
-                                sr[h * span + o] *= (dtype == 2 ? k_scale[(slot0 + o) * Hkv + kvh] : 1.0f) * scale;
+                    for (int64_t h = 0; h < H; h++)
+                        for (int64_t o = 0; o < m; o++)
+                            sr[h * span + o] *= (dtype == 2 ? k_scale[(slot0 + o) * Hkv + h / group] : 1.0f) * scale;
                 }
 #undef K_AT
             }
@@ -341,8 +341,6 @@ int kv_paged_decode_attention(const float *q, const void *k_cache, const void *v
              * heads' accumulators in registers */
             for (int64_t t = 0; t < nmax; t += bs) {
                 const int64_t slot0 = (int64_t)bt[blk0 + t / bs] * bs, mmax = nmax - t < bs ? nmax - t : bs;
-                /* V as pass 1 reads K */
-                const int conv = dtype != 0 && (R > 1 || !ATT_IN_PLACE), vdt = !conv ? dtype : dtype == 2 ? PV_F32_SCALED : 0;
                 for (int64_t kvh = 0; kvh < Hkv; kvh++) {
                     if (conv) head_rows(v_cache, dtype, slot0 * Hkv + kvh, mmax, Hkv, D, hbuf);
                     const void *vbase = conv ? (const void *)hbuf : v_cache;

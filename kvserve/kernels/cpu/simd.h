@@ -254,15 +254,17 @@ static inline vi vs_widen(vs s) {
 }
 /* (a - 128) is a signed byte s; s * b = |s| * (b with the sign of s), |s| <= 127: exact again */
 #define KV_DOT_Q8_NEEDS_CORR 0
+/* with |a - 128| (ua) and a - 128 (sa) made beforehand: b takes the sign of sa */
+static inline __m256i kv_dot8_q8s(__m256i acc, __m256i ua, __m256i sa, __m256i b) {
+    return kv_dot8_u8s8(acc, ua, _mm256_sign_epi8(b, sa));
+}
 static inline __m256i kv_dot8_q8(__m256i acc, __m256i a, __m256i b) {
     const __m256i s = _mm256_xor_si256(a, _mm256_set1_epi8((char)0x80));
-    return kv_dot8_u8s8(acc, _mm256_sign_epi8(s, s), _mm256_sign_epi8(b, s));
+    return kv_dot8_q8s(acc, _mm256_sign_epi8(s, s), s, b);
 }
 static inline vi vi_dot_q8(vi acc, vb a, vb b) { return vi_make(kv_dot8_q8(acc.lo, a.lo, b.lo), kv_dot8_q8(acc.hi, a.hi, b.hi)); }
-/* the same product with |a - 128| (ua) and a - 128 (sa) made beforehand: b takes the sign of sa */
 static inline vi vi_dot_q8s(vi acc, vb ua, vb sa, vb b) {
-    return vi_make(kv_dot8_u8s8(acc.lo, ua.lo, _mm256_sign_epi8(b.lo, sa.lo)),
-                   kv_dot8_u8s8(acc.hi, ua.hi, _mm256_sign_epi8(b.hi, sa.hi)));
+    return vi_make(kv_dot8_q8s(acc.lo, ua.lo, sa.lo, b.lo), kv_dot8_q8s(acc.hi, ua.hi, sa.hi, b.hi));
 }
 #endif
 
