@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,11 +95,20 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor whose pages the OS commits as they are first written (calloc of fresh
-    pages), so a KV cache's resident memory follows the blocks in use rather than the budget;
-    torch.zeros writes, and so commits, every page at once."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    """A zeroed CPU tensor whose pages the OS commits as they are first written (a fresh anonymous
+    mapping), so a KV cache's resident memory follows the blocks in use rather than the budget;
+    torch.zeros writes, and so commits, every page at once.
+
+    The mapping is marked no-huge-page: with transparent huge pages (numpy asks for them on large
+    arrays, and some kernels give them to every mapping) the first write to a block commits the
+    2 MiB around it, in each layer's K and V, so a 60-tensor cache held 150 MiB where its blocks
+    in use needed 90."""
+    nbytes = max(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), 1)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+    # the array holds the mapping alive, the tensor the array
+    return torch.from_numpy(np.frombuffer(mm, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def allocate_kv_caches(
