@@ -212,7 +212,7 @@ class GGUFFile:
             part = raw[r : r + ROWS_PER_CHUNK]
             rows = dequantize_torch(part, t.tensor_type.name, (len(part), k))
             if rows is None:
-                rows = torch.from_numpy(np.ascontiguousarray(dequantize(part, t.tensor_type), dtype=np.float32))
+                rows = torch.from_numpy(np.require(dequantize(part, t.tensor_type), np.float32, ("C", "W")))
             q[r : r + len(part)], scale[r : r + len(part)] = quantize_rows(rows.reshape(len(part), k))
         return q, scale
 
