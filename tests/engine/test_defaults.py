@@ -56,7 +56,7 @@ def test_kv_cache_memory_is_committed_as_blocks_are_used(tmp_path):
 def test_a_written_kv_block_commits_its_own_pages_not_a_huge_page():
     """Each layer's K and V is a lazily committed mapping: writing a block must commit about that block,
     not the 2 MiB huge page around it (with transparent huge pages, numpy's large arrays get them where
-    the kernel allows: a cache of 60 tensors once held 150 MiB where its blocks in use needed 90)."""
+    the kernel allows: a cache of 60 tensors once held ~220 MiB of pages for 154 MiB of blocks written)."""
     import torch
 
     from kvserve.layers.attention.kv_cache import lazy_zeros

@@ -101,8 +101,8 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     The mapping is marked no-huge-page: with transparent huge pages (numpy asks for them on large
     arrays, and some kernels give them to every mapping) the first write to a block commits the
-    2 MiB around it, in each layer's K and V, so a 60-tensor cache held 150 MiB where its blocks
-    in use needed 90."""
+    2 MiB around it, in each layer's K and V, so a 60-tensor cache held ~220 MiB of pages for
+    154 MiB of blocks written."""
     nbytes = max(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), 1)
     mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
