@@ -119,6 +119,102 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
 #else
 #define NR4 2
 #endif
+#if defined(KV_ISA_AVX2) && KV_DOT16 && NR4 == 1
+/* AVX2 without VNNI: the same arithmetic, one half of the 16-channel block (one register) at a time,
+ * so a tile of 8 rows keeps its 8 int16 accumulators, the half's nibbles and the broadcasts in the
+ * 16 registers (both halves at once, as TILE4 does, spilled accumulators to the stack). The
+ * tile's activations are read from an interleaved copy made once per call (interleave_rows), so one
+ * pointer with constant offsets addresses all of its rows; the float accumulators are touched once per
+ * group and live in memory. Same integers and the same float operations in the same order as TILE4:
+ * bit-identical. */
+#define Q4_HALVES 1
+#ifndef Q4_HALVES_MIN_ROWS
+#define Q4_HALVES_MIN_ROWS 4
+#endif
+/* Rows in tiles of mr (MR4, then 4, 2, 1 as kv_q4gemm walks them); tile at row m0 holds, per group
+ * g: 8 chunks (k-step s, low/high half) x mr rows x 4 bytes at xt + m0 * G * 32 + g * mr * 32, and
+ * mr dx then mr xs at st + m0 * G * 2 + g * mr * 2. */
+static int64_t tile_rows(int64_t left) { return left >= MR4 ? MR4 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+static void interleave_rows(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t G, int8_t *xt,
+                            float *st) {
+    const int64_t ldx = G * GROUP;
+    for (int64_t m0 = 0, mr; m0 < M; m0 += mr) {
+        mr = tile_rows(M - m0);
+        int8_t *tx = xt + m0 * G * GROUP;
+        float *ts = st + m0 * G * 2;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t i = 0; i < mr; i++) {
+                for (int c = 0; c < 8; c++) /* chunk c: k-step c / 2, low (k 0..15) or high half */
+                    memcpy(tx + (g * 8 + c) * mr * 4 + i * 4,
+                           xq + (m0 + i) * ldx + g * GROUP + (c >> 1) * 4 + (c & 1) * 16, 4);
+                ts[g * 2 * mr + i] = dx[(m0 + i) * G + g];
+                ts[g * 2 * mr + mr + i] = xs[(m0 + i) * G + g];
+            }
+    }
+}
+#define TILE4_HALVES(NAME, MR)                                                                              \
+    static void NAME(const int8_t *xt, const float *st, int64_t G, const uint8_t *wp, int64_t n0, int64_t N, \
+                     float *y, int64_t ldy) {                                                               \
+        const __m256i m4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi16(1);                             \
+        __m256 accf[MR][2];                                                                                 \
+        for (int i = 0; i < MR; i++) accf[i][0] = accf[i][1] = _mm256_setzero_ps();                         \
+        for (int64_t g = 0; g < G; g++) {                                                                   \
+            const uint8_t *wg = wp + g * Q4_GROUP_BYTES;                                                    \
+            for (int c = 0; c < Q4_GROUP_BYTES; c += 64) kv_prefetch(wg + Q4_PREFETCH * Q4_GROUP_BYTES + c); \
+            for (int h = 0; h < 2; h++) {                                                                   \
+                const int8_t *xg = xt + g * MR * 32;                                                        \
+                __asm__("" : "+r"(xg)); /* opaque: the broadcasts are redone per half, not hoisted and spilled */ \
+                __m256i acc[MR];                                                                            \
+                for (int s = 0; s < 4; s++) {                                                               \
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + s * 64 + h * 32));          \
+                    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4); \
+                    for (int i = 0; i < MR; i++) {                                                          \
+                        int32_t a, b;                                                                       \
+                        memcpy(&a, xg + (2 * s) * MR * 4 + i * 4, 4);                                       \
+                        memcpy(&b, xg + (2 * s + 1) * MR * 4 + i * 4, 4);                                   \
+                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a)),  \
+                                                           _mm256_maddubs_epi16(hi, _mm256_set1_epi32(b))); \
+                        acc[i] = s ? _mm256_add_epi16(acc[i], p) : p;                                       \
+                        __asm__("" : "+x"(acc[i])); /* in order, in a register (gcc else stacks products) */ \
+                    }                                                                                       \
+                }                                                                                           \
+                const uint16_t *sc = (const uint16_t *)(wg + 256) + h * 8;                                  \
+                const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));                    \
+                const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16)));             \
+                const float *sg = st + g * 2 * MR;                                                          \
+                for (int i = 0; i < MR; i++) {                                                              \
+                    const __m256 t = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(sg + MR + i), accf[i][h]);     \
+                    const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[i], one));                    \
+                    accf[i][h] = _mm256_fmadd_ps(f, _mm256_mul_ps(dv, _mm256_broadcast_ss(sg + i)), t);     \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int i = 0; i < MR; i++) vf_store_n(y + i * ldy + n0, vf_make(accf[i][0], accf[i][1]), N - n0);  \
+    }
+TILE4_HALVES(tileh_big, MR4)
+TILE4_HALVES(tileh_4, 4)
+TILE4_HALVES(tileh_2, 2)
+TILE4_HALVES(tileh_1, 1)
+
+static void q4gemm_halves(const int8_t *xt, const float *st, int64_t M, int64_t K, const uint8_t *wp, int64_t N,
+                          float *y) {
+    const int64_t G = (K + GROUP - 1) / GROUP, N16 = (N + 15) / 16, bstride = G * Q4_GROUP_BYTES;
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
+    for (int64_t b = 0; b < N16; b++) /* a block's weights stay in L1 while the row tiles sweep them */
+        for (int64_t m = 0, mr; m < M; m += mr) {
+            mr = tile_rows(M - m);
+            const int8_t *tx = xt + m * G * GROUP;
+            const float *ts = st + m * G * 2;
+            float *yb = y + m * N;
+            if (mr == MR4) tileh_big(tx, ts, G, wp + b * bstride, b * 16, N, yb, N);
+            else if (mr == 4) tileh_4(tx, ts, G, wp + b * bstride, b * 16, N, yb, N);
+            else if (mr == 2) tileh_2(tx, ts, G, wp + b * bstride, b * 16, N, yb, N);
+            else tileh_1(tx, ts, G, wp + b * bstride, b * 16, N, yb, N);
+        }
+}
+#else
+#define Q4_HALVES 0
+#endif
 TILE4(tile4_big, MR4, NR4)
 TILE4(tile4_4xNR, 4, NR4)
 TILE4(tile4_2xNR, 2, NR4)
@@ -163,7 +259,24 @@ int kv_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_
         return -1;
     }
     kv_quantize_act_s8(x, M, K, xq, dx, dx + M * G);
+#if Q4_HALVES
+    if (M < Q4_HALVES_MIN_ROWS) { /* a row or two: the weights' stream bounds it, one broadcast per step is less work */
+        kv_q4gemm(xq, dx, dx + M * G, M, K, wp, N, y);
+        free(xq), free(dx);
+        return 0;
+    }
+    int8_t *xt = KV_ALLOC(int8_t, M * G * GROUP);
+    float *st = KV_ALLOC(float, M * G * 2);
+    if (!xt || !st) {
+        free(xq), free(dx), free(xt), free(st);
+        return -1;
+    }
+    interleave_rows(xq, dx, dx + M * G, M, G, xt, st);
+    q4gemm_halves(xt, st, M, K, wp, N, y);
+    free(xt), free(st);
+#else
     kv_q4gemm(xq, dx, dx + M * G, M, K, wp, N, y);
+#endif
     free(xq), free(dx);
     return 0;
 }
