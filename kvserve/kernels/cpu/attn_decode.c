@@ -57,14 +57,23 @@ static inline __attribute__((always_inline)) void pv_cols(const int hc, const in
         for (int c = 0; c < nc; c++) vf_store(op + h * D + 16 * c, acc[h][c]);
 }
 
-/* the same over all D output columns, V2_COLS vectors at a time (then one) */
+/* vectors of columns per sweep for hc heads: on AVX2 three or four heads take one (their 6-8 registers of
+ * accumulators, the V vector and the broadcasts fit the 16; two vectors spilled an accumulator, a
+ * store-to-load chain through every token) */
+#if defined(KV_ISA_AVX2)
+#define PV_COLS(hc) ((hc) >= 3 ? 1 : V2_COLS)
+#else
+#define PV_COLS(hc) V2_COLS
+#endif
+
+/* the same over all D output columns, PV_COLS(hc) vectors at a time (then one) */
 static inline __attribute__((always_inline)) void pv_heads(const int hc, const int dt, const float *sp, int64_t ldp,
                                                            const void *vbase, int64_t vi, int64_t vstride,
                                                            const float *vsc, int64_t Hkv, int64_t m, int64_t D,
                                                            float *op) {
     int64_t d0 = 0;
-    for (; d0 + 16 * V2_COLS <= D; d0 += 16 * V2_COLS)
-        pv_cols(hc, V2_COLS, dt, sp, ldp, vbase, vi + d0, vstride, vsc, Hkv, m, D, op + d0);
+    for (; d0 + 16 * PV_COLS(hc) <= D; d0 += 16 * PV_COLS(hc))
+        pv_cols(hc, PV_COLS(hc), dt, sp, ldp, vbase, vi + d0, vstride, vsc, Hkv, m, D, op + d0);
     for (; d0 < D; d0 += 16) pv_cols(hc, 1, dt, sp, ldp, vbase, vi + d0, vstride, vsc, Hkv, m, D, op + d0);
 }
 
