@@ -18,7 +18,7 @@ static inline void prefetch_bytes(const char *p, int64_t n) {
 #endif
 
 /* vectors of output columns a pass-2 sweep keeps in registers per head (AVX-512: 4 heads x 4; AVX2,
- * whose vf is two registers: 4 x 2; NEON, four: 4 x 1) */
+ * whose vf is two registers: 2 heads x 2, 3 or 4 heads x 1 (PV_COLS); NEON, four: 4 x 1) */
 #ifndef V2_COLS
 #if defined(KV_ISA_AVX512)
 #define V2_COLS 4

@@ -119,6 +119,9 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
 #else
 #define NR4 2
 #endif
+/* rows of the next tile when `left` remain: MR4, then the rest in tiles of 4, 2 and 1 */
+static int64_t tile_rows(int64_t left) { return left >= MR4 ? MR4 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
 #if defined(KV_ISA_AVX2) && KV_DOT16 && NR4 == 1
 /* AVX2 without VNNI: the same arithmetic, one half of the 16-channel block (one register) at a time,
  * so a tile of 8 rows keeps its 8 int16 accumulators, the half's nibbles and the broadcasts in the
@@ -134,7 +137,6 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
 /* Rows in tiles of mr (MR4, then 4, 2, 1 as kv_q4gemm walks them); tile at row m0 holds, per group
  * g: 8 chunks (k-step s, low/high half) x mr rows x 4 bytes at xt + m0 * G * 32 + g * mr * 32, and
  * mr dx then mr xs at st + m0 * G * 2 + g * mr * 2. */
-static int64_t tile_rows(int64_t left) { return left >= MR4 ? MR4 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 static void interleave_rows(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t G, int8_t *xt,
                             float *st) {
     const int64_t ldx = G * GROUP;
@@ -212,6 +214,22 @@ static void q4gemm_halves(const int8_t *xt, const float *st, int64_t M, int64_t 
             else tileh_1(tx, ts, G, wp + b * bstride, b * 16, N, yb, N);
         }
 }
+
+/* the halves GEMM on activations quantized per row (kv_quantize_act_s8's layout): 0, or -1 when the
+ * interleaved copy could not be allocated */
+static int q4gemm_interleaved(const int8_t *xq, const float *dx, const float *xs, int64_t M, int64_t K,
+                              const uint8_t *wp, int64_t N, float *y) {
+    const int64_t G = (K + GROUP - 1) / GROUP;
+    int8_t *xt = KV_ALLOC(int8_t, M * G * GROUP);
+    float *st = KV_ALLOC(float, M * G * 2);
+    if (xt && st) {
+        interleave_rows(xq, dx, xs, M, G, xt, st);
+        q4gemm_halves(xt, st, M, K, wp, N, y);
+    }
+    const int rc = xt && st ? 0 : -1;
+    free(xt), free(st);
+    return rc;
+}
 #else
 #define Q4_HALVES 0
 #endif
@@ -236,7 +254,7 @@ void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, in
         const int64_t b0 = gi * NR4, nb = N16 - b0 < NR4 ? N16 - b0 : NR4;
         /* rows in tiles of MR4, then the rest in tiles of 4, 2 and 1 (each tile reads its weights once) */
         for (int64_t m = 0; m < M;) {
-            const int64_t left = M - m, mr = left >= MR4 ? MR4 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const int64_t mr = tile_rows(M - m);
             const tile4_fn full = mr == MR4 ? tile4_big : mr == 4 ? tile4_4xNR : mr == 2 ? tile4_2xNR : tile4_1xNR;
             const tile4_fn one = mr == MR4 ? tile4_MRx1 : mr == 4 ? tile4_4x1 : mr == 2 ? tile4_2x1 : tile4_1x1;
             if (nb == NR4)
@@ -259,24 +277,13 @@ int kv_linear_q4(const float *x, int64_t M, int64_t K, const uint8_t *wp, int64_
         return -1;
     }
     kv_quantize_act_s8(x, M, K, xq, dx, dx + M * G);
+    int rc = 0;
 #if Q4_HALVES
-    if (M < Q4_HALVES_MIN_ROWS) { /* a row or two: the weights' stream bounds it, one broadcast per step is less work */
-        kv_q4gemm(xq, dx, dx + M * G, M, K, wp, N, y);
-        free(xq), free(dx);
-        return 0;
-    }
-    int8_t *xt = KV_ALLOC(int8_t, M * G * GROUP);
-    float *st = KV_ALLOC(float, M * G * 2);
-    if (!xt || !st) {
-        free(xq), free(dx), free(xt), free(st);
-        return -1;
-    }
-    interleave_rows(xq, dx, dx + M * G, M, G, xt, st);
-    q4gemm_halves(xt, st, M, K, wp, N, y);
-    free(xt), free(st);
-#else
-    kv_q4gemm(xq, dx, dx + M * G, M, K, wp, N, y);
+    if (M >= Q4_HALVES_MIN_ROWS) /* 1-3 rows, bound by the weights' stream, keep one broadcast for both halves */
+        rc = q4gemm_interleaved(xq, dx, dx + M * G, M, K, wp, N, y);
+    else
 #endif
+        kv_q4gemm(xq, dx, dx + M * G, M, K, wp, N, y);
     free(xq), free(dx);
-    return 0;
+    return rc;
 }
