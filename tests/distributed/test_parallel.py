@@ -276,15 +276,20 @@ def test_multi_node_flags_and_torchrun_env(tiny_path):
         (base + ["-tp", "2", "hello there"], {**env, "RANK": "1"}, base + ["-tp", "2", "hello there"],
          {**env, "RANK": "0"}),
     ]:
-        worker = subprocess.Popen(worker_cmd, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            engine = subprocess.run(engine_cmd, env=engine_env, capture_output=True, text=True, timeout=120)
-            assert engine.returncode == 0, engine.stderr
-            assert engine.stdout == ref.stdout
-            assert worker.wait(60) == 0, worker.stdout.read()
-        finally:
-            if worker.poll() is None:
-                worker.kill()
+        # with Popen as: the worker's pipe is closed and the process reaped whatever happens (a worker
+        # left running or an unclosed pipe failed this test's teardown once)
+        with subprocess.Popen(worker_cmd, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as worker:
+            try:
+                engine = subprocess.run(engine_cmd, env=engine_env, capture_output=True, text=True, timeout=120)
+                assert engine.returncode == 0, engine.stderr
+                assert engine.stdout == ref.stdout
+                out, _ = worker.communicate(timeout=60)  # reads the pipe while waiting: a full pipe cannot block it
+                assert worker.returncode == 0, out
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.communicate()
 
 
 def test_shard_loaders_read_each_rank_its_slice(tiny_path):
