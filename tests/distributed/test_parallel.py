@@ -276,8 +276,8 @@ def test_multi_node_flags_and_torchrun_env(tiny_path):
         (base + ["-tp", "2", "hello there"], {**env, "RANK": "1"}, base + ["-tp", "2", "hello there"],
          {**env, "RANK": "0"}),
     ]:
-        # with Popen as: the worker's pipe is closed and the process reaped whatever happens (a worker
-        # left running or an unclosed pipe failed this test's teardown once)
+        # with Popen as: on leaving, the worker's pipe is closed and the process reaped whatever happens (a
+        # worker left running or an unclosed pipe failed this test's teardown once)
         with subprocess.Popen(worker_cmd, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) as worker:
             try:
@@ -288,8 +288,7 @@ def test_multi_node_flags_and_torchrun_env(tiny_path):
                 assert worker.returncode == 0, out
             finally:
                 if worker.poll() is None:
-                    worker.kill()
-                    worker.communicate()
+                    worker.kill()  # Popen's exit then waits for it
 
 
 def test_shard_loaders_read_each_rank_its_slice(tiny_path):
