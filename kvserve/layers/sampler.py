@@ -31,6 +31,17 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top-k) per row
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (int64 [N]): natively for float32 rows on the CPU, one pass over each row (torch's
+    reduction costs ~80 us a row of SmolLM2's 49,152 logits on 2 threads, a few percent of a decode step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
+        from kvserve.kernels import cpu as native
+
+        if native.available():
+            return native.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
     rows = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0
             or r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
@@ -144,7 +155,7 @@ class Sampler:
         want_lp = [r.params.logprobs is not None for r in reqs]
         logprobs_all = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
-        chosen = logits.argmax(dim=-1)
+        chosen = argmax(logits)
         if not all(r.params.greedy for r in reqs):  # (decided in Python: each torch op costs ~50 us cold)
             greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
             temp = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in reqs],

@@ -37,6 +37,7 @@ from kvserve.engine.request import Request
 from kvserve.engine.scheduler import ScheduledRequest
 from kvserve.errors import InvalidRequestError
 from kvserve.executor.model_runner import ModelRunner
+from kvserve.layers.sampler import argmax
 from kvserve.loader import LoadedModel, load_model, model_source
 from kvserve.sampling_params import SamplingParams
 from kvserve.spec_decode.proposer import BatchProposer
@@ -157,7 +158,7 @@ class DraftModelProposer(BatchProposer):
         hidden = self.runner.hidden_states(batch)
         ends = torch.tensor([s.num_new_tokens for s in scheduled]).cumsum(0) - 1
         logits = self.lm.model.compute_logits(hidden[ends.to(hidden.device)])
-        out = logits[:, : self.vocab_size].argmax(dim=-1).cpu()
+        out = argmax(logits[:, : self.vocab_size]).cpu()
         self.draft_time.observe(len(batch.input_ids), time.perf_counter() - t0)
         return out
 

@@ -26,6 +26,7 @@ from kvserve.kernels.cpu.library import (
 from kvserve.kernels.cpu.ops import (
     GROUP,
     Q4_GROUP_BYTES,
+    argmax_rows,
     cache_dtype_code,
     decode_attention_supported,
     embed_rows,
@@ -54,5 +55,5 @@ __all__ = [
     "engine_isa", "f32_few_rows", "isa", "linear_f32", "llama_decode", "llama_extend", "load", "pack_q4",
     "pack_weight", "paged_decode_attention", "paged_prefill_attention", "q4gemm",
     "qgemm", "quantize_act", "quantize_act_s8", "supported_isas", "use_isa", "pack_wide", "quantize_act_s8h",
-    "wide_gemm", "wide_group_bytes", "mask_logits",
+    "wide_gemm", "wide_group_bytes", "mask_logits", "argmax_rows",
 ]

@@ -58,6 +58,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "kv_quantize_act_s8h": ([p, i64, i64, p, p, p, p], None),
         "kv_to_f16": ([p, i64, p], None),
         "kv_mask_logits": ([p, i64, i64, p, i64, p, i64], None),
+        "kv_argmax_rows": ([p, i64, i64, i64, p], None),
         "kv_pack_wide": ([p, p, p, i64, i64, i64, p], None),
         "kv_linear_wide": ([p, i64, i64, p, i64, i64, p], i32),
         "kv_llama_decode": ([p, p, i64, p, i64, p, p, p, i64, p], i32),

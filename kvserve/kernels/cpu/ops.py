@@ -265,6 +265,19 @@ def llama_extend(model: ModelArgs, layers: ctypes.Array, x: torch.Tensor, positi
            "fused prompt step")
 
 
+def argmax_rows(logits: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """torch.argmax(logits[:, :width], dim=-1) (int64 [B]) by one native pass over each row: the first
+    index of the largest value, a NaN counting as largest. logits float32 [B, V] on the CPU, rows
+    contiguous (a view of the first `width` columns is fine)."""
+    lib = _ready_lib()
+    assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 and logits.device.type == "cpu"
+    width = logits.shape[1] if width is None else width
+    assert 0 < width <= logits.shape[1]
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.kv_argmax_rows(logits.data_ptr(), logits.stride(0), width, logits.shape[0], out.data_ptr())
+    return out
+
+
 def mask_logits(logits: torch.Tensor, bits: torch.Tensor, rows: torch.Tensor) -> None:
     """In place: logits[rows[r], t] = -inf wherever bit t of bits[r] (int32 words, 32 tokens each) is
     clear, and for every t past the bitmask's width. logits float32 [B, V] contiguous on the CPU."""

@@ -244,3 +244,27 @@ def test_float_linears_take_the_few_row_kernel_up_to_its_row_limit(monkeypatch):
     want = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()).float()
     torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(torch.cat(rows), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", [*VARIANTS, "scalar"])
+@pytest.mark.parametrize("width", [1, 17, 255, 256, 1000, 49152])
+def test_argmax_rows_is_torchs_argmax(isa, width):
+    g = torch.Generator().manual_seed(width)
+    rows = [torch.randn(width + 5, generator=g) for _ in range(9)]
+    if width > 1:
+        rows[1][width // 2] = rows[1][width - 1] = 50.0  # a tie: the first index
+        rows[2][width // 3] = float("nan")  # a NaN is the largest
+        rows[3][: width // 2] = float("-inf")  # masked tokens
+        rows[4][width - 1] = 100.0  # the largest in the tail past the last whole block
+        rows[5][width // 4] = float("inf")
+        rows[6][:] = -0.0
+        rows[6][width - 1] = 0.0  # -0.0 and 0.0 tie: the first
+        rows[7][0] = 1e30
+    rows[8][width:] = 1e9  # past the width: never read
+    logits = torch.stack(rows)
+    with native.use_isa(isa):
+        got = native.argmax_rows(logits, width)
+        whole = native.argmax_rows(logits[:, :width].contiguous())
+    want = logits[:, :width].argmax(dim=-1)
+    assert torch.equal(got, want) and torch.equal(whole, want)
+    assert torch.equal(native.argmax_rows(logits[:, :width]), want)  # a view: rows strided by the full width
