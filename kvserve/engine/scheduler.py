@@ -357,9 +357,11 @@ class Scheduler:
             lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), k) for r, k in cands],
                                      self.proposer.draft_time if batched else None,
                                      [self.proposer.first_draft_cost(r) for r, _ in cands] if batched else None)
+            interval = control.probe_interval(min(base, budget), len(cands))
             for i, (req, _) in enumerate(cands):
                 if not lengths[i]:  # a probe re-measures acceptance; never a draft model's first draft (a prefill)
-                    if control.probe(req.draft_record) and (not batched or self.proposer.follows(req.request_id)):
+                    if control.probe(req.draft_record, interval) and (not batched or
+                                                                      self.proposer.follows(req.request_id)):
                         lengths[i] = 1
                     else:
                         control.idle(req.draft_record)

@@ -20,6 +20,7 @@ cut-off: the machine's own step times decide.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,9 +107,13 @@ class DraftLengthController:
     IDLE_DECAY = 0.95  # per step without a draft: the record fades back to the prior, so drafting is retried
     # idle steps after which a request drafts one token even where the choice says none: its acceptance
     # (and the step time with one more position) is measured again, so an unlucky start or a stale
-    # estimate cannot stop drafting for good (the prior alone may never make a first draft pay); in a
-    # compute-bound regime this costs one position per request every PROBE_AFTER steps
+    # estimate cannot stop drafting for good (the prior alone may never make a first draft pay). A probe
+    # costs one position of a step; where a position costs about what a token does (compute-bound: a
+    # large batch, or float32 rows on a CPU) the wait grows so that probes take at most PROBE_SHARE of
+    # the step time (16 float32 rows on 2 AVX2 cores: one probe per request every ~100 steps, not 32,
+    # where every 32 cost 3% of a batch-16 chat run's time for drafts 0.2 of which were accepted)
     PROBE_AFTER = 32
+    PROBE_SHARE = 0.01
 
     def __init__(self, step_time: StepTimeModel | None = None) -> None:
         self.step_time = step_time or StepTimeModel()
@@ -136,9 +141,20 @@ class DraftLengthController:
         rec.rejected *= self.IDLE_DECAY
         rec.idle_steps += 1
 
-    def probe(self, rec: Acceptance) -> bool:
-        """Whether a request the choice left without a draft drafts one token anyway (PROBE_AFTER)."""
-        return rec.idle_steps >= self.PROBE_AFTER
+    def probe_interval(self, base_tokens: int, num_requests: int) -> int:
+        """Idle steps before a probe, in a step of `base_tokens` tokens where `num_requests` requests may
+        probe: PROBE_AFTER, or more where one position more costs enough that their probes would take
+        over PROBE_SHARE of the step time."""
+        t = self.step_time.estimate(base_tokens)
+        extra = self.step_time.estimate(base_tokens + 1) - t
+        if not t > 0.0 or not extra > 0.0:
+            return self.PROBE_AFTER
+        return max(self.PROBE_AFTER, math.ceil(num_requests * extra / (self.PROBE_SHARE * t) - 1e-9))
+
+    def probe(self, rec: Acceptance, interval: int | None = None) -> bool:
+        """Whether a request the choice left without a draft drafts one token anyway (after `interval` idle
+        steps: probe_interval's, PROBE_AFTER by default)."""
+        return rec.idle_steps >= (self.PROBE_AFTER if interval is None else interval)
 
     def choose(self, base_tokens: int, drafts: list[tuple[float, int]],
                draft_time: StepTimeModel | None = None, upfront: list[float] | None = None) -> list[int]:

@@ -120,6 +120,18 @@ def test_a_request_left_without_drafts_probes_one_token_after_a_while():
     assert rec.idle_steps == 0 and not c.probe(rec)
 
 
+def test_probes_wait_longer_where_a_position_costs_what_a_token_does():
+    """Memory-bound (a position costs ~nothing): PROBE_AFTER. Compute-bound, 16 requests: a position
+    costs 1/16 of the step, so 16 requests probing every 100 steps cost PROBE_SHARE (1%) of the time."""
+    c = DraftLengthController(model({1: 0.010, 64: 0.011}))
+    assert c.probe_interval(1, 1) == c.PROBE_AFTER == 32
+    c = DraftLengthController(model({1: 0.010, 64: 0.640}))  # 10 ms a token
+    assert c.probe_interval(16, 16) == 100 and c.probe_interval(16, 4) == 32
+    rec = Acceptance(idle_steps=99)
+    assert not c.probe(rec, 100) and c.probe(rec) and c.probe(Acceptance(idle_steps=100), 100)
+    assert DraftLengthController().probe_interval(16, 16) == 32  # nothing measured yet
+
+
 def test_a_prior_stands_in_until_the_first_observation():
     m = StepTimeModel(prior=lambda n: 0.001 * n)
     assert m.empty and m.estimate(4) == pytest.approx(0.004)

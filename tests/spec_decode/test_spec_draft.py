@@ -282,6 +282,7 @@ def test_probes_only_for_requests_the_draft_follows(tiny, tiny_path):
     assert all(eng.scheduler.proposer.follows(f"r{i}") for i in range(2))
     before = eng.stats()
     eng.scheduler.draft_control = DraftLengthController(ComputeBound())
+    eng.scheduler.draft_control.PROBE_SHARE = 1.0  # probes every PROBE_AFTER steps, however much they cost
     done = {}
     while eng.has_unfinished_requests():
         for o in eng.step():

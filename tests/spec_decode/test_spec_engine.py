@@ -527,16 +527,22 @@ def test_waiting_requests_without_a_seat_do_not_make_drafts_look_costly(tiny, pr
 
 
 def test_compute_bound_steps_still_probe_one_token_now_and_then(tiny):
-    """Where no draft pays (time in proportion to tokens) a request still drafts one token after
-    PROBE_AFTER steps without one, so its acceptance is measured again; the tokens are unchanged."""
+    """Where no draft pays (time in proportion to tokens) a request still drafts one token after a run of
+    steps without one, so its acceptance is measured again; the tokens are unchanged. The run is
+    PROBE_AFTER steps, longer where the probes of the step's requests would cost over PROBE_SHARE of it."""
     from kvserve.spec_decode.adaptive import DraftLengthController
 
     ps = [random_ids(12, TINY_VOCAB, seed=400 + i) for i in range(2)]
     params = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
     want = tokens(run(make_engine(tiny), ps, params), 2)
     eng = with_proposer(make_engine(tiny, {**NGRAM, "adaptive": True}), oracle(ps, want, corrupt_every=0))
-    eng.scheduler.draft_control.step_time = FixedStepTime(0.0, 1.0)
+    control = eng.scheduler.draft_control
+    control.step_time = FixedStepTime(0.0, 1.0)
+    # two one-token decodes a step, a third position costs half a step: 2 x 0.5 / 1% of the step
+    assert control.probe_interval(2, 2) == 100 > DraftLengthController.PROBE_AFTER
+    control.PROBE_SHARE = 0.02  # 50 steps, so this short run sees a probe per request
+    assert control.probe_interval(2, 2) == 50
     assert tokens(run(eng, ps, params), 2) == want
     st_ = eng.stats()
-    probes = 2 * ((70 - 2) // (DraftLengthController.PROBE_AFTER + 1))  # per request: one every 33 decode steps
+    probes = 2 * ((70 - 2) // (50 + 1))  # per request: one every 51 decode steps (1 with PROBE_AFTER's 33: 2)
     assert st_["spec_decode_num_drafts"] == st_["spec_decode_num_draft_tokens"] == probes
