@@ -14,6 +14,8 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
 void kv_pack_wide(const uint8_t *q, const uint16_t *s, const uint16_t *mn, int64_t N, int64_t K, int64_t H,
                   uint8_t *wp);
 
+void kv_argmax_rows(const float *logits, int64_t ld, int64_t width, int64_t n_rows, int64_t *out);
+
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static float frand(void) { /* uniform in [-1, 1) */
     rng = rng * 6364136223846793005ull + 1442695040888963407ull;
@@ -150,6 +152,18 @@ int main(void) {
             return 1;
         put(pre_names[dt], out, sizeof(float) * 80 * H * D);
     }
+    /* greedy argmax: rows of 1,000 logits (3 whole blocks and a tail): random, a tie, masked tokens, a NaN */
+    enum { AR = 4, AW = 1000 };
+    float *lg = KV_ALLOC(float, AR * AW);
+    int64_t am[AR];
+    if (!lg) return 1;
+    for (int i = 0; i < AR * AW; i++) lg[i] = frand();
+    lg[1 * AW + 300] = lg[1 * AW + 900] = 5.0f;
+    for (int i = 0; i < 400; i++) lg[2 * AW + i] = -__builtin_inff();
+    lg[3 * AW + 700] = __builtin_nanf("");
+    kv_argmax_rows(lg, AW, AW, AR, am);
+    put("argmax", am, sizeof(am));
+    free(lg);
     fflush(stdout);
     return 0;
 }

@@ -15,7 +15,7 @@ import pytest
 from kvserve.kernels import cpu as native
 
 BITWISE = ("act_u8", "act_u8_scale", "act_s8", "act_s8_scales", "gemm_q8", "gemm_q4", "act_s8h_sums", "gemm_w5",
-           "gemm_w6", "gemm_w8", "gemm_f32")  # exact integer paths; float32's one summation order
+           "gemm_w6", "gemm_w8", "gemm_f32", "argmax")  # exact integer paths, float32's one summation order, indices
 
 
 def _records(cmd: list[str]) -> dict[str, bytes]:
@@ -32,7 +32,9 @@ def _records(cmd: list[str]) -> dict[str, bytes]:
 
 
 def _compare(got: dict[str, bytes], want: dict[str, bytes]) -> None:
-    assert got.keys() == want.keys() and len(got) == 18
+    assert got.keys() == want.keys() and len(got) == 19
+    tie, masked, nan = np.frombuffer(want["argmax"], np.int64)[1:]  # the driver's rows (check_kernels.c)
+    assert tie == 300 and masked >= 400 and nan == 700
     for name in want.keys() - {"isa"}:
         if name in BITWISE:
             assert got[name] == want[name], name
