@@ -544,5 +544,5 @@ def test_compute_bound_steps_still_probe_one_token_now_and_then(tiny):
     assert control.probe_interval(2, 2) == 50
     assert tokens(run(eng, ps, params), 2) == want
     st_ = eng.stats()
-    probes = 2 * ((70 - 2) // (50 + 1))  # per request: one every 51 decode steps (1 with PROBE_AFTER's 33: 2)
+    probes = 2 * ((70 - 2) // (50 + 1))  # per request: one every 51 decode steps (every 33 would make it 2 each)
     assert st_["spec_decode_num_drafts"] == st_["spec_decode_num_draft_tokens"] == probes
