@@ -49,12 +49,14 @@ def test_64_prompts_batched_equal_transformers(smollm, workload):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_64_prompts_chunked_and_preempted(smollm, workload, mode):
-    prompts, refs = workload
+def test_prompts_chunked_and_preempted(smollm, workload, mode):
+    """32 of the prompts (a run of 16-token steps over 30 blocks of 4 tokens: most of the test's time is
+    steps, so half the prompts halve it) still preempt, and swap, many times."""
+    prompts, refs = workload[0][:32], workload[1][:32]
     m = smollm.config
     per_block = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 4 * 4
-    eng = LLMEngine(loaded=smollm, kv_cache_memory=60 * per_block, block_size=4, max_num_batched_tokens=16,
-                    preemption_mode=mode, swap_space=40 * per_block)
+    eng = LLMEngine(loaded=smollm, kv_cache_memory=30 * per_block, block_size=4, max_num_batched_tokens=16,
+                    preemption_mode=mode, swap_space=20 * per_block)
     assert _run(eng, prompts, GREEDY) == refs
     print(f"{mode}: preemptions {eng.scheduler.num_preemptions}, swaps {eng.scheduler.num_swaps}")
     assert eng.scheduler.num_preemptions > 0
@@ -74,6 +76,9 @@ def smollm_quantized(request, default_path):
     return lm
 
 
+ALONE = 32  # prompts of the 64 also run alone (every fourth a chat prompt, as in the batch)
+
+
 def test_quantized_weights_batched_equal_alone(smollm_quantized, workload):
     """The quantized default model: 64 prompts batched vs each alone, and chunked vs whole prefill;
     and its greedy continuations mostly agree with the float model's.
@@ -86,11 +91,13 @@ def test_quantized_weights_batched_equal_alone(smollm_quantized, workload):
     prompts, refs = workload
     eng = LLMEngine(loaded=smollm_quantized, kv_cache_memory="512MiB", max_num_batched_tokens=8192)
     batched = _run(eng, prompts, GREEDY)
-    alone = [_run(eng, [p], GREEDY)[0] for p in prompts]
+    alone = [_run(eng, [p], GREEDY)[0] for p in prompts[:ALONE]]  # each alone: a run per prompt, the cost
     same = sum(a == b for a, b in zip(batched, alone))
-    assert same >= 56, f"only {same}/64 batched continuations equal the ones run alone"
+    print(f"{smollm_quantized.quantization}: {same}/{ALONE} batched == alone")
+    assert same >= ALONE - ALONE // 8, f"only {same}/{ALONE} batched continuations equal the ones run alone"
     chunked = LLMEngine(loaded=smollm_quantized, kv_cache_memory="512MiB", max_num_batched_tokens=16)
     same = sum(a == b for a, b in zip(_run(chunked, prompts, GREEDY), batched))
+    print(f"{smollm_quantized.quantization}: {same}/64 chunked == whole")
     assert same >= 40, f"only {same}/64 chunked continuations equal the unchunked ones"  # 50 measured
     same_first = sum(a[0] == b[0] for a, b in zip(batched, refs))
     assert same_first >= 56, f"only {same_first}/64 first tokens equal the float model's"

@@ -63,14 +63,24 @@ CROSS = shutil.which("aarch64-linux-gnu-gcc")
 QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
 
 
-@pytest.mark.skipif(CROSS is None or QEMU is None,
-                    reason="needs gcc-aarch64-linux-gnu and qemu-user (apt-get install; .ci/run installs them)")
+NEEDS_QEMU = pytest.mark.skipif(CROSS is None or QEMU is None,
+                                reason="needs gcc-aarch64-linux-gnu and qemu-user (apt-get install; .ci/run installs them)")
+
+
+@pytest.fixture(scope="module")
+def scalar_arm(tmp_path_factory):
+    """The scalar reference built for aarch64 and run under qemu (once for both NEON variants)."""
+    exe = tmp_path_factory.mktemp("drv_arm") / "check_scalar_arm"
+    native.build_check_driver(exe, "scalar", CROSS, ["-march=armv8-a"])
+    return _records([QEMU, str(exe)])
+
+
+@NEEDS_QEMU
 @pytest.mark.parametrize("dotprod", [True, False])
-def test_neon_matches_scalar_under_qemu(tmp_path, scalar_x86, dotprod):
-    neon, scalar = tmp_path / "check_neon", tmp_path / "check_scalar_arm"
+def test_neon_matches_scalar_under_qemu(tmp_path, scalar_x86, scalar_arm, dotprod):
+    neon = tmp_path / "check_neon"
     native.build_check_driver(neon, "neon", CROSS, native.NEON_FLAGS[dotprod])
-    native.build_check_driver(scalar, "scalar", CROSS, ["-march=armv8-a"])
-    arm_scalar, got = _records([QEMU, str(scalar)]), _records([QEMU, str(neon)])
+    arm_scalar, got = scalar_arm, _records([QEMU, str(neon)])
     assert got["isa"] == b"neon" and arm_scalar["isa"] == b"scalar"
     _compare(got, arm_scalar)
     _compare(arm_scalar, scalar_x86)  # the portable reference itself agrees across architectures
