@@ -133,17 +133,63 @@ int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
 #else
 #define NR 3
 #endif
-TILE(tile_big, MR, NR)
-TILE(tile_4xNR, 4, NR)
-TILE(tile_2xNR, 2, NR)
-TILE(tile_1xNR, 1, NR)
-TILE(tile_MRx1, MR, 1)
-TILE(tile_4x1, 4, 1)
-TILE(tile_2x1, 2, 1)
-TILE(tile_1x1, 1, 1)
+/* rows of the next tile when `left` remain: MR, then the rest in one tile (one for each count below MR,
+ * up to 7): 3 rows in one tile instead of 2 + 1 ran the LM head 1.08-1.18x faster on AVX2 (Zen 3) */
+#if MR > 8
+#define Q8_REST_MAX 7
+#else
+#define Q8_REST_MAX (MR - 1)
+#endif
+/* tiles of r rows x NR blocks and of r rows x 1 block (the last channels), for r = MR and the rests */
+#define TILE_PAIR(R, SUFFIX) TILE(tile_##SUFFIX##xNR, R, NR) TILE(tile_##SUFFIX##x1, R, 1)
+TILE_PAIR(MR, big)
+TILE_PAIR(1, 1)
+#if Q8_REST_MAX >= 2
+TILE_PAIR(2, 2)
+#endif
+#if Q8_REST_MAX >= 3
+TILE_PAIR(3, 3)
+#endif
+#if Q8_REST_MAX >= 4
+TILE_PAIR(4, 4)
+#endif
+#if Q8_REST_MAX >= 5
+TILE_PAIR(5, 5)
+#endif
+#if Q8_REST_MAX >= 6
+TILE_PAIR(6, 6)
+#endif
+#if Q8_REST_MAX >= 7
+TILE_PAIR(7, 7)
+#endif
 
 typedef void (*tile_fn)(const uint8_t *, int64_t, const float *, int64_t, const int8_t *, const float *,
                         const int32_t *, int64_t, int64_t, float *);
+
+/* the tile of mr rows: of NR blocks (full) or of one */
+static tile_fn tile_for(int64_t mr, int full) {
+    switch (mr) {
+#if Q8_REST_MAX >= 2
+    case 2: return full ? tile_2xNR : tile_2x1;
+#endif
+#if Q8_REST_MAX >= 3
+    case 3: return full ? tile_3xNR : tile_3x1;
+#endif
+#if Q8_REST_MAX >= 4
+    case 4: return full ? tile_4xNR : tile_4x1;
+#endif
+#if Q8_REST_MAX >= 5
+    case 5: return full ? tile_5xNR : tile_5x1;
+#endif
+#if Q8_REST_MAX >= 6
+    case 6: return full ? tile_6xNR : tile_6x1;
+#endif
+#if Q8_REST_MAX >= 7
+    case 7: return full ? tile_7xNR : tile_7x1;
+#endif
+    default: return mr == MR ? (full ? tile_bigxNR : tile_bigx1) : (full ? tile_1xNR : tile_1x1);
+    }
+}
 
 /* y [M, N] float32 = dequant(xq) @ dequant(W)^T with W packed by kv_pack_weight.
  * Threads split the output channels in groups of NR blocks. Returns 0, or -1 when scratch memory ran out. */
@@ -170,11 +216,10 @@ int kv_qgemm(const uint8_t *xq, const float *dx, int64_t M, int64_t K, const int
 #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_MACS)
     for (int64_t gi = 0; gi < groups; gi++) {
         const int64_t b0 = gi * NR, nb = N16 - b0 < NR ? N16 - b0 : NR;
-        /* rows in tiles of MR, then the rest in tiles of 4, 2 and 1 (each tile reads its weights once) */
+        /* rows in tiles of MR, then the rest in one tile (each tile reads its weights once) */
         for (int64_t m = 0; m < M;) {
-            const int64_t left = M - m, mr = left >= MR ? MR : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            const tile_fn full = mr == MR ? tile_big : mr == 4 ? tile_4xNR : mr == 2 ? tile_2xNR : tile_1xNR;
-            const tile_fn one = mr == MR ? tile_MRx1 : mr == 4 ? tile_4x1 : mr == 2 ? tile_2x1 : tile_1x1;
+            const int64_t left = M - m, mr = left >= MR ? MR : left > Q8_REST_MAX ? Q8_REST_MAX : left;
+            const tile_fn full = tile_for(mr, 1), one = tile_for(mr, 0);
             if (nb == NR)
                 full(xq + m * ldx, ldx, dx + m * G, G, wp + b0 * K4 * 64, dw, corr, b0 * 16, N, y + m * N);
             else

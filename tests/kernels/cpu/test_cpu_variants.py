@@ -75,7 +75,8 @@ def test_activation_quantizers_bit_identical(isa, m, k):
 
 
 @pytest.mark.parametrize("isa", VARIANTS)
-@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (4, 64, 16), (7, 100, 9), (13, 1536, 49), (64, 96, 80)])
+@pytest.mark.parametrize("m, k, n", [(1, 576, 960), (3, 576, 33), (4, 64, 16), (6, 64, 48), (7, 100, 9), (13, 1536, 49),
+                                     (64, 96, 80)])
 def test_gemms_bit_identical(isa, m, k, n):
     g = torch.Generator().manual_seed(m * 7 + k + n)
     x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4
