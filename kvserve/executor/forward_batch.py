@@ -51,7 +51,7 @@ class NativeRoute:
     below FUSED_PROMPT_POSITIONS (each attends as a one-token query over its own prefix). The path
     depends only on the token, never on its batch or on how its prompt was chunked."""
 
-    rows: torch.Tensor | None  # their rows of the flat batch; None: all of them, in order (decodes only)
+    rows: torch.Tensor | None  # their rows of the flat batch; None: all of them, in order (decodes, verify steps)
     meta: AttentionMetadata  # one row per such token
     rest_rows: torch.Tensor | None  # the other rows, run op by op afterwards (they read the fused rows' K/V)
     rest: "FlatBatch | None"
@@ -116,18 +116,17 @@ def _one_token_rows(batch: FlatBatch, scheduled: list[ScheduledRequest], starts:
                     firsts: list[tuple[int, int]]) -> tuple[torch.Tensor, AttentionMetadata]:
     """The batch rows of the first k tokens of each (sequence i, k) in `firsts` (`starts`: each sequence's
     first row), and their metadata as one-token queries, each over its own prefix: a row's attention is then
-    a decode's, whatever else its sequence computes in the step."""
-    rows = torch.cat([torch.arange(starts[i], starts[i] + k) for i, k in firsts]).to(batch.positions.device)
-    seq_of_row = torch.repeat_interleave(torch.tensor([i for i, _ in firsts]), torch.tensor([k for _, k in firsts]))
-    positions, meta = batch.positions[rows], batch.meta
-    return rows, AttentionMetadata(
-        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device=positions.device),
-        seq_lens=(positions + 1).to(torch.int32),
-        query_lens_cpu=[1] * len(rows),
-        seq_lens_cpu=[scheduled[i].start + j + 1 for i, k in firsts for j in range(k)],  # no device sync
-        slot_mapping=meta.slot_mapping[rows],
-        block_tables=meta.block_tables[seq_of_row.to(meta.block_tables.device)],
-    )
+    a decode's, whatever else its sequence computes in the step. Built from host lists, two index tensors
+    (a verify step's small torch ops cost ~50 us each once the weights have streamed through the caches)."""
+    rows = [starts[i] + j for i, k in firsts for j in range(k)]
+    seq_of_row = [i for i, k in firsts for _ in range(k)]
+    seq_lens = [scheduled[i].start + j + 1 for i, k in firsts for j in range(k)]  # positions + 1, no device sync
+    meta, device = batch.meta, batch.positions.device
+    idx = torch.tensor(rows, device=device)
+    assert meta.slot_mapping is not None and meta.block_tables is not None
+    seqs = torch.tensor(seq_of_row, device=meta.block_tables.device)
+    return idx, AttentionMetadata.flat([1] * len(rows), seq_lens, meta.slot_mapping[idx], meta.block_tables[seqs],
+                                       device)
 
 
 def build_forward_batch(scheduled: list[ScheduledRequest], block_size: int, device: torch.device,
@@ -180,8 +179,8 @@ def _native_route(scheduled: list[ScheduledRequest], batch: ForwardBatch, starts
     if not rest and all(k == 1 for _, k in fused):  # decodes only: the batch is already one row per sequence
         return NativeRoute(None, batch.meta, None, None)
     rows, one = _one_token_rows(batch, scheduled, starts, fused)
-    if not rest:
-        return NativeRoute(rows, one, None, None)
+    if not rest:  # every row fused, in order (a verify step): no gather and scatter of the rows
+        return NativeRoute(None, one, None, None)
     return NativeRoute(rows, one, torch.cat(rest_rows), flatten(rest, block_size, device))
 
 
