@@ -323,6 +323,8 @@ class Scheduler:
         batched = isinstance(self.proposer, BatchProposer)
         cands: list[tuple[Request, int]] = []  # (request, the longest draft it may get)
         found: list[list[int]] = []  # a lookup proposer's draft of each candidate
+        kinds: list[int | None] = []  # and its kind, where the proposer tells (an n-gram match's length)
+        lookup = getattr(self.proposer, "lookup", None)
         base = 0
         for req in self.running:
             if self.in_flight and req.request_id in self.in_flight:
@@ -335,10 +337,17 @@ class Scheduler:
             if batched and k > 0:
                 cands.append((req, k))
                 continue
-            draft = self.proposer.propose(req.all_token_ids, k)[:k] if k > 0 else []
+            if k <= 0:
+                draft, kind = [], None
+            elif lookup is not None:
+                draft, kind = lookup(req.all_token_ids, k)
+            else:
+                draft, kind = self.proposer.propose(req.all_token_ids, k), None
+            draft = draft[:k]
             if draft:
                 cands.append((req, len(draft)))
                 found.append(draft)
+                kinds.append(kind)
             elif control is not None and req.draft_record is not None:
                 control.idle(req.draft_record)
         if not cands:
@@ -351,10 +360,12 @@ class Scheduler:
                     break
                 base += req.num_tokens - req.num_computed_tokens
                 seats -= 1
-            for req, _ in cands:
+            for i, (req, _) in enumerate(cands):
                 if req.draft_record is None:
                     req.draft_record = Acceptance()
-            lengths = control.choose(min(base, budget), [(control.acceptance(r.draft_record), k) for r, k in cands],
+                req.draft_record.kind = kinds[i] if kinds else None
+            lengths = control.choose(min(base, budget),
+                                     [(control.acceptance(r.draft_record, r.draft_record.kind), k) for r, k in cands],
                                      self.proposer.draft_time if batched else None,
                                      [self.proposer.first_draft_cost(r) for r, _ in cands] if batched else None)
             interval = control.probe_interval(min(base, budget), len(cands))

@@ -9,7 +9,10 @@ So the length of each request's draft is chosen every step from two things the e
 - **what a step costs** as a function of its tokens (`StepTimeModel`, learnt from the steps it ran);
 - **how likely each draft position is to be accepted**: per request, from its own verify results,
   with the engine's overall acceptance as the prior; position j (1-based) of a draft survives with
-  probability a^j when each token is accepted with probability a given the ones before.
+  probability a^j when each token is accepted with probability a given the ones before. Where the
+  proposer says what kind of draft it has (n-gram lookup: the length of the match), the engine's
+  acceptance of that kind moves the request's estimate by its odds against the engine's overall odds,
+  so a request drafts far after a long match and little or nothing after a one-token one.
 
 `DraftLengthController.choose` then keeps the draft positions, most probable first, that maximise
 expected tokens emitted per second of step: (base tokens + sum of kept probabilities) / time(base
@@ -97,6 +100,7 @@ class Acceptance:
     accepted: float = 0.0
     rejected: float = 0.0
     idle_steps: int = 0  # steps without a draft since its last verify result
+    kind: int | None = None  # the kind of its latest draft (an n-gram match's length), None: not known
 
 
 class DraftLengthController:
@@ -119,22 +123,38 @@ class DraftLengthController:
         self.step_time = step_time or StepTimeModel()
         self.accepted = 1.0  # engine-wide, undecayed (with a prior of one accepted and one rejected)
         self.rejected = 1.0
+        self.kinds: dict[int, list[float]] = {}  # per kind of draft, engine-wide: [accepted, rejected]
 
-    def acceptance(self, rec: Acceptance | None) -> float:
-        """Probability that a draft token is accepted given the ones before it were."""
+    def acceptance(self, rec: Acceptance | None, kind: int | None = None) -> float:
+        """Probability that a draft token is accepted given the ones before it were: the request's record
+        with the engine's acceptance as the prior, and, for a draft of a known `kind`, times the odds of
+        that kind against the engine's (log-odds added: the request's and the kind's evidence combined)."""
         prior = self.accepted / (self.accepted + self.rejected)
-        if rec is None:
-            return prior
-        return (rec.accepted + self.PRIOR * prior) / (rec.accepted + rec.rejected + self.PRIOR)
+        a = prior if rec is None else (rec.accepted + self.PRIOR * prior) / (rec.accepted + rec.rejected + self.PRIOR)
+        seen = self.kinds.get(kind) if kind is not None else None
+        if seen is None:
+            return a
+        ak = (seen[0] + self.PRIOR * prior) / (seen[0] + seen[1] + self.PRIOR)  # few results: near the prior
+
+        def logit(x: float) -> float:
+            x = min(max(x, 1e-4), 1 - 1e-4)
+            return math.log(x / (1 - x))
+
+        return 1.0 / (1.0 + math.exp(-(logit(a) + logit(ak) - logit(prior))))
 
     def observe(self, rec: Acceptance, num_draft: int, num_accepted: int) -> None:
-        """A verify result: `num_accepted` of `num_draft` draft tokens agreed with the target."""
+        """A verify result: `num_accepted` of `num_draft` draft tokens agreed with the target (a draft of
+        the record's `kind`, when known)."""
         rejected = 1.0 if num_accepted < num_draft else 0.0
         rec.accepted = rec.accepted * self.DECAY + num_accepted
         rec.rejected = rec.rejected * self.DECAY + rejected
         rec.idle_steps = 0
         self.accepted += num_accepted
         self.rejected += rejected
+        if rec.kind is not None:
+            seen = self.kinds.setdefault(rec.kind, [0.0, 0.0])
+            seen[0] += num_accepted
+            seen[1] += rejected
 
     def idle(self, rec: Acceptance) -> None:
         rec.accepted *= self.IDLE_DECAY

@@ -23,10 +23,16 @@ class NgramProposer:
     def propose(self, token_ids: list[int], k: int | None = None) -> list[int]:
         """Up to k (default and at most: the proposer's k) draft tokens to follow `token_ids`; [] when
         nothing matches."""
+        return self.lookup(token_ids, k)[0]
+
+    def lookup(self, token_ids: list[int], k: int | None = None) -> tuple[list[int], int]:
+        """`propose`'s draft and the length n of the match it follows (0: none). A longer match is a
+        surer draft (SmolLM2-135M on the copy-or-edit prompts: its first token right 25% of the time
+        after a 1-token match, 93% after a 4-token one), which the adaptive lengths learn per n."""
         k = self.k if k is None else min(k, self.k)
         n_tok = len(token_ids)
         if k <= 0 or n_tok < self.min_n + 1:
-            return []
+            return [], 0
         a = np.asarray(token_ids, dtype=np.int64)
         # ends[e]: indices e <= n_tok-2 where an earlier copy of the last n tokens ends (so a[e+1] follows it);
         # the matches of n+1 tokens are those of n whose token before also matches
@@ -45,5 +51,5 @@ class NgramProposer:
             follow = ends + 1
             full = follow[follow + k <= n_tok]
             j = int(full[-1] if full.size else follow[-1])
-            return a[j : j + k].tolist()
-        return []
+            return a[j : j + k].tolist(), n
+        return [], 0

@@ -68,6 +68,29 @@ def test_acceptance_estimate_mixes_the_request_record_with_the_engine_prior():
     assert (rec.accepted, rec.rejected) == (pytest.approx(3.04), pytest.approx(0.95))
 
 
+def test_a_kind_of_draft_moves_the_estimate_by_its_odds_against_the_engines():
+    c = DraftLengthController(model({1: 0.01}))
+    rec = Acceptance(kind=4)
+    c.observe(rec, 4, 4)  # kind 4: 4 accepted, no rejection
+    c.observe(Acceptance(kind=1), 4, 0)  # kind 1: 0 accepted, one rejection
+    c.observe(Acceptance(), 2, 1)  # no kind: the engine's counts only
+    assert c.kinds == {4: [4.0, 0.0], 1: [0.0, 1.0]}
+    assert (c.accepted, c.rejected) == (6.0, 3.0)
+    prior = 6 / 9
+    a = (4 + 2 * prior) / (4 + 2)  # the request's own estimate
+    assert c.acceptance(rec) == c.acceptance(rec, None) == c.acceptance(rec, 2) == pytest.approx(a)  # 2: unseen
+
+    def odds(x: float) -> float:
+        return x / (1 - x)
+
+    for kind, (acc, rej) in ((4, (4, 0)), (1, (0, 1))):
+        ak = (acc + 2 * prior) / (acc + rej + 2)
+        got = c.acceptance(rec, kind)
+        assert odds(got) == pytest.approx(odds(a) * odds(ak) / odds(prior))
+    assert c.acceptance(rec, 1) < a < c.acceptance(rec, 4) < 1.0
+    assert c.acceptance(None, 1) < prior < c.acceptance(None, 4)
+
+
 def test_memory_bound_steps_keep_every_draft_token():
     c = DraftLengthController(model({1: 0.010, 64: 0.010}))
     assert c.choose(2, [(0.5, 3), (0.9, 4)]) == [3, 4]

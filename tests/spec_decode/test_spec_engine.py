@@ -454,6 +454,62 @@ def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, r
     assert NGRAM["adaptive"] is False and make_engine(tiny, NGRAM).scheduler.draft_control is None
 
 
+class KindedOracle(OracleProposer):
+    """A lookup proposer that says what kind each draft is: every other call a kind-4 draft (the reference,
+    right) and a kind-1 one (its first token wrong), as n-gram lookup reports its match length."""
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]]) -> None:
+        super().__init__(refs, corrupt_every=0)
+        self.kinds = {1: 0, 4: 0}  # draft tokens proposed per kind
+
+    def lookup(self, token_ids: list[int], k: int) -> tuple[list[int], int]:
+        draft = OracleProposer.propose(self, token_ids, k)
+        if not draft:
+            return [], 0
+        kind = 4 if self.calls % 2 else 1
+        if kind == 1:
+            draft[0] = (draft[0] + 1) % TINY_VOCAB
+        self.kinds[kind] += len(draft)
+        return draft, kind
+
+
+class UntoldOracle(KindedOracle):
+    """The same drafts through `propose` alone: the scheduler is not told their kinds."""
+
+    lookup = None  # (what the scheduler looks for)
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        return KindedOracle.lookup(self, token_ids, k)[0]
+
+
+def test_adaptive_lengths_learn_the_acceptance_of_each_kind_of_draft(tiny, prompts, reference):
+    """A step costing 1 + 0.01 per token: a draft position pays where it is accepted with p > ~0.2 (the
+    step's 24 decodes emit ~19 tokens a unit of time). The kind-1 drafts (always rejected) are learnt and cut, the
+    kind-4 ones (always right) kept whole: far fewer tokens drafted and rejected than when the kinds are
+    not told (the same drafts through `propose`), and the same tokens either way."""
+    def engine(proposer):
+        eng = with_proposer(make_engine(tiny, {**NGRAM, "adaptive": True}), proposer)
+        eng.scheduler.draft_control.step_time = FixedStepTime(1.0, 0.01)
+        return eng
+
+    told = engine(KindedOracle({tuple(p): r for p, r in zip(prompts, reference)}))
+    assert tokens(run(told, prompts, GREEDY), len(prompts)) == reference
+    control = told.scheduler.draft_control
+    assert set(control.kinds) == {1, 4}
+    assert control.kinds[1][0] == 0 and control.kinds[1][1] >= 1  # kind 1: rejected every time it was tried
+    assert control.kinds[4][0] > 20 * control.kinds[4][1]  # kind 4: accepted (rejections only at max_tokens)
+    assert control.acceptance(None, 1) < 0.2 < 0.8 < control.acceptance(None, 4)
+
+    blind = engine(UntoldOracle({tuple(p): r for p, r in zip(prompts, reference)}))
+    assert tokens(run(blind, prompts, GREEDY), len(prompts)) == reference
+    assert blind.scheduler.draft_control.kinds == {}
+    a, b = told.stats(), blind.stats()
+    rejected = [s["spec_decode_num_draft_tokens"] - s["spec_decode_num_accepted_tokens"] for s in (a, b)]
+    assert rejected[0] < 0.5 * rejected[1]
+    assert a["spec_decode_acceptance_rate"] > b["spec_decode_acceptance_rate"] + 0.1
+    assert a["spec_decode_num_accepted_tokens"] >= 0.9 * b["spec_decode_num_accepted_tokens"]
+
+
 @pytest.mark.parametrize("path", ["torch", "native"])
 def test_seeded_sampling_under_speculation_gives_the_tokens_of_decoding_without(tiny, tiny_int8, prompts, path):
     """Sampled requests speculate too: each draft position is drawn as its own step would draw it and

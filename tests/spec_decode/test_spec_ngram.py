@@ -23,6 +23,15 @@ def test_falls_back_to_shorter_ngrams_and_to_nothing():
     assert p.propose([5]) == [] and p.propose([]) == []
 
 
+def test_lookup_reports_the_length_of_the_match():
+    p = NgramProposer(k=3, min_n=1, max_n=3)
+    assert p.lookup([1, 2, 3, 4, 5, 6, 3, 9, 0, 1, 2, 3]) == ([4, 5, 6], 3)
+    assert p.lookup([7, 8, 9, 5, 9]) == ([5, 9], 1)
+    assert p.lookup([7, 1, 2, 5, 1, 2]) == ([5, 1, 2], 2)
+    assert p.lookup([1, 2, 3, 4]) == ([], 0) and p.lookup([]) == ([], 0)
+    assert p.lookup([7, 8, 9, 5, 9], k=1) == ([5], 1)
+
+
 def test_prefers_the_latest_match_with_a_full_continuation():
     p = NgramProposer(k=2, min_n=1, max_n=1)
     assert p.propose([4, 1, 4, 2, 3, 4]) == [2, 3]  # latest "4" followed by two tokens
