@@ -181,7 +181,12 @@ class LLMEngine:
         if self.scheduler.draft_control is not None:  # adaptive draft lengths learn what a step costs
             proposer = self.scheduler.proposer  # a draft model's forwards ran in the schedule: timed apart
             drafting = proposer.take_seconds() if isinstance(proposer, BatchProposer) else 0.0
-            self.scheduler.draft_control.step_time.observe(so.total_num_tokens, time.perf_counter() - t0 - drafting)
+            # steps of one-token rows only (decodes and their drafts): what a draft position costs is a row's
+            # cost, and a prompt's tokens cost a third of one (larger GEMM tiles, short attention): a line
+            # drawn from 16 decode rows to a 160-token prefill priced a draft row at half its cost
+            if all(s.num_new_tokens - len(s.spec_token_ids) == 1 for s in so.scheduled):
+                self.scheduler.draft_control.step_time.observe(so.total_num_tokens,
+                                                               time.perf_counter() - t0 - drafting)
         self.scheduler.update_from_output(so, result)  # tokens, stops, freed blocks: the one post-step update
         outputs = self.output_processor.process(so)
         if self.step_observers:

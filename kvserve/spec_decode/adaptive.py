@@ -6,7 +6,8 @@ is compute-bound (a large batch, or a CPU, where a step is compute-bound from a 
 each position costs about what a real token costs, and drafts the target rejects slow everyone down.
 So the length of each request's draft is chosen every step from two things the engine measures:
 
-- **what a step costs** as a function of its tokens (`StepTimeModel`, learnt from the steps it ran);
+- **what a step costs** as a function of its tokens (`StepTimeModel`, learnt from the steps of one-token
+  rows it ran), and what one token more costs near the step's size (a line fit through the counts near it);
 - **how likely each draft position is to be accepted**: per request, from its own verify results,
   with the engine's overall acceptance as the prior; position j (1-based) of a draft survives with
   probability a^j when each token is accepted with probability a given the ones before. Where the
@@ -68,6 +69,11 @@ class StepTimeModel:
     def empty(self) -> bool:
         return not self._mean
 
+    @property
+    def counts(self) -> list[int]:
+        """The token counts (buckets) observed, ascending."""
+        return sorted(self._mean)
+
     def _points(self) -> tuple[list[int], list[float]]:
         if self._curve is None:
             xs = sorted(self._mean)
@@ -76,6 +82,45 @@ class StepTimeModel:
                 ys[i] = min(ys[i], ys[i + 1])
             self._curve = (xs, ys)
         return self._curve
+
+    # a count's weight in `line`: its observations after the first, at most LINE_CAP (its running average
+    # weighs about the last 9: one seen often is not 100x surer); a count seen once only FIRST_WEIGHT (that
+    # first step is the one most often cold)
+    LINE_CAP = 8
+    FIRST_WEIGHT = 0.25
+
+    def line(self, at: int) -> tuple[float, float]:
+        """(seconds of a step of `at` tokens, seconds per token more) from a line fit by weighted least
+        squares through the observed counts near `at` (each count's weight, above, halved at twice or half
+        `at` and falling off with the squared log-distance beyond).
+
+        What a draft costs is the slope near the step's size, and steps are noisy (+-10-20% on a shared
+        VM): read off two neighbouring counts of the curve, one slow step at a count seen once (12 rows
+        when four requests finished together) made the counts above it look free, and a batch of 12 drafted
+        every step at 0.4 acceptance (chat at batch 16, 0.93x). The fit pools every count near `at`, most
+        of all the often-seen one. With one count near it (no slope to read) the cost grows in proportion
+        to the tokens, as `estimate` above its largest count."""
+        xs = sorted(self._mean)
+        if not xs:
+            t = self.prior(at) if self.prior is not None else 0.0
+            return t, (self.prior(at + 1) - t if self.prior is not None else 0.0)
+        sw = sx = sy = sxx = sxy = 0.0
+        for x in xs:
+            seen = self._seen[x]
+            w = (self.FIRST_WEIGHT if seen == 1 else min(seen - 1, self.LINE_CAP)) / (1.0 + math.log2(x / max(at, 1)) ** 2)
+            sw += w
+            sx += w * x
+            sy += w * self._mean[x]
+            sxx += w * x * x
+            sxy += w * x * self._mean[x]
+        mx, my = sx / sw, sy / sw
+        var = sxx / sw - mx * mx
+        if len(xs) < 2 or var <= 1e-12 * max(1.0, mx * mx):
+            t = self.estimate(at)
+            return t, t / max(at, xs[0])
+        slope = max(0.0, (sxy / sw - mx * my) / var)
+        t = my + slope * (at - mx)
+        return (t if t > 0.0 else self.estimate(at)), slope
 
     def estimate(self, num_tokens: int) -> float:
         """Expected seconds of a step of `num_tokens` tokens (the prior's, or 0.0, before any observation)."""
@@ -165,8 +210,7 @@ class DraftLengthController:
         """Idle steps before a probe, in a step of `base_tokens` tokens where `num_requests` requests may
         probe: PROBE_AFTER, or more where one position more costs enough that their probes would take
         over PROBE_SHARE of the step time."""
-        t = self.step_time.estimate(base_tokens)
-        extra = self.step_time.estimate(base_tokens + 1) - t
+        t, extra = self.step_time.line(base_tokens)
         if not t > 0.0 or not extra > 0.0:
             return self.PROBE_AFTER
         return max(self.PROBE_AFTER, math.ceil(num_requests * extra / (self.PROBE_SHARE * t) - 1e-9))
@@ -193,6 +237,7 @@ class DraftLengthController:
         cand = sorted(((a ** j, i, j) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
         rows = [0] * (max(k for _, k in drafts) + 1)  # requests in draft forward j so far
         gain, drafting, best, best_n = float(base_tokens), 0.0, -1.0, 0
+        t0, per_token = self.step_time.line(base_tokens)
         for n in range(len(cand) + 1):
             if n:
                 p, i, j = cand[n - 1]
@@ -202,7 +247,7 @@ class DraftLengthController:
                     drafting += draft_time.estimate(rows[j]) - (draft_time.estimate(rows[j] - 1) if rows[j] > 1 else 0.0)
                 if upfront is not None and j == 1:
                     drafting += upfront[i]
-            rate = gain / (self.step_time.estimate(base_tokens + n) + drafting)
+            rate = gain / (t0 + per_token * n + drafting)
             if rate > best:
                 best, best_n = rate, n
         lengths = [0] * len(drafts)

@@ -102,11 +102,39 @@ def test_compute_bound_steps_keep_no_draft_token():
 
 
 def test_lengths_maximise_expected_tokens_per_second():
-    # rates by positions kept n: 1/.010=100, 1.9/.011=172.7, 2.71/.012=225.8, 3.439/.021=163.8, 4.0951/.030=136.5
-    c = DraftLengthController(model({1: 0.010, 2: 0.011, 3: 0.012, 5: 0.030}))
-    assert c.choose(1, [(0.9, 4)]) == [2]
-    # the most probable positions across requests first: 0.9, 0.81 of the first before 0.3 of the second
-    assert c.choose(1, [(0.9, 4), (0.3, 4)]) == [2, 0]
+    # 10 ms a step of one token, 2 ms each token more; rates by positions kept n at acceptance 0.9:
+    # 1/.010=100, 1.9/.012=158.3, 2.71/.014=193.6, 3.439/.016=214.9, 4.0951/.018=227.5; at 0.6: 100, 133.3,
+    # 140.0, 136.0
+    c = DraftLengthController(model({1: 0.010, 2: 0.012, 3: 0.014}))
+    assert c.step_time.line(1) == pytest.approx((0.010, 0.002))
+    assert c.choose(1, [(0.9, 4)]) == [4]
+    assert c.choose(1, [(0.6, 4)]) == [2]
+    # the most probable positions across requests first: 0.6, 0.36 of the first, then 0.3 of the second
+    # (1 + 0.6 + 0.36 + 0.3 = 2.26 tokens / 16 ms = 141.25, the best), before 0.216 of the first
+    assert c.choose(1, [(0.6, 4), (0.3, 4)]) == [2, 1]
+
+
+def test_the_cost_of_a_position_is_read_from_a_line_through_the_counts_near_the_step():
+    """Measured at batch 16 on chat prompts: 16 rows 25 ms (often), 20 rows 29.6 ms, and a step of 12
+    rows seen once at 24.7 ms (four requests had just finished; the real cost is ~20 ms). Read off the
+    curve, 13-16 rows cost what 12 did, so drafts at 0.5 acceptance looked free; the line through the
+    counts near 12 (the one seen once weighs little) prices a position at ~1 ms, 5% of the step."""
+    m = model({})
+    for _ in range(9):
+        m.observe(16, 0.025)
+    for _ in range(5):
+        m.observe(20, 0.0296)
+    m.observe(12, 0.0247)
+    assert m.estimate(14) - m.estimate(12) == pytest.approx(0.00015)  # the curve: two rows nearly free
+    t, per_row = m.line(12)
+    assert 0.0205 < t < 0.0220 and 0.00095 < per_row < 0.00110
+    c = DraftLengthController(m)
+    assert c.choose(12, [(0.5, 4)] * 4) == [0] * 4  # 0.5 / 12 of the tokens for 4.7% of the time: no
+    assert c.choose(12, [(0.7, 4)] * 4) == [1] * 4  # 0.7 / 12 = 5.8% for 4.7%: the first position
+    assert c.choose(12, [(0.95, 4)] * 4) == [4] * 4
+    # one count alone has no slope to read: a token more costs in proportion
+    assert model({16: 0.032}).line(16) == pytest.approx((0.032, 0.002))
+    assert model({16: 0.032}).line(20) == pytest.approx((0.040, 0.002))
 
 
 def test_before_any_timed_step_drafts_are_kept_whole():

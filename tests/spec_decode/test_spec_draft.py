@@ -200,6 +200,9 @@ class MemoryBound:
     def estimate(self, num_tokens: int) -> float:
         return 1.0
 
+    def line(self, at: int) -> tuple[float, float]:
+        return 1.0, 0.0
+
 
 def test_adaptive_lengths_with_a_draft_model_stay_exact(tiny, tiny_path, prompts, reference):
     eng = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path, adaptive=True))
@@ -257,6 +260,9 @@ class ComputeBound:
 
     def estimate(self, num_tokens: int) -> float:
         return float(num_tokens)
+
+    def line(self, at: int) -> tuple[float, float]:
+        return float(at), 1.0
 
 
 def test_probes_only_for_requests_the_draft_follows(tiny, tiny_path):

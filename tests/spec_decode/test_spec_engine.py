@@ -18,6 +18,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.errors import InvalidRequestError
 from kvserve.kernels import cpu as native
 from kvserve.loader import load_model
+from kvserve.spec_decode.adaptive import StepTimeModel
 
 # fixed draft lengths: the verify path runs on every draft the proposer finds (adaptive lengths: test_spec_adaptive.py)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1, "adaptive": False}
@@ -433,6 +434,9 @@ class FixedStepTime:
     def estimate(self, num_tokens: int) -> float:
         return self.a + self.b * num_tokens
 
+    def line(self, at: int) -> tuple[float, float]:
+        return self.a + self.b * at, self.b
+
 
 @pytest.mark.parametrize("cost", ["memory-bound", "compute-bound", "measured"])
 def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, reference, cost):
@@ -444,6 +448,9 @@ def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, r
     assert control is not None
     if cost != "measured":
         control.step_time = FixedStepTime(1.0, 0.0) if cost == "memory-bound" else FixedStepTime(0.0, 1.0)
+    rows_only, with_prompt = set(), set()  # step sizes: steps of one-token rows, steps with prompt tokens
+    eng.step_observers.append(lambda so, dt: (rows_only if all(
+        s.num_new_tokens - len(s.spec_token_ids) == 1 for s in so.scheduled) else with_prompt).add(so.total_num_tokens))
     assert tokens(run(eng, prompts, GREEDY), len(prompts)) == reference
     st_ = eng.stats()
     if cost == "memory-bound":
@@ -451,6 +458,9 @@ def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, r
         assert st_["spec_decode_num_draft_tokens"] > 3 * st_["spec_decode_num_drafts"]  # whole drafts (k=4 mostly)
     elif cost == "compute-bound":
         assert st_["spec_decode_num_drafts"] == 0
+    else:  # only steps of one-token rows taught the model (a prompt's tokens are cheaper than a row's)
+        assert control.step_time.counts == sorted({StepTimeModel.bucket(n) for n in rows_only})
+        assert with_prompt - rows_only
     assert NGRAM["adaptive"] is False and make_engine(tiny, NGRAM).scheduler.draft_control is None
 
 
