@@ -41,8 +41,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# sixteen different questions (four repeated four times made batch 16 four groups of identical requests,
+# which finish together and draft alike)
 CHAT = ["What are three good habits for writing readable code?", "Explain what a hash table is to a child.",
-        "Give me a short plan for learning to cook.", "Why is the sky blue?"]
+        "Give me a short plan for learning to cook.", "Why is the sky blue?",
+        "What should I pack for a weekend hiking trip?", "How do vaccines train the immune system?",
+        "Write a short poem about autumn leaves.", "What is the difference between weather and climate?",
+        "Suggest three names for a friendly robot.", "How does a bicycle stay upright?",
+        "Give me tips for a job interview.", "Why do cats purr?",
+        "Describe how bread rises.", "What are the planets of the solar system?",
+        "How can I save money on groceries?", "Tell me a fun fact about octopuses."]
 
 
 def grounded_prompts(n: int, chars: int = 1200) -> list[str]:
@@ -63,7 +71,7 @@ def grounded_prompts(n: int, chars: int = 1200) -> list[str]:
 def chat_prompts(tok, tokenize: bool) -> list:  # noqa: ANN001 - the model's tokenizer
     """The open chat prompts in the model's chat template: token ids (kvserve) or text (llama.cpp's tools)."""
     return [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=tokenize, add_generation_prompt=True)
-            if getattr(tok, "chat_template", None) else c for c in CHAT * 4]
+            if getattr(tok, "chat_template", None) else c for c in CHAT]
 
 
 def run(loaded, prompts: list[str], spec: dict | None, batch: int, temperature: float, args) -> dict:
