@@ -11,7 +11,7 @@
 
 #define Q4_GROUP_BYTES 320
 #ifndef Q4_PREFETCH
-#define Q4_PREFETCH 8 /* groups ahead */
+#define Q4_PREFETCH 16 /* groups ahead (kv_prefetch_tile) */
 #endif
 
 /* q [N, K] uint8 in 0..15, d/m [N, G] fp16 bits -> the packed layout (zero padded) */
@@ -59,15 +59,14 @@ void kv_pack_q4(const uint8_t *q, const uint16_t *d, const uint16_t *mn, int64_t
 
 #define TILE4(NAME, MR, NR)                                                                                 \
     static void NAME(const int8_t *xq, int64_t ldx, const float *dx, const float *xs, int64_t G,            \
-                     const uint8_t *wp, int64_t n0, int64_t N, float *y, int64_t ldy) {                      \
+                     const uint8_t *wp, int64_t n0, int64_t N, float *y, int64_t ldy, int pf) {              \
         vf accf[MR][NR];                                                                                    \
         for (int i = 0; i < MR; i++)                                                                        \
             for (int j = 0; j < NR; j++) accf[i][j] = vf_zero();                                            \
         for (int64_t g = 0; g < G; g++) {                                                                   \
             vi acc[MR][NR];                                                                                 \
-            for (int j = 0; j < NR; j++) /* stream ahead: one core's misses alone do not fill the bus */  \
-                for (int c = 0; c < Q4_GROUP_BYTES; c += 64)                                                \
-                    kv_prefetch((const char *)wp + (j * G + g + Q4_PREFETCH) * Q4_GROUP_BYTES + c);        \
+            if (pf) /* the first row tile over these blocks: the later ones read them from cache */          \
+                kv_prefetch_tile(wp, NR, G, g, Q4_PREFETCH, Q4_GROUP_BYTES);                               \
             KV_Q4_ACC_DECL(MR, NR)                                                                          \
             for (int s = 0; s < 4; s++) {                                                                   \
                 vb lo[NR], hi[NR];                                                                          \
@@ -169,7 +168,7 @@ static void interleave_rows(const int8_t *xq, const float *dx, const float *xs, 
         for (int i = 0; i < MR; i++) accf[i][0] = accf[i][1] = _mm256_setzero_ps();                         \
         for (int64_t g = 0; g < G; g++) {                                                                   \
             const uint8_t *wg = wp + g * Q4_GROUP_BYTES;                                                    \
-            for (int c = 0; c < Q4_GROUP_BYTES; c += 64) kv_prefetch(wg + Q4_PREFETCH * Q4_GROUP_BYTES + c); \
+            for (int c = 0; c < Q4_GROUP_BYTES; c += 64) kv_prefetch(wg + 8 * Q4_GROUP_BYTES + c);         \
             for (int h = 0; h < 2; h++) {                                                                   \
                 const int8_t *xg = xt + g * MR * 32;                                                        \
                 __asm__("" : "+r"(xg)); /* opaque: the broadcasts are redone per half, not hoisted and spilled */ \
@@ -302,7 +301,7 @@ TILE4_PAIR(7, 7)
 #endif
 
 typedef void (*tile4_fn)(const int8_t *, int64_t, const float *, const float *, int64_t, const uint8_t *, int64_t,
-                         int64_t, float *, int64_t);
+                         int64_t, float *, int64_t, int);
 
 /* the tile of mr rows: of NR4 blocks (full) or of one */
 static tile4_fn tile4_for(int64_t mr, int full) {
@@ -341,10 +340,10 @@ void kv_q4gemm(const int8_t *xq, const float *dx, const float *xs, int64_t M, in
             const int64_t mr = tile_rows(M - m);
             const tile4_fn full = tile4_for(mr, 1), one = tile4_for(mr, 0);
             if (nb == NR4)
-                full(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N);
+                full(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b0 * bstride, b0 * 16, N, y + m * N, N, m == 0);
             else
                 for (int64_t b = b0; b < b0 + nb; b++)
-                    one(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N);
+                    one(xq + m * ldx, ldx, dx + m * G, xs + m * G, G, wp + b * bstride, b * 16, N, y + m * N, N, m == 0);
             m += mr;
         }
     }

@@ -14,6 +14,10 @@
  */
 #include "common.h"
 
+#ifndef Q8_PREFETCH
+#define Q8_PREFETCH 8 /* groups of 512 bytes ahead (kv_prefetch_tile) */
+#endif
+
 /* Weights are packed in blocks of 16 output channels: for each group of 4 k's, 16 channels x
  * 4 bytes = one 64-byte vector, so a broadcast of 4 activation bytes times that vector adds
  * 16 channels' partial dot products at once and no horizontal sums are needed.
@@ -93,9 +97,7 @@ int kv_pack_weight_inplace(int8_t *w, int64_t N, int64_t K) {
             for (int j = 0; j < NR; j++) accf[i][j] = vf_zero();                                          \
         for (int64_t g = 0; g < G; g++) {                                                                 \
             vi acc[MR][NR];                                                                               \
-            for (int j = 0; j < NR; j++) /* stream ahead (see Q4_PREFETCH) */                          \
-                for (int c = 0; c < GROUP * 16; c += 64)                                                  \
-                    kv_prefetch((const char *)wp + (j * K4 + (g + 6) * (GROUP / 4)) * 64 + c);           \
+            kv_prefetch_tile((const uint8_t *)wp, NR, G, g, Q8_PREFETCH, GROUP * 16);                    \
             for (int j = 0; j < NR; j++) {                                                                \
                 /* with VPDPBUSD, start each group at -128 * sum(w): the u8 offset taken back */          \
                 const vi c = KV_DOT_Q8_NEEDS_CORR ? vi_load(corr + ((n0 / 16 + j) * G + g) * 16) : vi_zero(); \

@@ -20,11 +20,14 @@
 #if defined(KV_ISA_AVX512) || defined(KV_ISA_AVX2)
 #include <immintrin.h>
 #define kv_prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define kv_prefetch_l2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 #elif defined(KV_ISA_NEON)
 #include <arm_neon.h>
 #define kv_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define kv_prefetch_l2(p) __builtin_prefetch((const void *)(p), 0, 2)
 #else
 #define kv_prefetch(p) ((void)(p))
+#define kv_prefetch_l2(p) ((void)(p))
 #endif
 
 #if defined(KV_ISA_AVX512)
