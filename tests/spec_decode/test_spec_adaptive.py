@@ -137,6 +137,25 @@ def test_the_cost_of_a_position_is_read_from_a_line_through_the_counts_near_the_
     assert model({16: 0.032}).line(20) == pytest.approx((0.040, 0.002))
 
 
+def test_counts_seen_often_are_priced_by_their_own_times():
+    """Batch 16 on Zen 4 (AVX-512 GEMM tiles of 4 rows): the 17th row starts a tile that reads every
+    weight again, so 17 rows cost 2.6 ms more than 16 and each row after ~0.9 ms. The line through
+    those counts (1.1 ms a row) would take one sure position for a gain (16.95 / 26.2 ms against 16 /
+    25.1); the measured 26.9 ms says it loses (16.95 / 26.9 against 16 / 24.3). Four positions or more
+    share the new tile and pay."""
+    m = model({})
+    for n, t, seen in ((16, 0.0243, 6), (17, 0.0269, 5), (18, 0.0276, 4), (20, 0.0297, 5), (24, 0.0332, 4)):
+        for _ in range(seen):
+            m.observe(n, t)
+    t0, per_row = m.line(16)
+    assert (16 + 0.95) / (t0 + per_row) > 16 / t0  # what the line alone would say
+    assert m.costs(16, 4)[:3] == [0.0243, 0.0269, 0.0276] and m.costs(16, 4)[4] == 0.0297
+    assert m.costs(16, 4)[3] == pytest.approx(t0 + 3 * per_row)  # 19 rows: never seen, from the line
+    c = DraftLengthController(m)
+    assert c.choose(16, [(0.95, 1)]) == [0]
+    assert c.choose(16, [(0.95, 4)] * 2) == [4, 4]
+
+
 def test_before_any_timed_step_drafts_are_kept_whole():
     assert DraftLengthController().choose(3, [(0.1, 2), (0.2, 5)]) == [2, 5]
 

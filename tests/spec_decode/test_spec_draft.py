@@ -203,6 +203,9 @@ class MemoryBound:
     def line(self, at: int) -> tuple[float, float]:
         return 1.0, 0.0
 
+    def costs(self, base: int, extra: int) -> list[float]:
+        return [1.0] * (extra + 1)
+
 
 def test_adaptive_lengths_with_a_draft_model_stay_exact(tiny, tiny_path, prompts, reference):
     eng = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path, adaptive=True))
@@ -263,6 +266,9 @@ class ComputeBound:
 
     def line(self, at: int) -> tuple[float, float]:
         return float(at), 1.0
+
+    def costs(self, base: int, extra: int) -> list[float]:
+        return [float(base + n) for n in range(extra + 1)]
 
 
 def test_probes_only_for_requests_the_draft_follows(tiny, tiny_path):

@@ -437,6 +437,9 @@ class FixedStepTime:
     def line(self, at: int) -> tuple[float, float]:
         return self.a + self.b * at, self.b
 
+    def costs(self, base: int, extra: int) -> list[float]:
+        return [self.a + self.b * (base + n) for n in range(extra + 1)]
+
 
 @pytest.mark.parametrize("cost", ["memory-bound", "compute-bound", "measured"])
 def test_adaptive_draft_lengths_follow_step_cost_and_stay_exact(tiny, prompts, reference, cost):
