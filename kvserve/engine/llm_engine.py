@@ -118,7 +118,9 @@ class LLMEngine:
                 if draft is not None:  # until a draft forward is timed: the target's time for its rows, scaled by
                     # the weight bytes (few-row steps stream the weights), so a first draft is not taken for free
                     ratio = draft.weight_bytes / self.lm.weight_bytes
-                    self.scheduler.proposer.draft_time.prior = lambda n: control.step_time.estimate(n) * ratio
+                    # (every step's times: a draft's first forwards are prompt catch-ups, which one-token rows
+                    # would price at 0.3x their cost and a draft would never be tried)
+                    self.scheduler.proposer.draft_time.prior = lambda n: control.any_step_time.estimate(n) * ratio
             logger.info("speculative decoding: %s", spec)
         self.input_processor = InputProcessor(self.tokenizer, mcfg.vocab_size, self.max_model_len, self.kv)
         if self.executor is not None:
@@ -184,9 +186,10 @@ class LLMEngine:
             # steps of one-token rows only (decodes and their drafts): what a draft position costs is a row's
             # cost, and a prompt's tokens cost a third of one (larger GEMM tiles, short attention): a line
             # drawn from 16 decode rows to a 160-token prefill priced a draft row at half its cost
+            control, secs = self.scheduler.draft_control, time.perf_counter() - t0 - drafting
+            control.any_step_time.observe(so.total_num_tokens, secs)
             if all(s.num_new_tokens - len(s.spec_token_ids) == 1 for s in so.scheduled):
-                self.scheduler.draft_control.step_time.observe(so.total_num_tokens,
-                                                               time.perf_counter() - t0 - drafting)
+                control.step_time.observe(so.total_num_tokens, secs)
         self.scheduler.update_from_output(so, result)  # tokens, stops, freed blocks: the one post-step update
         outputs = self.output_processor.process(so)
         if self.step_observers:

@@ -90,7 +90,7 @@ class StepTimeModel:
     LINE_CAP = 8
     FIRST_WEIGHT = 0.25
 
-    def line(self, at: int) -> tuple[float, float]:
+    def line(self, at: int, fallback: "StepTimeModel | None" = None) -> tuple[float, float]:
         """(seconds of a step of `at` tokens, seconds per token more) from a line fit by weighted least
         squares through the observed counts near `at` (each count's weight, above, halved at twice or half
         `at` and falling off with the squared log-distance beyond).
@@ -99,8 +99,11 @@ class StepTimeModel:
         VM): read off two neighbouring counts of the curve, one slow step at a count seen once (12 rows
         when four requests finished together) made the counts above it look free, and a batch of 12 drafted
         every step at 0.4 acceptance (chat at batch 16, 0.93x). The fit pools every count near `at`, most
-        of all the often-seen one. With one count near it (no slope to read) the cost grows in proportion
-        to the tokens, as `estimate` above its largest count."""
+        of all the often-seen one. With one count near it (no slope to read) the slope is `fallback`'s
+        where it has one (the engine's every-step times, prompt chunks included: a guess low enough that a
+        first draft is tried and its step measured; a draft model's requests never probe, so a proportional
+        guess from a batch-1 engine's one observed count never drafted at all), else the cost grows in
+        proportion to the tokens, as `estimate` above its largest count."""
         xs = sorted(self._mean)
         if not xs:
             t = self.prior(at) if self.prior is not None else 0.0
@@ -118,6 +121,8 @@ class StepTimeModel:
         var = sxx / sw - mx * mx
         if len(xs) < 2 or var <= 1e-12 * max(1.0, mx * mx):
             t = self.estimate(at)
+            if fallback is not None and len(fallback._mean) >= 2:
+                return t, fallback.line(at)[1]
             return t, t / max(at, xs[0])
         slope = max(0.0, (sxy / sw - mx * my) / var)
         t = my + slope * (at - mx)
@@ -125,7 +130,7 @@ class StepTimeModel:
 
     SURE = 3  # observations from which a count's own running average prices it in `costs`
 
-    def costs(self, base: int, extra: int) -> list[float]:
+    def costs(self, base: int, extra: int, fallback: "StepTimeModel | None" = None) -> list[float]:
         """Seconds of a step of base + n tokens for n = 0 .. extra: a count's own running average where it
         was seen SURE times or more, else the `line` through the counts near `base`.
 
@@ -134,7 +139,7 @@ class StepTimeModel:
         on Zen 4, 16 rows took 24.3 ms, 17 rows 26.9 and each row after that ~0.9 ms more: the line (1.2
         ms a row) priced the 17th row at half its cost, and chat drafts that the target mostly accepted
         still cost 4%. Counts seen often are measured, not interpolated."""
-        t0, per_token = self.line(base)
+        t0, per_token = self.line(base, fallback)
         out = []
         for n in range(extra + 1):
             b = self.bucket(base + n)
@@ -184,7 +189,8 @@ class DraftLengthController:
     PROBE_SHARE = 0.01
 
     def __init__(self, step_time: StepTimeModel | None = None) -> None:
-        self.step_time = step_time or StepTimeModel()
+        self.step_time = step_time or StepTimeModel()  # steps of one-token rows (decodes and their drafts)
+        self.any_step_time = StepTimeModel()  # every step, prompt chunks too: a draft model's prior (llm_engine)
         self.accepted = 1.0  # engine-wide, undecayed (with a prior of one accepted and one rejected)
         self.rejected = 1.0
         self.kinds: dict[int, list[float]] = {}  # per kind of draft, engine-wide: [accepted, rejected]
@@ -229,7 +235,7 @@ class DraftLengthController:
         """Idle steps before a probe, in a step of `base_tokens` tokens where `num_requests` requests may
         probe: PROBE_AFTER, or more where one position more costs enough that their probes would take
         over PROBE_SHARE of the step time."""
-        t, t1 = self.step_time.costs(base_tokens, 1)
+        t, t1 = self.step_time.costs(base_tokens, 1, self.any_step_time)
         extra = t1 - t
         if not t > 0.0 or not extra > 0.0:
             return self.PROBE_AFTER
@@ -257,7 +263,7 @@ class DraftLengthController:
         cand = sorted(((a ** j, i, j) for i, (a, k) in enumerate(drafts) for j in range(1, k + 1)), reverse=True)
         rows = [0] * (max(k for _, k in drafts) + 1)  # requests in draft forward j so far
         gain, drafting, best, best_n = float(base_tokens), 0.0, -1.0, 0
-        secs = self.step_time.costs(base_tokens, len(cand))
+        secs = self.step_time.costs(base_tokens, len(cand), self.any_step_time)
         for n in range(len(cand) + 1):
             if n:
                 p, i, j = cand[n - 1]

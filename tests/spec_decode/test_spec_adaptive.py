@@ -156,6 +156,17 @@ def test_counts_seen_often_are_priced_by_their_own_times():
     assert c.choose(16, [(0.95, 4)] * 2) == [4, 4]
 
 
+def test_one_observed_count_takes_its_slope_from_every_step():
+    """A batch-1 engine that has run one decode step knows no slope: in proportion (compute-bound) no
+    draft would ever pay, and a draft model's requests never probe, so none would ever be measured. The
+    every-step times (a 40-token prompt chunk: 1 ms a token) give the slope until verify steps are seen."""
+    c = DraftLengthController(model({1: 0.010}))
+    assert c.choose(1, [(0.9, 4)]) == [0]  # 1.9 tokens / 20 ms against 1 / 10 ms
+    c.any_step_time = model({1: 0.010, 40: 0.049})
+    assert c.step_time.line(1, c.any_step_time) == pytest.approx((0.010, 0.001))
+    assert c.choose(1, [(0.9, 4)]) == [4]
+
+
 def test_before_any_timed_step_drafts_are_kept_whole():
     assert DraftLengthController().choose(3, [(0.1, 2), (0.2, 5)]) == [2, 5]
 

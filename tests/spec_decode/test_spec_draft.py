@@ -203,7 +203,7 @@ class MemoryBound:
     def line(self, at: int) -> tuple[float, float]:
         return 1.0, 0.0
 
-    def costs(self, base: int, extra: int) -> list[float]:
+    def costs(self, base: int, extra: int, fallback=None) -> list[float]:  # noqa: ANN001
         return [1.0] * (extra + 1)
 
 
@@ -216,7 +216,7 @@ def test_adaptive_lengths_with_a_draft_model_stay_exact(tiny, tiny_path, prompts
     assert eng.stats()["spec_decode_num_draft_tokens"] > 3 * eng.stats()["spec_decode_num_drafts"]  # near-whole
     fresh = LLMEngine(loaded=tiny, kv_cache_memory="4MiB", speculative_config=draft_spec(tiny_path, adaptive=True))
     draft_time, ratio = fresh.scheduler.proposer.draft_time, fresh.scheduler.proposer.lm.weight_bytes / tiny.weight_bytes
-    fresh.scheduler.draft_control.step_time.observe(8, 0.1)
+    fresh.scheduler.draft_control.any_step_time.observe(8, 0.1)  # every step: prompt chunks too
     assert draft_time.empty and draft_time.estimate(8) == pytest.approx(0.1 * ratio)  # before any draft forward
 
 
@@ -267,7 +267,7 @@ class ComputeBound:
     def line(self, at: int) -> tuple[float, float]:
         return float(at), 1.0
 
-    def costs(self, base: int, extra: int) -> list[float]:
+    def costs(self, base: int, extra: int, fallback=None) -> list[float]:  # noqa: ANN001
         return [float(base + n) for n in range(extra + 1)]
 
 

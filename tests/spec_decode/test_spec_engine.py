@@ -437,7 +437,7 @@ class FixedStepTime:
     def line(self, at: int) -> tuple[float, float]:
         return self.a + self.b * at, self.b
 
-    def costs(self, base: int, extra: int) -> list[float]:
+    def costs(self, base: int, extra: int, fallback=None) -> list[float]:  # noqa: ANN001
         return [self.a + self.b * (base + n) for n in range(extra + 1)]
 
 
