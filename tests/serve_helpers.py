@@ -143,3 +143,8 @@ class TinyServer:
 
     def stop(self) -> tuple[int, str]:
         return stop_server(self.proc)
+
+    def output_tail(self, chars: int = 4000) -> str:
+        """The last of what the running server printed (read_output=True)."""
+        d = _drains.get(self.proc.pid)
+        return "".join(d.lines)[-chars:] if d is not None else ""

@@ -132,7 +132,8 @@ class StepTimeModel:
 
     def costs(self, base: int, extra: int, fallback: "StepTimeModel | None" = None) -> list[float]:
         """Seconds of a step of base + n tokens for n = 0 .. extra: a count's own running average where it
-        was seen SURE times or more, else the `line` through the counts near `base`.
+        was seen SURE times or more (counts up to 128, which have one each), else the `line` through the
+        counts near `base`.
 
         The line alone misses steps in the curve: the GEMMs run rows in register tiles (4 rows on AVX-512),
         so a row past a multiple of 4 starts a tile that reads every weight again from cache. At batch 16
@@ -142,8 +143,10 @@ class StepTimeModel:
         t0, per_token = self.line(base, fallback)
         out = []
         for n in range(extra + 1):
-            b = self.bucket(base + n)
-            out.append(self._mean[b] if self._seen.get(b, 0) >= self.SURE else t0 + per_token * n)
+            c = base + n  # (past 128 tokens the counts share buckets of 32: a bucket's average would make
+            # every position inside it look free, so the line prices them)
+            sure = c <= 128 and self._seen.get(c, 0) >= self.SURE
+            out.append(self._mean[c] if sure else t0 + per_token * n)
         return out
 
     def estimate(self, num_tokens: int) -> float:

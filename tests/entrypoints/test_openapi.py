@@ -44,6 +44,7 @@ def test_every_response_is_documented(server):
     assert {op.path for op in ops} == PATHS
     cases: dict[str, int] = {}
     failures: dict[str, str] = {}
+    failing: dict[str, str] = {}  # a failing request per operation, as a curl command
     for op in ops:
         cases[op.label] = 0
 
@@ -52,15 +53,21 @@ def test_every_response_is_documented(server):
                   database=None, suppress_health_check=list(HealthCheck))
         def check(case):
             cases[op.label] += 1
-            case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
-                                           response_schema_conformance], timeout=30)
+            try:
+                case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                               response_schema_conformance], timeout=30)
+            except Exception:
+                failing[op.label] = case.as_curl_command()  # the last failing case: hypothesis shrinks toward it
+                raise
 
         try:
             check()
         except Exception as e:  # noqa: BLE001 - every operation runs; all failures are reported together
             inner = getattr(e, "exceptions", ())  # a flaky failure's own error is inside it
             failures[op.label] = "; ".join(f"{type(x).__name__}: {x}" for x in (e, *inner[:1]))[:3000]
-    assert not failures, "\n\n".join(f"{k}: {v}" for k, v in failures.items())
+            failures[op.label] += f"\n  request: {failing.get(op.label, '?')[:2000]}"
+    # (once in a full-suite run a generated completion waited 30 s: the request and the server's last lines say which)
+    assert not failures, "\n\n".join(f"{k}: {v}" for k, v in failures.items()) + "\n\nserver:\n" + server.output_tail()
     assert all(cases.values()) and sum(cases.values()) >= MIN_CASES, cases
 
 

@@ -154,6 +154,13 @@ def test_counts_seen_often_are_priced_by_their_own_times():
     c = DraftLengthController(m)
     assert c.choose(16, [(0.95, 1)]) == [0]
     assert c.choose(16, [(0.95, 4)] * 2) == [4, 4]
+    # past 128 tokens counts share buckets of 32: a bucket's average never prices a position (it would be free)
+    big = model({})
+    for _ in range(5):
+        big.observe(128, 0.080)
+        big.observe(170, 0.100)  # bucket 160
+    secs = big.costs(160, 4)
+    assert all(b > a for a, b in zip(secs, secs[1:]))
 
 
 def test_one_observed_count_takes_its_slope_from_every_step():
