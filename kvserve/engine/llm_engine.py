@@ -118,8 +118,8 @@ class LLMEngine:
                 if draft is not None:  # until a draft forward is timed: the target's time for its rows, scaled by
                     # the weight bytes (few-row steps stream the weights), so a first draft is not taken for free
                     ratio = draft.weight_bytes / self.lm.weight_bytes
-                    # (every step's times: a draft's first forwards are prompt catch-ups, which one-token rows
-                    # would price at 0.3x their cost and a draft would never be tried)
+                    # (every step's times: a draft's first forwards are prompt catch-ups, which the one-token
+                    # rows' curve, extrapolated in proportion, priced at several times their cost: never tried)
                     self.scheduler.proposer.draft_time.prior = lambda n: control.any_step_time.estimate(n) * ratio
             logger.info("speculative decoding: %s", spec)
         self.input_processor = InputProcessor(self.tokenizer, mcfg.vocab_size, self.max_model_len, self.kv)
